@@ -1,0 +1,9 @@
+"""msrnn: transformers as multi-state RNNs (Oren et al., 2024), with TOVA and other policies."""
+
+from . import policies
+from .config import Config
+from .loading import download, load
+from .model import Transformer
+from .state import MultiState
+
+__all__ = ["Config", "MultiState", "Transformer", "download", "load", "policies"]

@@ -1,0 +1,153 @@
+"""Load a Hugging Face LLaMA/Mistral checkpoint (config.json + safetensors) into msrnn's model.
+
+The model is built on the meta device (no memory), then every parameter is made from the
+checkpoint's tensors one at a time and assigned in place, so at no point do two full copies of
+the weights exist. Hugging Face stores projections [out, in]; we store them [in, out] and fuse
+q/k/v and gate/up (model.py), so each parameter is a transpose or a concatenation of
+checkpoint tensors.
+"""
+
+import json
+import os
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import Config, read_config
+from .model import RoPE, Transformer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: the message names the file or weight, and the fix."""
+
+
+HUB_FILES = ["*.safetensors", "*.json", "tokenizer.model"]
+IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed here
+
+
+def load(path_or_repo_id: str, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
+    """Load a checkpoint from a local directory, or from the Hugging Face Hub by repo id."""
+    directory = resolve(path_or_repo_id)
+    cfg = read_config(directory)
+    checkpoint = Checkpoint(directory)
+    recipe = _recipe(cfg)
+    checkpoint.check_all_used({hf for sources, _ in recipe.values() for hf, _ in sources})
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    params = {}
+    for name, (sources, combine) in recipe.items():
+        tensors = [checkpoint.get(hf, shape) for hf, shape in sources]
+        params[name] = combine(*tensors).to(device=device, dtype=dtype).contiguous()
+    model.load_state_dict(params, assign=True, strict=True)
+    model.rope = RoPE(cfg).to(device)  # computed from the config, not stored in checkpoints
+    return model.eval().requires_grad_(False)
+
+
+def _recipe(cfg: Config) -> dict:
+    """msrnn parameter -> ([(Hugging Face tensor, its expected shape)], how to combine them)."""
+    C, D, I = cfg.dim, cfg.head_dim, cfg.hidden_dim
+    H, H_kv, V = cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size
+    keep = lambda w: w                                    # noqa: E731
+    transpose = lambda *ws: torch.cat(ws, 0).t()          # noqa: E731  [out, in] -> [in, out]
+    recipe = {"embed.weight": ([("model.embed_tokens.weight", (V, C))], keep),
+              "norm.weight": ([("model.norm.weight", (C,))], keep)}
+    if not cfg.tie_embeddings:
+        recipe["lm_head"] = ([("lm_head.weight", (V, C))], keep)
+    for i in range(cfg.n_layers):
+        hf = f"model.layers.{i}."
+        recipe |= {
+            f"blocks.{i}.attn_norm.weight": ([(hf + "input_layernorm.weight", (C,))], keep),
+            f"blocks.{i}.mlp_norm.weight": ([(hf + "post_attention_layernorm.weight", (C,))], keep),
+            f"blocks.{i}.attn.wqkv": ([(hf + "self_attn.q_proj.weight", (H * D, C)),
+                                       (hf + "self_attn.k_proj.weight", (H_kv * D, C)),
+                                       (hf + "self_attn.v_proj.weight", (H_kv * D, C))], transpose),
+            f"blocks.{i}.attn.wo": ([(hf + "self_attn.o_proj.weight", (C, H * D))], transpose),
+            f"blocks.{i}.mlp.w13": ([(hf + "mlp.gate_proj.weight", (I, C)),
+                                     (hf + "mlp.up_proj.weight", (I, C))], transpose),
+            f"blocks.{i}.mlp.w2": ([(hf + "mlp.down_proj.weight", (C, I))], transpose),
+        }
+    return recipe
+
+
+class Checkpoint:
+    """The tensors of model.safetensors, or of the shards a model.safetensors.index.json lists."""
+
+    def __init__(self, directory: str):
+        index = os.path.join(directory, "model.safetensors.index.json")
+        single = os.path.join(directory, "model.safetensors")
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif os.path.isfile(single):
+            files = ["model.safetensors"]
+        else:
+            raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in "
+                                  f"{directory}: msrnn loads safetensors checkpoints (download "
+                                  f"them with `msrnn download REPO_ID`)")
+        self.where, self.handles = {}, {}
+        for name in files:
+            path = os.path.join(directory, name)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"missing checkpoint shard {path} (listed in {index})")
+            try:
+                handle = safe_open(path, framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{path} is corrupt or truncated ({e}); download it "
+                                      f"again") from None
+            self.handles[name] = handle
+            self.where |= {key: name for key in handle.keys()}
+
+    def get(self, name: str, shape: tuple) -> torch.Tensor:
+        if name not in self.where:
+            raise CheckpointError(f"the checkpoint has no weight {name!r}: it does not match its "
+                                  f"config.json (or is incomplete); download it again")
+        try:
+            tensor = self.handles[self.where[name]].get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"cannot read weight {name!r} from {self.where[name]} ({e}); "
+                                  f"the file is corrupt: download it again") from None
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(f"weight {name!r} has shape {list(tensor.shape)}, but "
+                                  f"config.json implies {list(shape)}: the checkpoint and its "
+                                  f"config do not match")
+        return tensor
+
+    def check_all_used(self, used: set):
+        unused = [k for k in self.where if k not in used and not k.endswith(IGNORED)
+                  and k != "lm_head.weight"]   # tied checkpoints may still store the head
+        if unused:
+            raise CheckpointError(f"the checkpoint has {len(unused)} weights this LLaMA/Mistral "
+                                  f"model does not use, e.g. {unused[:3]}: is it another "
+                                  f"architecture?")
+
+
+def resolve(path_or_repo_id: str) -> str:
+    """A local checkpoint directory; a Hub repo id ("owner/name") is downloaded first."""
+    if os.path.isdir(path_or_repo_id):
+        return path_or_repo_id
+    if _looks_like_repo_id(path_or_repo_id):
+        return download(path_or_repo_id)
+    raise CheckpointError(f"model directory not found: {path_or_repo_id} (give a directory with "
+                          f"config.json and *.safetensors, or a Hugging Face repo id)")
+
+
+def _looks_like_repo_id(s: str) -> bool:
+    parts = s.split("/")
+    return (len(parts) == 2 and all(parts) and not s.startswith((".", "~"))
+            and not os.path.exists(parts[0]))
+
+
+def download(repo_id: str, directory: str | None = None) -> str:
+    """Download a checkpoint's safetensors, json and tokenizer files with huggingface-hub."""
+    from huggingface_hub import snapshot_download
+
+    name = repo_id.split("/")[-1]
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES, local_dir=directory)
+    except Exception as e:  # offline, no such repo, gated: all end the same way for the user
+        raise CheckpointError(
+            f"could not download {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). If this machine is offline, copy the "
+            f"checkpoint (config.json, *.safetensors, tokenizer files) to weights/{name}/ and "
+            f"pass that directory instead; see weights/README.md") from None
