@@ -40,6 +40,7 @@ def load(path_or_repo_id: str, dtype: torch.dtype = torch.float32, device="cpu")
         params[name] = combine(*tensors).to(device=device, dtype=dtype).contiguous()
     model.load_state_dict(params, assign=True, strict=True)
     model.rope = RoPE(cfg).to(device)  # computed from the config, not stored in checkpoints
+    model.source = directory           # where the tokenizer files are, too
     return model.eval().requires_grad_(False)
 
 

@@ -187,6 +187,7 @@ class Transformer(nn.Module):
         # Tied checkpoints share the embedding matrix ([V, C]) as the output projection.
         self.lm_head = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size,
                                                                                 cfg.dim))
+        self.compiled_decode = None                                      # see compile_step
 
     def logits(self, x):
         """Final norm and the LM head: [..., C] -> [..., V]."""
@@ -202,7 +203,7 @@ class Transformer(nn.Module):
         [B, V]. H_t overwrites H_{t-1} in place (its buffers are preallocated) and is returned."""
         _check(token_ids, state, dims=1)
         state.reserve(1)
-        logits = self.decode(token_ids, state)
+        logits = (self.compiled_decode or self.decode)(token_ids, state)
         state.length += 1
         return logits, state
 
@@ -215,6 +216,18 @@ class Transformer(nn.Module):
             x = block.step(x, H, t, cos, sin)
         t += 1
         return self.logits(x)
+
+    def compile_step(self, mode: str | None = None):
+        """Route `step` through torch.compile: the whole decode step (every layer's attention,
+        policy scoring and eviction) becomes one graph (fullgraph=True) with static shapes, so
+        it compiles once per (policy, batch size, dtype) and never again as positions grow.
+        mode: default "reduce-overhead" (CUDA graphs) on CUDA, inductor's default on the CPU."""
+        if self.compiled_decode is None:
+            if mode is None and self.embed.weight.is_cuda:
+                mode = "reduce-overhead"
+            self.compiled_decode = torch.compile(self.decode, fullgraph=True, dynamic=False,
+                                                 mode=mode)
+        return self
 
     def prefill(self, token_ids, state: MultiState, mode: str = "sequential"):
         """Run a prompt token_ids [B, T] -> logits [B, T, V].
@@ -232,14 +245,14 @@ class Transformer(nn.Module):
         _check(token_ids, state, dims=2)
         T, k = token_ids.shape[1], state.policy.size
         if k is None:
-            return self._parallel(token_ids, state), state
+            return self.logits(self.hidden(token_ids, state)), state
         if state.length > 0:
             if mode == "oneshot":
                 raise ValueError("oneshot compresses a whole prompt into an empty multi-state; "
                                  "continue a non-empty one with mode='sequential'")
             return self._steps(token_ids, state), state
         n = T if mode == "oneshot" else min(T, k + 1)
-        logits = self._parallel(token_ids[:, :n], state)
+        logits = self.logits(self.hidden(token_ids[:, :n], state))
         if n < T:
             logits = torch.cat([logits, self._steps(token_ids[:, n:], state)], 1)
         return logits, state
@@ -249,9 +262,12 @@ class Transformer(nn.Module):
         `restrict(q_pos, k_pos)` hiding more keys (policies.Window.visible)."""
         _check(token_ids, None, dims=2)
         state = self.init_state(token_ids.shape[0], Full(), capacity=token_ids.shape[1])
-        return self._parallel(token_ids, state, restrict)
+        return self.logits(self.hidden(token_ids, state, restrict))
 
-    def _parallel(self, token_ids, state, restrict=None):
+    def hidden(self, token_ids, state, restrict=None):
+        """The parallel pass behind prefill: token_ids [B, T] -> final hidden states [B, T, C]
+        (before the norm and LM head), writing the tokens into the multi-state (for a bounded
+        policy the state must be empty; it keeps the best k, see Attention.prefill)."""
         T, start = token_ids.shape[1], state.length
         state.reserve(T)
         cos, sin = self.rope(torch.arange(start, start + T, device=token_ids.device))

@@ -1,0 +1,31 @@
+"""Tiny random Hugging Face models, saved as real checkpoints, for comparing msrnn to transformers."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+DEFAULTS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=96, vocab_size=128, max_position_embeddings=4096,
+                rms_norm_eps=1e-5)
+
+
+def tiny_hf(kind: str = "llama", seed: int = 0, **overrides):
+    """A random LlamaForCausalLM / MistralForCausalLM in float32, eval mode.
+
+    Random init gives weights of std 0.02: nearly uniform attention. Scaling q and k up makes
+    attention peaked, so that the tests exercise softmax, RoPE and eviction for real."""
+    torch.manual_seed(seed)
+    cls, cfg_cls = {"llama": (LlamaForCausalLM, LlamaConfig),
+                    "mistral": (MistralForCausalLM, MistralConfig)}[kind]
+    cfg = cfg_cls(**{**DEFAULTS, **overrides})
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+            layer.input_layernorm.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def save(model, directory, **kwargs):
+    model.save_pretrained(directory, **kwargs)
+    return str(directory)
