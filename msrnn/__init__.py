@@ -4,6 +4,7 @@ from . import policies
 from .config import Config
 from .loading import download, load
 from .model import Transformer
+from .generate import generate
 from .state import MultiState
 
-__all__ = ["Config", "MultiState", "Transformer", "download", "load", "policies"]
+__all__ = ["Config", "MultiState", "Transformer", "download", "generate", "load", "policies"]

@@ -276,7 +276,7 @@ class Transformer(nn.Module):
             x = block.prefill(x, H, start, cos, sin, restrict)
         state.length += T
         state.t.fill_(state.length)
-        return self.logits(x)
+        return x
 
     def _steps(self, token_ids, state):
         return torch.stack([self.step(token_ids[:, i], state)[0]

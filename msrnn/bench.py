@@ -1,0 +1,369 @@
+"""`msrnn bench`: decode speed and memory, side by side with Hugging Face transformers.
+
+Four parts, all in one run on one model, prompt and machine (docs/performance.md):
+
+  speed       decode tokens/s and peak memory at batch 1: transformers `generate` (DynamicCache),
+              msrnn eager and compiled, Full and TOVA, float32 and bfloat16; each row also as a
+              ratio to transformers in the same dtype and to transformers float32. Every row runs
+              in a fresh process, so its peak resident memory is its own.
+  latency     per-token latency as the sequence grows (to 8,192): Full grows, TOVA stays flat.
+  throughput  the paper's experiment scaled to this machine: 4,096-token sequences under a fixed
+              key-value memory budget (what a batch of 8 full-cache sequences needs); a bounded
+              multi-state fits a larger batch.
+  ceiling     bytes of weights read per token against the measured memory bandwidth: the
+              fastest batch-1 decoding this machine allows, and each speed as a fraction of it.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from . import load, policies
+from .evaluate import write_atomic
+from .policies import Full, TOVA
+
+
+def now(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+
+
+def prompt_ids(n: int, vocab: int, device, batch: int = 1):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(100, min(vocab, 20000), (batch, n), generator=g).to(device)
+
+
+# ----------------------------------------------------------------------------- speed
+
+
+@torch.inference_mode()
+def msrnn_speed(model, prompt, policy, new_tokens: int, compiled: bool, warmup: int = 8):
+    """Decode tokens/s after the prompt, steps timed one by one; the first `warmup` steps (and,
+    compiled, the compilation) are run before timing on a copy of the same setup."""
+    device = prompt.device
+    if compiled:
+        model.compile_step()
+    for timed in (False, True):
+        capacity = prompt.shape[1] + new_tokens + warmup if isinstance(policy, Full) else None
+        state = model.init_state(1, policy, capacity=capacity)
+        logits, state = model.prefill(prompt, state, mode="oneshot")
+        tok = logits[:, -1].argmax(-1)
+        n = new_tokens if timed else warmup
+        start = now(device)
+        for _ in range(n):
+            logits, state = model.step(tok, state)
+            tok = logits.argmax(-1)
+        seconds = now(device) - start
+    return {"tok_s": new_tokens / seconds, "state_mb": state.nbytes() / 2**20}
+
+
+@torch.inference_mode()
+def transformers_speed(path, prompt, new_tokens: int, dtype, device):
+    """transformers' own greedy `generate` with its DynamicCache: decode tokens/s, timed as
+    (time for prompt + N tokens) - (time for prompt + 1 token)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+    def timed(n):
+        start = now(device)
+        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                          min_new_tokens=n, do_sample=False, pad_token_id=0)
+        assert out.shape[1] == prompt.shape[1] + n
+        return now(device) - start
+
+    timed(8)                                                  # warm-up
+    first = min(timed(1) for _ in range(2))
+    total = timed(new_tokens + 1)
+    cache = 2 * hf.config.num_hidden_layers * hf.config.num_key_value_heads * (
+        hf.config.head_dim or hf.config.hidden_size // hf.config.num_attention_heads)
+    nbytes = cache * (prompt.shape[1] + new_tokens) * torch.finfo(dtype).bits // 8
+    return {"tok_s": new_tokens / (total - first), "state_mb": nbytes / 2**20}
+
+
+def run_row(spec: dict) -> dict:
+    """One speed row, in this process (called in a fresh subprocess by `speed`)."""
+    torch.manual_seed(0)
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    if spec["impl"] == "transformers":
+        cfg = json.load(open(os.path.join(spec["model"], "config.json")))
+        prompt = prompt_ids(spec["prompt_tokens"], cfg["vocab_size"], device)
+        result = transformers_speed(spec["model"], prompt, spec["new_tokens"], dtype, device)
+    else:
+        model = load(spec["model"], dtype=dtype, device=device)
+        prompt = prompt_ids(spec["prompt_tokens"], model.cfg.vocab_size, device)
+        policy = policies.from_name(spec["policy"], spec["size"])
+        result = msrnn_speed(model, prompt, policy, spec["new_tokens"],
+                             spec["impl"] == "msrnn compiled")
+    return {**spec, **result, "peak_mb": peak_memory_mb(device)}
+
+
+def speed(args, log):
+    rows = []
+    impls = ["transformers", "msrnn eager"] + ([] if args.no_compile else ["msrnn compiled"])
+    for dtype in args.dtypes.split(","):
+        for impl in impls:
+            for policy in (["full"] if impl == "transformers" else ["full", "tova"]):
+                spec = {"impl": impl, "policy": policy, "size": args.size if policy != "full"
+                        else None, "dtype": dtype, "model": args.model, "device": args.device,
+                        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
+                out = subprocess.run([sys.executable, "-m", "msrnn.bench", json.dumps(spec)],
+                                     capture_output=True, text=True)
+                if out.returncode != 0:
+                    raise RuntimeError(f"benchmark row {spec} failed:\n{out.stderr[-3000:]}")
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                print(f"  {impl:15s} {policy:5s} {dtype:9s} {row['tok_s']:7.1f} tok/s  peak "
+                      f"{row['peak_mb']:7.0f} MB", file=log, flush=True)
+    for row in rows:
+        same = next(r for r in rows if r["impl"] == "transformers" and r["dtype"] == row["dtype"])
+        fp32 = next((r for r in rows if r["impl"] == "transformers" and r["dtype"] == "float32"),
+                    same)
+        row["vs_transformers"] = row["tok_s"] / same["tok_s"]
+        row["vs_transformers_fp32"] = row["tok_s"] / fp32["tok_s"]
+    return rows
+
+
+# ----------------------------------------------------------------------------- latency
+
+
+def fake_state(model, policy, batch: int, position: int):
+    """A multi-state as it would be at `position`, filled with random keys and values: a step's
+    cost depends only on the shapes, so timing needs no real prompt of that length."""
+    capacity = position + 64 if isinstance(policy, Full) else None
+    state = model.init_state(batch, policy, capacity=capacity)
+    n = position if isinstance(policy, Full) else min(position, policy.size)
+    for layer in state.layers:
+        layer.k[:, :, :n].normal_()
+        layer.v[:, :, :n].normal_()
+        layer.pos[:, :, :n] = torch.arange(position - n, position, device=layer.pos.device)
+    state.length = position
+    state.t.fill_(position)
+    return state
+
+
+@torch.inference_mode()
+def step_seconds(model, state, steps: int = 12) -> float:
+    """Median seconds of a decode step on `state` (which advances by `steps` + 2)."""
+    device = state.t.device
+    tok = torch.zeros(state.batch_size, dtype=torch.long, device=device)
+    times = []
+    for i in range(steps + 2):
+        start = now(device)
+        model.step(tok, state)
+        if i >= 2:
+            times.append(now(device) - start)
+    return sorted(times)[len(times) // 2]
+
+
+def latency(model, args, log):
+    """Per-token latency at growing positions, Full against TOVA(args.latency_size)."""
+    positions = [int(p) for p in args.positions.split(",")]
+    rows = []
+    for name, policy in (("full", Full()), ("tova", TOVA(args.latency_size))):
+        for p in positions:
+            seconds = step_seconds(model, fake_state(model, policy, 1, p))
+            rows.append({"policy": name, "size": policy.size, "position": p,
+                         "ms": seconds * 1e3})
+            print(f"  {str(policy):10s} position {p:5d}: {seconds * 1e3:6.1f} ms/token",
+                  file=log, flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+def kv_bytes_per_slot(model) -> int:
+    c, p = model.cfg, next(model.parameters())
+    return 2 * c.n_layers * c.n_kv_heads * c.head_dim * p.element_size()
+
+
+def throughput(model, args, log):
+    """The paper's Sec. 5.4 on this machine: sequences of args.length tokens, a key-value budget
+    of what `args.full_batch` full-cache sequences need; each policy gets the largest batch that
+    fits. Tokens/s = batch * length / (sum over positions of the step time), the step time
+    measured at a few positions and interpolated linearly in between."""
+    L, budget = args.length, args.full_batch * args.length * kv_bytes_per_slot(model)
+    grid = sorted({1, L // 4, L // 2, 3 * L // 4, L - 1})
+    rows = []
+    for name, policy in [("full", Full())] + [("tova", TOVA(k)) for k in args.throughput_sizes]:
+        slots = L if policy.size is None else policy.size + 1
+        batch = budget // (slots * kv_bytes_per_slot(model))
+        ms = [step_seconds(model, fake_state(model, policy, batch, p), steps=4) for p in grid]
+        total = sum(_interpolate(grid, ms, p) for p in range(L))
+        rows.append({"policy": name, "size": policy.size, "batch": int(batch),
+                     "kv_budget_mb": budget / 2**20, "tok_s": batch * L / total,
+                     "step_ms": [m * 1e3 for m in ms], "positions": grid})
+        print(f"  {str(policy):10s} batch {batch:4d}: {batch * L / total:7.1f} tok/s", file=log,
+              flush=True)
+    for row in rows:
+        row["vs_full"] = row["tok_s"] / rows[0]["tok_s"]
+    return rows
+
+
+def _interpolate(xs, ys, x):
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / max(1, x1 - x0)
+    return ys[-1]
+
+
+# ----------------------------------------------------------------------------- ceiling
+
+
+def read_bandwidth_gbs(device, mb: int = 1024) -> float:
+    """Memory read bandwidth: the best of a few passes summing a tensor far larger than caches."""
+    x = torch.ones(mb * 2**20 // 4, device=device)
+    best = float("inf")
+    for _ in range(5):
+        start = now(device)
+        x.sum()
+        best = min(best, now(device) - start)
+    return x.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_token(model, dtype) -> int:
+    """Bytes of weights a batch-1 step reads: every matrix once (a tied embedding once, as the
+    LM head; the embedding lookup reads one row)."""
+    size = torch.finfo(getattr(torch, dtype)).bits // 8
+    n = sum(p.numel() for name, p in model.named_parameters())
+    return n * size
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def plot(latency_rows, throughput_rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name in dict.fromkeys(r["policy"] for r in latency_rows):
+        pts = [(r["position"], r["ms"]) for r in latency_rows if r["policy"] == name]
+        size = next(r["size"] for r in latency_rows if r["policy"] == name)
+        a.plot(*zip(*pts), marker="o", label=name if size is None else f"{name} ({size})")
+    a.set_xlabel("position (tokens so far)")
+    a.set_ylabel("ms per token (batch 1)")
+    a.set_ylim(bottom=0)
+    a.legend()
+    a.grid(alpha=0.3)
+    labels = [r["policy"] if r["size"] is None else f"{r['policy']} {r['size']}\nbatch {r['batch']}"
+              for r in throughput_rows]
+    labels[0] += f"\nbatch {throughput_rows[0]['batch']}"
+    b.bar(labels, [r["tok_s"] for r in throughput_rows], color="tab:green")
+    b.set_ylabel("tokens/s under one key-value budget")
+    b.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run_bench(args):
+    log = sys.stderr
+    device = torch.device(args.device)
+    parts = args.parts.split(",")
+    report = {"model": args.model, "device": str(device), "torch": torch.__version__,
+              "threads": torch.get_num_threads()}
+    if "speed" in parts:
+        print("[msrnn bench] speed (each row in a fresh process)", file=log)
+        report["speed"] = speed(args, log)
+    model = load(args.model, dtype=torch.float32, device=device)
+    if args.compile_latency:
+        model.compile_step()
+    if "latency" in parts:
+        print("[msrnn bench] latency against position, float32, batch 1", file=log)
+        report["latency"] = latency(model, args, log)
+    if "throughput" in parts:
+        print(f"[msrnn bench] throughput under a key-value budget of {args.full_batch} full "
+              f"sequences of {args.length} tokens, float32", file=log)
+        report["throughput"] = throughput(model, args, log)
+    if "ceiling" in parts:
+        gbs = read_bandwidth_gbs(device)
+        report["ceiling"] = {"read_gb_s": gbs}
+        for dtype in args.dtypes.split(","):
+            nbytes = weight_bytes_per_token(model, dtype)
+            report["ceiling"][dtype] = {"weight_mb_per_token": nbytes / 2**20,
+                                        "max_tok_s": gbs * 1e9 / nbytes}
+        for row in report.get("speed", []):
+            row["of_ceiling"] = row["tok_s"] / report["ceiling"][row["dtype"]]["max_tok_s"]
+        print(f"[msrnn bench] ceiling: read bandwidth {gbs:.1f} GB/s", file=log)
+    print_report(report)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        write_atomic(os.path.join(args.out, "bench.json"), json.dumps(report, indent=1))
+        if "latency" in report and "throughput" in report:
+            plot(report["latency"], report["throughput"], os.path.join(args.out, "bench.png"))
+    return 0
+
+
+def print_report(r):
+    if "speed" in r:
+        print("\n| implementation | policy | dtype | decode tok/s | vs transformers (same dtype) "
+              "| vs transformers fp32 | of ceiling | peak MB | multi-state MB |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for s in r["speed"]:
+            policy = s["policy"] if s["size"] is None else f"{s['policy']}({s['size']})"
+            ceiling = f"{s['of_ceiling']:.0%}" if "of_ceiling" in s else "-"
+            print(f"| {s['impl']} | {policy} | {s['dtype']} | {s['tok_s']:.1f} | "
+                  f"{s['vs_transformers']:.2f}x | {s['vs_transformers_fp32']:.2f}x | {ceiling} | "
+                  f"{s['peak_mb']:.0f} | {s['state_mb']:.1f} |")
+    if "latency" in r:
+        print("\n| policy | position | ms/token |")
+        print("|---|---|---|")
+        for s in r["latency"]:
+            name = s["policy"] if s["size"] is None else f"{s['policy']}({s['size']})"
+            print(f"| {name} | {s['position']} | {s['ms']:.1f} |")
+    if "throughput" in r:
+        print("\n| policy | batch | key-value budget MB | tok/s | vs full |")
+        print("|---|---|---|---|---|")
+        for s in r["throughput"]:
+            name = s["policy"] if s["size"] is None else f"{s['policy']}({s['size']})"
+            print(f"| {name} | {s['batch']} | {s['kv_budget_mb']:.0f} | {s['tok_s']:.1f} | "
+                  f"{s['vs_full']:.2f}x |")
+    if "ceiling" in r:
+        c = r["ceiling"]
+        print(f"\nread bandwidth {c['read_gb_s']:.1f} GB/s; " + "; ".join(
+            f"{d}: {v['weight_mb_per_token']:.0f} MB of weights per token -> at most "
+            f"{v['max_tok_s']:.0f} tok/s" for d, v in c.items() if d != "read_gb_s"))
+
+
+def add_commands(commands):
+    b = commands.add_parser("bench", help="decode speed and memory against transformers")
+    b.add_argument("model", nargs="?", default="weights/SmolLM2-135M-Instruct")
+    b.add_argument("--parts", default="speed,latency,throughput,ceiling")
+    b.add_argument("--dtypes", default="float32,bfloat16")
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=128)
+    b.add_argument("--size", type=int, default=64, help="TOVA size in the speed table")
+    b.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
+    b.add_argument("--positions", default="512,1024,2048,4096,6144,8192")
+    b.add_argument("--latency-size", type=int, default=512)
+    b.add_argument("--compile-latency", action="store_true",
+                   help="time latency and throughput with the compiled step")
+    b.add_argument("--length", type=int, default=4096, help="throughput: sequence length")
+    b.add_argument("--full-batch", type=int, default=8, help="throughput: full-cache batch")
+    b.add_argument("--throughput-sizes", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[512, 256])
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--out", help="directory for bench.json and bench.png")
+    b.set_defaults(run=run_bench)
+
+
+if __name__ == "__main__":          # one speed row, in a fresh process (see `speed`)
+    print(json.dumps(run_row(json.loads(sys.argv[1]))))

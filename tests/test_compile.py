@@ -1,0 +1,53 @@
+"""The compiled decode step computes what the eager step computes, in one graph, compiled once."""
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import msrnn
+from msrnn.policies import H2O, TOVA, Full, Sinks
+from tiny import save, tiny_hf
+
+STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    directory = save(tiny_hf("llama", num_attention_heads=6, num_key_value_heads=2,
+                             hidden_size=48), tmp_path_factory.mktemp("compile"))
+    return msrnn.load(directory), msrnn.load(directory).compile_step()
+
+
+def run(model, policy, ids, capacity=None):
+    state = model.init_state(ids.shape[0], policy, capacity=capacity)
+    logits = torch.stack([model.step(ids[:, t], state)[0] for t in range(ids.shape[1])], 1)
+    return logits, state
+
+
+@pytest.mark.parametrize("policy", [TOVA(16), H2O(16), TOVA(16, headwise=True, sinks=2),
+                                    Sinks(12, sinks=3), Full()], ids=repr)
+def test_compiled_step_equals_eager_in_one_graph(models, policy):
+    eager, compiled = models
+    ids = torch.randint(0, 128, (2, STEPS), generator=torch.Generator().manual_seed(0))
+    expected, state_e = run(eager, policy, ids, capacity=STEPS)
+    torch._dynamo.reset()
+    counters.clear()
+    got, state_c = run(compiled, policy, ids[:, :2], capacity=STEPS)    # compiles here, once
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    with torch._dynamo.config.patch(error_on_recompile=True):          # ... and never again
+        rest = torch.stack([compiled.step(ids[:, t], state_c)[0] for t in range(2, STEPS)], 1)
+    got = torch.cat([got, rest], 1)
+    assert (got - expected).abs().max() < 1e-5
+    for layer in range(len(state_e.layers)):
+        assert torch.equal(state_c.positions(layer), state_e.positions(layer))
+
+
+def test_compiled_generate_gives_the_eager_tokens(models):
+    eager, compiled = models
+    prompt = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(max_new_tokens=40, eos_ids=set())
+    a = msrnn.generate(eager, prompt, TOVA(8), **kwargs)
+    b = msrnn.generate(compiled, prompt, TOVA(8), compile=True, **kwargs)
+    assert torch.equal(a, b)
