@@ -30,7 +30,7 @@ from .state import LayerState, MultiState
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), normalized in float32."""
+    """y = w * x / sqrt(mean(x^2) + eps), normalized in (at least) float32."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -38,7 +38,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
