@@ -6,5 +6,7 @@ from .loading import download, load
 from .model import Transformer
 from .generate import generate
 from .state import MultiState
+from .tokenizer import load_tokenizer
 
-__all__ = ["Config", "MultiState", "Transformer", "download", "generate", "load", "policies"]
+__all__ = ["Config", "MultiState", "Transformer", "download", "generate", "load", "load_tokenizer",
+           "policies"]

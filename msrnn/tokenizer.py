@@ -1,0 +1,222 @@
+"""Text <-> token ids, from a checkpoint directory's tokenizer files.
+
+Checkpoints come with one of two tokenizer formats:
+
+    tokenizer.json    the `tokenizers` library's full description (vocabulary, merges,
+                      pre-tokenizer, post-processor, decoder): used as it is.
+    tokenizer.model   a sentencepiece model (LLaMA-2, Mistral): sentencepiece encodes and decodes,
+                      and BOS/EOS are added as tokenizer_config.json says (LLaMA-2 adds BOS).
+
+tokenizer_config.json names the special tokens and holds the chat template; generation_config.json
+may name more tokens that end generation (eos_token_id can be a list). Both are optional.
+"""
+
+import json
+import os
+import re
+from datetime import datetime
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def load_tokenizer(directory: str) -> "Tokenizer":
+    """The tokenizer of a checkpoint directory (tokenizer.json preferred over tokenizer.model)."""
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(directory, name)):
+            return Tokenizer(directory, name)
+    raise FileNotFoundError(f"no tokenizer in {directory}: looked for tokenizer.json and "
+                            f"tokenizer.model (with tokenizer_config.json); copy the checkpoint's "
+                            f"tokenizer files there")
+
+
+class Tokenizer:
+    """encode(str) -> list[int], decode(ids) -> str, the special ids, and the chat template."""
+
+    def __init__(self, directory: str, filename: str):
+        self.directory = directory
+        self.config = _read_json(directory, "tokenizer_config.json")
+        path = os.path.join(directory, filename)
+        if filename == "tokenizer.json":
+            from tokenizers import Tokenizer as Backend
+
+            self.backend, self.sp = Backend.from_file(path), None
+        else:
+            import sentencepiece
+
+            self.backend, self.sp = None, sentencepiece.SentencePieceProcessor(model_file=path)
+            # Does sentencepiece put a "▁" before the text (its add_dummy_prefix option)?
+            self.dummy_prefix = self.sp.encode("a", out_type=str)[0].startswith("\u2581")
+        # Tokens a sentencepiece checkpoint added after training (by id), e.g. chat markers.
+        self.added = {_content(t): int(i) for i, t in
+                      self.config.get("added_tokens_decoder", {}).items()}
+        # Special tokens: tokenizer_config.json names them (as strings or {"content": ...}).
+        self.special = {k: _content(self.config.get(f"{k}_token"))
+                        for k in ("bos", "eos", "unk", "pad")}
+        if self.sp is not None:                 # a bare tokenizer.model: ask sentencepiece
+            for k in ("bos", "eos", "unk", "pad"):
+                i = getattr(self.sp, f"{k}_id")()
+                if self.special[k] is None and i >= 0:
+                    self.special[k] = self.sp.id_to_piece(i)
+        named = {t for t in self.special.values() if t} | set(self.added)
+        self.specials = sorted((t for t in named if self.token_id(t) is not None), key=len,
+                               reverse=True)                  # sentencepiece: split on these
+        self.bos_id, self.eos_id = (self.token_id(self.special[k]) if self.special[k] else None
+                                    for k in ("bos", "eos"))
+        # Every id that ends generation: the tokenizer's EOS, and config.json's and
+        # generation_config.json's eos_token_id (chat models often list several).
+        self.eos_ids = {self.eos_id} - {None}
+        for name in ("config.json", "generation_config.json"):
+            eos = _read_json(directory, name).get("eos_token_id")
+            self.eos_ids |= set(eos if isinstance(eos, list) else [eos]) - {None}
+
+    def token_id(self, token: str) -> int | None:
+        """The id of one token, None if the vocabulary lacks it."""
+        if self.sp is None:
+            return self.backend.token_to_id(token)
+        if token in self.added:
+            return self.added[token]
+        i = self.sp.piece_to_id(token)        # sentencepiece answers unk_id for unknown pieces
+        return None if i == self.sp.unk_id() and token != self.sp.id_to_piece(i) else i
+
+    # -- encoding -------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, with BOS/EOS added as the checkpoint's tokenizer does.
+
+        tokenizer.json: its post-processor adds them (so does transformers 5, which ignores
+        add_bos_token when there is a tokenizer.json). tokenizer.model: add_bos_token (default true,
+        as LLaMA's) and add_eos_token from tokenizer_config.json. Special tokens written in the
+        text ("<|im_start|>", "</s>") become their single ids in both cases."""
+        if self.sp is None:
+            return self.backend.encode(text, add_special_tokens=True).ids
+        ids = []
+        for i, piece in enumerate(self._split_special(text)):
+            if i % 2:                                                   # a special token
+                ids.append(self.token_id(piece))
+            elif piece:
+                ids += self._sp_encode(piece, after_special=i > 0)
+        bos = self.config.get("add_bos_token", True) and self.bos_id is not None
+        eos = self.config.get("add_eos_token", False) and self.eos_id is not None
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def _split_special(self, text: str) -> list[str]:
+        """[text, special, text, special, ..., text]: the special tokens the text contains
+        (tried longest first)."""
+        if not self.specials:
+            return [text]
+        return re.split("(" + "|".join(map(re.escape, self.specials)) + ")", text)
+
+    def _sp_encode(self, text: str, after_special: bool) -> list[int]:
+        """sentencepiece puts a "▁" (its space) before the text, so that a first word is spelled
+        like any other ("▁Hello"). transformers puts it only at the start, not after a special
+        token ("<s>[INST]" gives "[", not "▁["), unless tokenizer_config.json sets legacy: true.
+        sentencepiece cannot be told to leave it out, so we encode the text behind the unknown
+        token's text ("<unk>") and cut that off."""
+        if not after_special or self.config.get("legacy", False):
+            return self.sp.encode(text)
+        marker = self.sp.id_to_piece(self.sp.unk_id())
+        return self.sp.encode(marker + text)[len(self.sp.encode(marker)):]
+
+    # -- decoding -------------------------------------------------------------------------------
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """The text of token ids (a list or a 1-D tensor); special tokens are written out
+        ("<|im_end|>") unless skip_special_tokens."""
+        ids = [int(i) for i in ids]
+        if self.sp is None:
+            text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        else:
+            text = self._sp_decode(ids, skip_special_tokens)
+        if self.config.get("clean_up_tokenization_spaces", False):
+            text = _clean_up(text)
+        return text
+
+    def _sp_decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        """Pieces joined, "▁" read as a space, byte pieces (<0xE2>) joined into UTF-8 characters,
+        and the space sentencepiece put before the text removed (what transformers does too)."""
+        special = {self.token_id(t): t for t in self.specials}
+        out, pending = [], bytearray()                   # pending: bytes of a split character
+        for i in ids:
+            if i in special or self.sp.is_control(i):
+                if skip_special_tokens:
+                    continue
+                piece = special.get(i) or self.sp.id_to_piece(i)
+            elif self.sp.is_byte(i):
+                pending.append(int(self.sp.id_to_piece(i)[3:-1], 16))   # "<0xE2>" -> 0xE2
+                continue
+            else:
+                piece = self.sp.id_to_piece(i).replace("\u2581", " ")
+            out += [pending.decode("utf-8", "replace"), piece]
+            pending.clear()
+        text = "".join(out) + pending.decode("utf-8", "replace")
+        return text[1:] if text.startswith(" ") and self.dummy_prefix else text
+
+    # -- chat -----------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation `messages` ([{"role": ..., "content": ...}]) as the prompt text the
+        model was trained on, rendered from the checkpoint's jinja template the way transformers
+        does: sandboxed, trim_blocks and lstrip_blocks, with raise_exception() and the special
+        tokens (bos_token, eos_token, ...) available to the template."""
+        template = self.chat_template()
+        return _jinja_env().from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            **{f"{k}_token": v for k, v in self.special.items()})
+
+    def chat_template(self) -> str:
+        """The checkpoint's chat template: chat_template.jinja, or tokenizer_config.json's
+        `chat_template` (a string, or a list of named templates: the "default" one)."""
+        path = os.path.join(self.directory, "chat_template.jinja")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return f.read()
+        template = self.config.get("chat_template")
+        if isinstance(template, list):
+            template = {t["name"]: t["template"] for t in template}.get("default")
+        if not template:
+            raise ValueError(f"the checkpoint in {self.directory} has no chat template (no "
+                             f"chat_template.jinja, no chat_template in tokenizer_config.json): "
+                             f"it is probably a base model; give it plain text instead")
+        return template
+
+
+def _jinja_env():
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # jinja's own tojson escapes <, >, & and ' for HTML, which would change the prompt
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def _clean_up(text: str) -> str:
+    """transformers' clean_up_tokenization_spaces: no space before punctuation and contractions."""
+    for spaced, tight in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+                          (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
+                          (" 're", "'re")):
+        text = text.replace(spaced, tight)
+    return text
+
+
+def _content(token):
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _read_json(directory: str, name: str) -> dict:
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
