@@ -49,7 +49,7 @@ def _recipe(cfg: Config) -> dict:
     C, D, I = cfg.dim, cfg.head_dim, cfg.hidden_dim
     H, H_kv, V = cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size
     keep = lambda w: w                                    # noqa: E731
-    transpose = lambda *ws: torch.cat(ws, 0).t()          # noqa: E731  [out, in] -> [in, out]
+    stack = lambda *ws: torch.cat(ws, 0)                  # noqa: E731  [out_1 + out_2 + ..., in]
     recipe = {"embed.weight": ([("model.embed_tokens.weight", (V, C))], keep),
               "norm.weight": ([("model.norm.weight", (C,))], keep)}
     if not cfg.tie_embeddings:
@@ -61,11 +61,11 @@ def _recipe(cfg: Config) -> dict:
             f"blocks.{i}.mlp_norm.weight": ([(hf + "post_attention_layernorm.weight", (C,))], keep),
             f"blocks.{i}.attn.wqkv": ([(hf + "self_attn.q_proj.weight", (H * D, C)),
                                        (hf + "self_attn.k_proj.weight", (H_kv * D, C)),
-                                       (hf + "self_attn.v_proj.weight", (H_kv * D, C))], transpose),
-            f"blocks.{i}.attn.wo": ([(hf + "self_attn.o_proj.weight", (C, H * D))], transpose),
+                                       (hf + "self_attn.v_proj.weight", (H_kv * D, C))], stack),
+            f"blocks.{i}.attn.wo": ([(hf + "self_attn.o_proj.weight", (C, H * D))], keep),
             f"blocks.{i}.mlp.w13": ([(hf + "mlp.gate_proj.weight", (I, C)),
-                                     (hf + "mlp.up_proj.weight", (I, C))], transpose),
-            f"blocks.{i}.mlp.w2": ([(hf + "mlp.down_proj.weight", (C, I))], transpose),
+                                     (hf + "mlp.up_proj.weight", (I, C))], stack),
+            f"blocks.{i}.mlp.w2": ([(hf + "mlp.down_proj.weight", (C, I))], keep),
         }
     return recipe
 

@@ -13,8 +13,8 @@ and every block is an MSRNN cell, block.step(x_t, H^l_{t-1}) -> (x'_t, H^l_t):
     4. if |C| > k, the policy evicts one candidate:  H^l_t = C \\ {e}
 
 With the Full policy nothing is evicted and this is exactly the ordinary transformer. The
-multi-state lives in state.py, the policies in policies.py. Weights are stored [in, out], so a
-projection is `x @ W` (a faster matrix-vector product on CPUs than [out, in]).
+multi-state lives in state.py, the policies in policies.py. Weights are stored as Hugging Face
+stores them, [out, in]; `linear` computes x W^T.
 
 Shapes: B batch, T tokens, C model width, H query heads, H_kv KV heads, G = H / H_kv query heads
 per KV head, D head dim, S slots of the multi-state, V vocabulary.
@@ -61,6 +61,19 @@ class RoPE(nn.Module):
         return angles.cos(), angles.sin()
 
 
+def linear(x, w):
+    """y = x W^T for x [..., in] and W [out, in].
+
+    A decode step multiplies one row by every matrix: a matrix-vector product, bound by how fast
+    the weights stream from memory. Compiled on a CPU, we write it as a sum of products, which
+    inductor turns into one vectorized loop over W's rows, reading each weight once; that streams
+    about twice as fast as the library's matrix multiply (docs/performance.md). Several rows
+    (a prompt, a batch) reuse each weight, which the library's matrix multiply does best."""
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and x[..., 0].numel() == 1:
+        return (x[..., None, :].float() * w.float()).sum(-1).to(x.dtype)
+    return F.linear(x, w)
+
+
 def rotate(x, cos, sin):
     x1, x2 = x.chunk(2, -1)
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], -1) * sin.to(x.dtype)
@@ -80,13 +93,13 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         H, H_kv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wqkv = nn.Parameter(torch.empty(cfg.dim, (H + 2 * H_kv) * D))  # q, k, v side by side
-        self.wo = nn.Parameter(torch.empty(H * D, cfg.dim))
+        self.wqkv = nn.Parameter(torch.empty((H + 2 * H_kv) * D, cfg.dim))  # q, k, v stacked
+        self.wo = nn.Parameter(torch.empty(cfg.dim, H * D))
 
     def qkv(self, x, cos, sin):
         """x [B, T, C] -> q [B, H_kv, G, T, D], k and v [B, H_kv, T, D]; q and k rotated."""
         c, (B, T, _) = self.cfg, x.shape
-        q, k, v = (x @ self.wqkv).split(
+        q, k, v = linear(x, self.wqkv).split(
             [c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
         q = q.view(B, T, c.n_kv_heads, c.group, c.head_dim).permute(0, 2, 3, 1, 4)
         k = k.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
@@ -107,7 +120,7 @@ class Attention(nn.Module):
         B, H_kv, G, T, S = probs.shape
         y = probs.to(v.dtype).view(B, H_kv, G * T, S) @ v                 # [B, H_kv, G*T, D]
         y = y.view(B, H_kv, G, T, -1).permute(0, 3, 1, 2, 4).reshape(B, T, -1)
-        return y @ self.wo
+        return linear(y, self.wo)
 
     def step(self, x, H: LayerState, t, cos, sin):
         """One token x [B, C] at position t (0-dim tensor) against the layer's multi-state H."""
@@ -147,12 +160,12 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.w13 = nn.Parameter(torch.empty(cfg.dim, 2 * cfg.hidden_dim))  # gate and up
-        self.w2 = nn.Parameter(torch.empty(cfg.hidden_dim, cfg.dim))
+        self.w13 = nn.Parameter(torch.empty(2 * cfg.hidden_dim, cfg.dim))  # gate and up, stacked
+        self.w2 = nn.Parameter(torch.empty(cfg.dim, cfg.hidden_dim))
 
     def forward(self, x):
-        gate, up = (x @ self.w13).chunk(2, -1)
-        return (F.silu(gate) * up) @ self.w2
+        gate, up = linear(x, self.w13).chunk(2, -1)
+        return linear(F.silu(gate) * up, self.w2)
 
 
 class Block(nn.Module):
@@ -191,7 +204,7 @@ class Transformer(nn.Module):
 
     def logits(self, x):
         """Final norm and the LM head: [..., C] -> [..., V]."""
-        return F.linear(self.norm(x), self.embed.weight if self.lm_head is None else self.lm_head)
+        return linear(self.norm(x), self.embed.weight if self.lm_head is None else self.lm_head)
 
     def init_state(self, batch_size: int, policy: Policy, capacity: int | None = None):
         """H_0: an empty multi-state for `batch_size` sequences, bounded by `policy`."""
