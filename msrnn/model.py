@@ -64,13 +64,16 @@ class RoPE(nn.Module):
 def linear(x, w):
     """y = x W^T for x [..., in] and W [out, in].
 
-    A decode step multiplies one row by every matrix: a matrix-vector product, bound by how fast
-    the weights stream from memory. Compiled on a CPU, we write it as a sum of products, which
-    inductor turns into one vectorized loop over W's rows, reading each weight once; that streams
-    about twice as fast as the library's matrix multiply (docs/performance.md). Several rows
-    (a prompt, a batch) reuse each weight, which the library's matrix multiply does best."""
-    if torch.compiler.is_compiling() and x.device.type == "cpu" and x[..., 0].numel() == 1:
-        return (x[..., None, :].float() * w.float()).sum(-1).to(x.dtype)
+    A decode step multiplies a row or a few by every matrix, so its speed is how fast the weights
+    stream from memory. Compiled on a CPU, we write those few-row products as sums of products:
+    inductor turns them into one vectorized loop over W's rows that reads each row once, for all
+    of x's rows, about twice as fast here as the library's matrix multiply
+    (docs/performance.md). Many rows (a prompt, a large batch) reuse each weight more than that
+    loop can; there the library's matrix multiply wins."""
+    rows = x.reshape(-1, x.shape[-1])                                    # [M, in]
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and len(rows) <= 4:
+        y = (w.float()[:, None, :] * rows.float()).sum(-1)              # [out, M]
+        return y.t().reshape(*x.shape[:-1], -1).to(x.dtype)
     return F.linear(x, w)
 
 
