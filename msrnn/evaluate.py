@@ -10,20 +10,22 @@ predicted, and
 where p comes from the bounded MSRNN run exactly as DESIGN.md defines it (`sequential`).
 """
 
-import csv
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import policies
+from .cli import load_model
 from .policies import Full, Window
 
 # ----------------------------------------------------------------------------- data
@@ -203,39 +205,78 @@ def text_digest(files):
     return h.hexdigest()[:16]
 
 
+def sweep(args, chunks, configs, log):
+    """Yield (name, size, policy, ppl, tokens, seconds) for each configuration as it finishes.
+
+    With --jobs N, N configurations run at once, each in its own process with its share of the
+    CPU threads. A decode step with a few rows is bound by reading the weights, and the library's
+    matrix multiply reads them barely faster with two threads than with one; two one-thread
+    processes finish about 1.6x as many steps on two cores (docs/results.md)."""
+    if args.jobs == 1:
+        model = load_model(args)
+        for name, size, policy in configs:
+            start = time.perf_counter()
+            with tqdm(total=len(chunks), desc=f"{name} {size or ''}".strip(), unit="chunk",
+                      file=log, leave=False) as bar:
+                ppl, tokens = perplexity(model, chunks, policy, args.batch, bar)
+            yield name, size, policy, ppl, tokens, time.perf_counter() - start
+        return
+    threads = max(1, torch.get_num_threads() // args.jobs)
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_start, initargs=(args, threads)) as pool:
+        jobs = {pool.submit(_worker_run, policy, chunks, args.batch): (name, size, policy)
+                for name, size, policy in configs}
+        with tqdm(total=len(jobs), desc="configurations", file=log, leave=False) as bar:
+            for job in as_completed(jobs):
+                bar.update(1)
+                yield (*jobs[job], *job.result())
+
+
+_worker_model = None
+
+
+def _worker_start(args, threads: int):
+    global _worker_model
+    torch.set_num_threads(threads)
+    _worker_model = load_model(args)
+
+
+def _worker_run(policy, chunks, batch_size):
+    start = time.perf_counter()
+    ppl, tokens = perplexity(_worker_model, chunks, policy, batch_size)
+    return ppl, tokens, time.perf_counter() - start
+
+
 def run_ppl(args):
     from . import load_tokenizer
-    from .cli import load_model
+    from .loading import resolve
 
     if args.context < 2:
         raise ValueError(f"--context must be at least 2, got {args.context}")
+    if args.jobs < 1 or args.batch < 1:
+        raise ValueError(f"--jobs and --batch must be at least 1, got {args.jobs}, {args.batch}")
     configs = configurations(args.policies, args.sizes, args.sinks, args.context)
-    model = load_model(args)
-    chunks = load_chunks(load_tokenizer(model.source), args.text, args.context, args.max_chunks)
-    setup = {"model": os.path.abspath(model.source), "texts": [os.path.basename(t) for t in
+    args.model = resolve(args.model)                       # a Hub repo id downloads once, here
+    chunks = load_chunks(load_tokenizer(args.model), args.text, args.context, args.max_chunks)
+    setup = {"model": os.path.abspath(args.model), "texts": [os.path.basename(t) for t in
              args.text], "digest": text_digest(args.text), "context": args.context,
-             "max_chunks": args.max_chunks, "dtype": args.dtype}
+             "max_chunks": args.max_chunks, "dtype": args.dtype,
+             "sinks": 4 if args.sinks is None else args.sinks}
     results = Results(args.out, setup)
     log = sys.stderr
+    todo = [c for c in configs if results.get(c[0], c[1]) is None]
     print(f"[msrnn ppl] {len(chunks)} chunks x {args.context} tokens, {len(configs)} "
-          f"configurations", file=log)
-    for name, size, policy in configs:
-        if results.get(name, size) is not None:
-            print(f"[msrnn ppl] {policy}: done before, skipped", file=log)
-            continue
-        start = time.perf_counter()
-        with tqdm(total=len(chunks), desc=f"{name} {size or ''}".strip(), unit="chunk",
-                  file=log, leave=False) as bar:
-            ppl, tokens = perplexity(model, chunks, policy, args.batch, bar)
-        seconds = time.perf_counter() - start
+          f"configurations, {len(configs) - len(todo)} done before", file=log)
+    for name, size, policy, ppl, tokens, seconds in sweep(args, chunks, todo, log):
         results.add({"policy": name, "size": size, "ppl": ppl, "tokens": tokens,
                      "seconds": round(seconds, 2)})
-        print(f"[msrnn ppl] {policy}: ppl {ppl:.3f} over {tokens} tokens, "
-              f"{chunks.numel() / seconds:.0f} tok/s", file=log)
+        tqdm.write(f"[msrnn ppl] {policy}: ppl {ppl:.3f} over {tokens} tokens, "
+                   f"{chunks.numel() / seconds:.0f} tok/s", file=log)
     rows = [results.get(name, size) for name, size, _ in configs]
     if args.out:
         plot_ppl(results.rows, os.path.join(args.out, "ppl.png"),
-                 f"{os.path.basename(model.source)}, context {args.context}, {len(chunks)} chunks")
+                 f"{os.path.basename(os.path.abspath(args.model))}, context {args.context}, "
+                 f"{len(chunks)} chunks")
     if args.json:
         print(json.dumps([{k: r[k] for k in ("policy", "size", "ppl", "tokens")} for r in rows]))
     else:
@@ -333,7 +374,6 @@ def plot_retention(summary, r, path: str, title: str):
 
 def run_retention(args):
     from . import load_tokenizer
-    from .cli import load_model
 
     if not 0 < args.size < args.context:
         raise ValueError(f"--size must be between 1 and --context - 1, got {args.size}")
@@ -376,6 +416,8 @@ def add_commands(commands):
     add_policy_args(p, multiple=True)
     p.add_argument("--max-chunks", type=int, help="at most this many chunks per text")
     p.add_argument("--batch", type=int, default=8, help="chunks per batch")
+    p.add_argument("--jobs", type=int, default=1, help="configurations run at once, each in its "
+                   "own process (2 is fastest on a 2-core CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--out", help="directory for results.json/.csv and ppl.png (resumable)")
     add_device_args(p)

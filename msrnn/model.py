@@ -64,16 +64,13 @@ class RoPE(nn.Module):
 def linear(x, w):
     """y = x W^T for x [..., in] and W [out, in].
 
-    A decode step multiplies a row or a few by every matrix, so its speed is how fast the weights
-    stream from memory. Compiled on a CPU, we write those few-row products as sums of products:
-    inductor turns them into one vectorized loop over W's rows that reads each row once, for all
-    of x's rows, about twice as fast here as the library's matrix multiply
-    (docs/performance.md). Many rows (a prompt, a large batch) reuse each weight more than that
-    loop can; there the library's matrix multiply wins."""
-    rows = x.reshape(-1, x.shape[-1])                                    # [M, in]
-    if torch.compiler.is_compiling() and x.device.type == "cpu" and len(rows) <= 4:
-        y = (w.float()[:, None, :] * rows.float()).sum(-1)              # [out, M]
-        return y.t().reshape(*x.shape[:-1], -1).to(x.dtype)
+    Decoding one sequence multiplies one row by every matrix: a matrix-vector product, bound by
+    how fast the weights stream from memory. Compiled on a CPU, we write it as a sum of
+    products, which inductor turns into one vectorized loop that reads each weight once, about
+    twice as fast here as the library's matrix multiply (docs/performance.md). Several rows (a
+    prompt, a batch) reuse each weight, which the library's matrix multiply does best."""
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and x[..., 0].numel() == 1:
+        return (x[..., None, :].float() * w.float()).sum(-1).to(x.dtype)
     return F.linear(x, w)
 
 
@@ -143,19 +140,28 @@ class Attention(nn.Module):
         T = x.shape[1]
         q_pos = torch.arange(start, start + T, device=x.device)
         q, k, v = self.qkv(x, cos, sin)
-        if H.policy.size is None:
+        if H.policy.size is None:               # Full's slots 0 .. start+T-1 hold those positions
             H.append(k, v, start)
-            keys, values, k_pos = H.k, H.v, H.pos[:, :, None, None, :]  # [B, H_kv, 1, 1, S]
+            keys, values = H.k[:, :, :start + T], H.v[:, :, :start + T]
+            k_pos = torch.arange(start + T, device=x.device)
         else:
             keys, values, k_pos = k, v, q_pos
-        mask = visible(q_pos[:, None], k_pos, self.cfg.sliding_window)
+        mask = visible(q_pos[:, None], k_pos, self.cfg.sliding_window)           # [T, S]
         if restrict is not None:
             mask = mask & restrict(q_pos[:, None], k_pos)
+        if H.policy.size is None:
+            return self.fused(q, keys, values, mask)
         probs = self.attend(q, keys, mask)
-        y = self.output(probs, values)
-        if H.policy.size is not None:
-            H.keep_best(k, v, q_pos, probs)
-        return y
+        H.keep_best(k, v, q_pos, probs)
+        return self.output(probs, values)
+
+    def fused(self, q, k, v, mask):
+        """What `output(attend(q, k, mask), v)` computes, by PyTorch's fused attention kernel,
+        which never holds the [T, S] attention matrix: for Full, where no policy reads it."""
+        B, H_kv, G, T, D = q.shape
+        y = F.scaled_dot_product_attention(q.reshape(B, H_kv * G, T, D), k, v, attn_mask=mask,
+                                           enable_gqa=True)                      # [B, H, T, D]
+        return linear(y.transpose(1, 2).reshape(B, T, -1), self.wo)
 
 
 class MLP(nn.Module):

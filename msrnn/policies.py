@@ -126,8 +126,9 @@ class TOVA(Policy):
 NAMES = ("full", "window", "sinks", "h2o", "h2o-layer", "tova", "tova-head")
 
 
-def from_name(name: str, size: int | None = None, sinks: int = 4) -> Policy:
-    """A policy from its command-line name: full, window, sinks, h2o, h2o-layer, tova, tova-head."""
+def from_name(name: str, size: int | None = None, sinks: int | None = None) -> Policy:
+    """A policy from its command-line name: full, window, sinks, h2o, h2o-layer, tova, tova-head.
+    `sinks` is the sinks policy's i (default 4)."""
     if name == "full":
         return Full()
     if name not in NAMES:
@@ -136,7 +137,7 @@ def from_name(name: str, size: int | None = None, sinks: int = 4) -> Policy:
         raise ValueError(f"policy {name!r} needs a multi-state size (--size)")
     return {
         "window": lambda: Window(size),
-        "sinks": lambda: Sinks(size, sinks=sinks),
+        "sinks": lambda: Sinks(size, sinks=4 if sinks is None else sinks),
         "h2o": lambda: H2O(size),
         "h2o-layer": lambda: H2O(size, layerwise=True),
         "tova": lambda: TOVA(size),

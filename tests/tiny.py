@@ -29,3 +29,16 @@ def tiny_hf(kind: str = "llama", seed: int = 0, **overrides):
 def save(model, directory, **kwargs):
     model.save_pretrained(directory, **kwargs)
     return str(directory)
+
+
+def save_char_tokenizer(directory, vocab_size: int = 128):
+    """A tokenizer.json that reads text one ASCII character at a time (id = code point), so that
+    text files can go through a tiny model's command line (`msrnn ppl`)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {chr(i): i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=chr(0)))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.save(f"{directory}/tokenizer.json")
+    return str(directory)
