@@ -23,7 +23,7 @@ model: setup
 	$(BIN)/msrnn fetch-default --dir $(MODEL)
 
 demo: model
-	$(BIN)/python scripts/step_by_step.py $(MODEL) --chat --prompt "What is the capital of France?" --policy tova --size 12 --max-new-tokens 16
+	$(BIN)/python scripts/step_by_step.py $(MODEL) --chat --prompt "What is the capital of France?" --policy tova --size 32 --layer 15 --max-new-tokens 12
 
 test: model
 	$(BIN)/python -m pytest -q tests

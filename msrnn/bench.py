@@ -24,7 +24,7 @@ import time
 import torch
 
 from . import load, policies
-from .evaluate import write_atomic
+from .evaluate import figure, save_figure, write_atomic
 from .policies import Full, TOVA
 
 
@@ -247,11 +247,7 @@ def weight_bytes_per_token(model, dtype) -> int:
 
 
 def plot(latency_rows, throughput_rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (a, b) = figure(1, 2, figsize=(10, 3.8))
     for name in dict.fromkeys(r["policy"] for r in latency_rows):
         pts = [(r["position"], r["ms"]) for r in latency_rows if r["policy"] == name]
         size = next(r["size"] for r in latency_rows if r["policy"] == name)
@@ -267,11 +263,7 @@ def plot(latency_rows, throughput_rows, path):
     b.bar(labels, [r["tok_s"] for r in throughput_rows], color="tab:green")
     b.set_ylabel("tokens/s under one key-value budget")
     b.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def run_bench(args):

@@ -137,6 +137,26 @@ def write_atomic(path: str, text: str):
         raise
 
 
+def figure(*grid, figsize):
+    """A new matplotlib figure and its axes (plt.subplots), drawn off-screen."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*grid, figsize=figsize)
+
+
+def save_figure(fig, path: str):
+    """Save a matplotlib figure as PNG atomically (a temporary file, then a rename), and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 class Results:
     """results.json (+ .csv, + ppl.png) in --out DIR: what has been computed, so a sweep that
     was interrupted resumes with what is missing. A DIR made with another setup is refused."""
@@ -172,11 +192,7 @@ class Results:
 def plot_ppl(rows, path: str, title: str):
     """The paper's Figure 3: perplexity against multi-state size (log2 x), one line per policy,
     the full model dashed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = figure(figsize=(6.5, 4.2))
     for name in dict.fromkeys(r["policy"] for r in rows if r["size"] is not None):
         pts = sorted((r["size"], r["ppl"]) for r in rows if r["policy"] == name)
         ax.plot(*zip(*pts), marker="o", label=name)
@@ -190,11 +206,7 @@ def plot_ppl(rows, path: str, title: str):
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def text_digest(files):
@@ -304,7 +316,7 @@ def retention(model, chunks, size: int, batch_size: int = 8, horizon: int | None
     L, horizon = model.cfg.n_layers, horizon or T // 2
     lifetime = torch.zeros(L, N, T, dtype=torch.long)
     first_kept = torch.ones(L, N, dtype=torch.bool)
-    recent, steps = torch.zeros(L, dtype=torch.float64), 0
+    recent = torch.zeros(L, dtype=torch.float64)
     for i in tqdm(range(0, N, batch_size), desc=f"retention TOVA({size})", unit="batch",
                   file=sys.stderr, leave=False):
         ids = chunks[i:i + batch_size].to(model.embed.weight.device)
@@ -320,10 +332,9 @@ def retention(model, chunks, size: int, batch_size: int = 8, horizon: int | None
             alive = alive[:, :, 1:]
             lifetime[:, i:i + B] += alive
             first_kept[:, i:i + B] &= alive[:, :, 0].bool()
-            recent += (pos > t - size).sum((1, 2)).double() / (B * size)
-            steps += 1
+            recent += (pos > t - size).sum((1, 2)).double() / size
     return {"lifetime": lifetime.clamp(max=horizon)[:, :, :T - horizon],
-            "first_kept": first_kept, "recent": recent / steps}
+            "first_kept": first_kept, "recent": recent / (N * (T - size))}
 
 
 def summarize_retention(r, chunks, tok, top: int = 15, min_count: int = 5):
@@ -348,12 +359,8 @@ def summarize_retention(r, chunks, tok, top: int = 15, min_count: int = 5):
 
 
 def plot_retention(summary, r, path: str, title: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     layers = summary["layers"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (a, b) = figure(1, 2, figsize=(10, 3.8))
     a.bar([l["layer"] for l in layers], [l["recent"] for l in layers], color="tab:blue",
           label="share of kept states that are recent")
     a.plot([l["layer"] for l in layers], [l["first_kept"] for l in layers], "k^",
@@ -365,11 +372,7 @@ def plot_retention(summary, r, path: str, title: str):
     b.set_xlabel("steps a token stays in the multi-state (capped)")
     b.set_ylabel("tokens x layers")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def run_retention(args):

@@ -2,9 +2,9 @@
 
 The model is built on the meta device (no memory), then every parameter is made from the
 checkpoint's tensors one at a time and assigned in place, so at no point do two full copies of
-the weights exist. Hugging Face stores projections [out, in]; we store them [in, out] and fuse
-q/k/v and gate/up (model.py), so each parameter is a transpose or a concatenation of
-checkpoint tensors.
+the weights exist. Projections keep Hugging Face's [out, in] layout; q/k/v and gate/up are
+stacked into one matrix each (model.py), so a parameter is a checkpoint tensor or a concatenation
+of a few.
 """
 
 import json
@@ -150,5 +150,6 @@ def download(repo_id: str, directory: str | None = None) -> str:
         raise CheckpointError(
             f"could not download {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}). If this machine is offline, copy the "
-            f"checkpoint (config.json, *.safetensors, tokenizer files) to weights/{name}/ and "
-            f"pass that directory instead; see weights/README.md") from None
+            f"checkpoint (config.json, *.safetensors, tokenizer files) to "
+            f"{directory or f'weights/{name}'}/ and pass that directory instead; see "
+            f"weights/README.md") from None

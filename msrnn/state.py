@@ -19,6 +19,15 @@ import torch
 from .policies import Full, Policy
 
 
+def static(*buffers):
+    """On CUDA, tell torch.compile that these buffers keep their address from step to step, so
+    that a step compiled with CUDA graphs ("reduce-overhead") updates them in place instead of
+    copying them in and out of its own memory every step."""
+    for x in buffers:
+        if x is not None and x.is_cuda:
+            torch._dynamo.mark_static_address(x)
+
+
 class LayerState:
     """H^l, one layer's multi-state, with the two operations of a step:
     insert (C = H_{t-1} ∪ {t}) and evict (H_t = C \\ {e})."""
@@ -33,6 +42,7 @@ class LayerState:
         acc_dtype = torch.promote_types(dtype, torch.float32)
         self.acc = (torch.zeros(batch, n_kv, slots, dtype=acc_dtype, device=device)
                     if policy.accumulates else None)
+        static(self.k, self.v, self.pos, self.acc)
 
     def insert(self, k, v, t):
         """C = H_{t-1} ∪ {t}: write the new token's key and value [B, H_kv, D] into a free slot.
@@ -117,6 +127,7 @@ class LayerState:
                              -1 if name == "pos" else 0, dtype=old.dtype, device=old.device)
             new[:, :, :n] = old
             setattr(self, name, new)
+        static(self.k, self.v, self.pos)
 
 
 class MultiState:
@@ -135,6 +146,7 @@ class MultiState:
         self.cfg, self.policy, self.batch_size = cfg, policy, batch_size
         self.length = 0                                   # tokens seen = position of the next
         self.t = torch.zeros((), dtype=torch.long, device=device)   # the same, as a tensor
+        static(self.t)
         if policy.size is not None:
             slots = policy.size + 1
         else:

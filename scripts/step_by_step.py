@@ -6,14 +6,17 @@ the kept tokens in position order with the score the policy gave each (TOVA: thi
 attention, averaged over heads), and the token evicted.
 
     python scripts/step_by_step.py --prompt "What is the capital of France?" --chat \\
-        --policy tova --size 12 --layer 15 --max-new-tokens 24
+        --policy tova --size 32 --layer 15 --max-new-tokens 12
     python scripts/step_by_step.py --prompt "..." --compact      # one line per step
 
-Watch TOVA keep the first token (the "attention sink") while it evicts most of the others.
+The chat prompt alone is 37 tokens, more than the 32 states: watch TOVA keep the first token (the
+"attention sink") and the question's words while it evicts most of the rest, and the model still
+answers.
 """
 
 import argparse
 import sys
+import textwrap
 
 import torch
 
@@ -108,9 +111,9 @@ def report(tok, ids, t, produced, kept, evicted, calls, layer, compact, prompt):
               + " ".join(map(str, kept)))
         return
     print(f"\nstep {t}: read {read}, produced {out}")
-    print(f"  layer {layer} keeps {len(kept)}: " + "  ".join(
+    print(textwrap.fill(f"  layer {layer} keeps {len(kept)}: " + "  ".join(
         f"{show(tok, ids, p)} {scores[p]:.3f}" if p in scores else show(tok, ids, p)
-        for p in kept))
+        for p in kept), width=110, subsequent_indent=" " * 4, break_long_words=False))
     print(f"  evicted: {gone}")
 
 

@@ -1,0 +1,80 @@
+"""The command line, run as users run it: `msrnn generate` decodes and reports its multi-state;
+bad input ends with a non-zero exit and one clear line on stderr."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tiny import save, save_char_tokenizer, tiny_hf
+
+
+def msrnn(*args):
+    """Run `python -m msrnn.cli ARGS` in a fresh process: (exit code, stdout, stderr)."""
+    out = subprocess.run([sys.executable, "-m", "msrnn.cli", *args], capture_output=True,
+                         text=True, timeout=300)
+    return out.returncode, out.stdout, out.stderr
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cli")
+    save(tiny_hf("llama", eos_token_id=None), directory)   # no EOS: every run decodes in full
+    return save_char_tokenizer(directory)
+
+
+def test_generate_streams_text_and_reports_the_multi_state(model):
+    code, out, err = msrnn("generate", model, "--prompt", "Once upon a time", "--policy", "tova",
+                           "--size", "8", "--max-new-tokens", "40", "--temperature", "0.7",
+                           "--top-k", "20", "--top-p", "0.9", "--seed", "3")
+    assert code == 0, err
+    assert len(out) == 40 + 1                          # 40 one-character tokens, then a newline
+    report = err.strip().splitlines()[-1]
+    # 2 layers x 2 KV heads x 9 slots x 16 head dims, keys and values in float32, positions
+    # in int64: (2*9*16*4 + 9*8) bytes per KV head and layer.
+    nbytes = 2 * 2 * (2 * 9 * 16 * 4 + 9 * 8)
+    assert report.startswith("[msrnn] 40 new tokens, ")
+    assert "tok/s decode" in report
+    assert f"multi-state: TOVA(8), 9 slots x 2 layers, {16 + 39} tokens seen, " \
+           f"{nbytes / 2**20:.2f} MiB" in report
+    again = msrnn("generate", model, "--prompt", "Once upon a time", "--policy", "tova",
+                  "--size", "8", "--max-new-tokens", "40", "--temperature", "0.7", "--top-k",
+                  "20", "--top-p", "0.9", "--seed", "3")
+    assert again[1] == out                             # seeded: the same text
+
+
+def test_generate_sinks_policy_with_its_default(model):
+    code, out, err = msrnn("generate", model, "--prompt", "abc", "--policy", "sinks", "--size",
+                           "6", "--max-new-tokens", "5")
+    assert code == 0, err
+    assert "multi-state: Sinks(6, sinks=4), 7 slots" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["does/not/exist", "--prompt", "Hi"], "model directory not found: does/not/exist"),
+    (["{model}", "--prompt", "Hi", "--policy", "lru"], "unknown policy 'lru'"),
+    (["{model}", "--prompt", "Hi", "--size", "0"], "multi-state size must be a positive integer"),
+    (["{model}", "--prompt", "Hi", "--policy", "sinks", "--size", "4"],
+     "size 4 must be larger than sinks 4"),
+    (["{model}", "--prompt", "  "], "empty prompt"),
+    (["{model}", "--prompt", "Hi", "--temperature", "-1"], "temperature must be >= 0"),
+    (["{model}", "--prompt", "Hi", "--temperature", "1", "--top-p", "1.5"],
+     "top_p must be in (0, 1]"),
+    (["{model}", "--prompt", "Hi", "--temperature", "1", "--top-k", "0"],
+     "top_k must be a positive integer"),
+    (["{model}", "--prompt", "Hi", "--max-new-tokens", "5000"], "past the model's range"),
+    (["{model}", "--prompt", "Hi", "--chat"], "no chat template"),
+])
+def test_generate_errors(model, args, message):
+    code, _, err = msrnn("generate", *[a.format(model=model) for a in args])
+    assert code != 0
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1, err     # one clear line, no traceback
+
+
+def test_download_offline_says_where_to_put_files(tmp_path):
+    code, _, err = msrnn("download", "HuggingFaceTB/SmolLM2-135M-Instruct", "--dir",
+                         str(tmp_path / "smol"))
+    assert code != 0
+    assert "could not download 'HuggingFaceTB/SmolLM2-135M-Instruct'" in err
+    assert f"to {tmp_path / 'smol'}/ and pass that directory" in err

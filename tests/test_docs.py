@@ -1,0 +1,52 @@
+"""The code in README.md and docs/policies.md runs as written, on the default model; the Random
+policy of docs/policies.md is the sanity baseline TOVA must beat."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from msrnn.evaluate import load_chunks, perplexity
+from msrnn.policies import TOVA
+from test_convert import BOOKS, default_model_dir
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def python_blocks(name: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", (REPO / name).read_text(), re.M | re.S)
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    default_model_dir()                               # the docs load weights/SmolLM2-...
+    monkeypatch.chdir(REPO)
+
+
+def test_readme_code(in_repo, capsys):
+    blocks = python_blocks("README.md")
+    assert len(blocks) == 1
+    exec(blocks[0], {})
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "The capital of France is Paris."
+    assert out[0].startswith("tensor([[[") and "0," in out[0]   # layer 0 keeps position 0
+
+
+def test_policies_doc_and_random_baseline(in_repo, capsys):
+    blocks = python_blocks("docs/policies.md")
+    assert len(blocks) == 2
+    scope = {}
+    for block in blocks:
+        exec(block, scope)
+    out = capsys.readouterr().out
+    assert "tensor([[[" in out                                  # kept positions were printed
+    assert scope["state"].positions(0).shape == (1, 3, 8)       # 12 tokens, 8 kept
+
+    # What a policy worth its name must do: beat evicting at random.
+    model, tok, Random = scope["model"], scope["tok"], scope["Random"]
+    chunks = load_chunks(tok, [str(BOOKS / "news-from-nowhere.txt")], 160, max_chunks=2)
+    tova, _ = perplexity(model, chunks, TOVA(16))
+    random, _ = perplexity(model, chunks, Random(16))
+    assert tova < 0.8 * random, (tova, random)
+    assert torch.is_tensor(scope["ids"]) and scope["ids"].shape[0] == 1
