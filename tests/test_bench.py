@@ -1,0 +1,31 @@
+"""`msrnn bench` runs end to end on a tiny model and reports what it measured (timings are
+benchmarks, not tested; the arithmetic around them is)."""
+
+import json
+
+from msrnn import cli
+from tiny import save, tiny_hf
+
+
+def test_bench_latency_throughput_ceiling(tmp_path, capsys):
+    model = save(tiny_hf("llama"), tmp_path / "model")
+    out = tmp_path / "bench"
+    code = cli.main(["bench", model, "--parts", "latency,throughput,ceiling", "--lengths",
+                     "64,128", "--latency-size", "16", "--length", "256", "--full-batch", "2",
+                     "--throughput-sizes", "32,16", "--dtypes", "float32", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert [(r["policy"], r["size"], r["length"]) for r in report["latency"]] == [
+        ("full", None, 64), ("full", None, 128), ("tova", 16, 64), ("tova", 16, 128)]
+    assert all(r["ms"] > 0 for r in report["latency"])
+    # The key-value budget holds 2 full sequences of 256 tokens = 512 slots; TOVA(k) needs k + 1.
+    rows = report["throughput"]
+    assert [(r["policy"], r["size"], r["batch"]) for r in rows] == [
+        ("full", None, 2), ("tova", 32, 512 // 33), ("tova", 16, 512 // 17)]
+    assert rows[0]["vs_full"] == 1 and all(r["tok_s"] > 0 for r in rows)
+    # 2 layers of (q 64 + k, v 2 * 32 + o 64) x 64 + MLP 3 x 64 x 96, norms, embeddings and head.
+    n_params = 2 * (128 * 64 + 64 * 64 + 3 * 64 * 96 + 2 * 64) + 64 + 2 * 128 * 64
+    assert report["ceiling"]["float32"]["weight_mb_per_token"] == n_params * 4 / 2**20
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "| tova(32) | 15 |" in printed and "| full | 128 |" in printed
