@@ -57,7 +57,8 @@ def add_policy_args(parser, multiple=False):
     else:
         parser.add_argument("--policy", default="tova", help=f"one of: {', '.join(NAMES)}")
         parser.add_argument("--size", type=int, default=256, help="multi-state size k")
-    parser.add_argument("--sinks", type=int, help="first tokens the sinks policy never evicts (default 4)")
+    parser.add_argument("--sinks", type=int,
+                        help="first tokens the sinks policy never evicts (default 4)")
 
 
 def add_device_args(parser):

@@ -147,7 +147,7 @@ def figure(*grid, figsize):
 
 
 def save_figure(fig, path: str):
-    """Save a matplotlib figure as PNG atomically (a temporary file, then a rename), and close it."""
+    """Save a matplotlib figure as PNG atomically (a temporary file, then a rename); close it."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()

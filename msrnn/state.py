@@ -101,7 +101,8 @@ class LayerState:
         key = self.priority(a, acc, pos, int(pos[0, 0, -1]))
         # Best first: highest score, then (ties) the newest; two stable sorts give that order.
         by_age = pos.argsort(dim=-1, descending=True, stable=True)
-        order = by_age.gather(-1, key.gather(-1, by_age).argsort(dim=-1, descending=True, stable=True))
+        order = by_age.gather(-1, key.gather(-1, by_age).argsort(dim=-1, descending=True,
+                                                                 stable=True))
         kept = order[..., : min(T, self.policy.size)].sort(-1).values  # [B, H_kv, n] by position
         n = kept.shape[-1]
         self.k[:, :, :n] = k.gather(2, kept[..., None].expand(-1, -1, -1, D))
