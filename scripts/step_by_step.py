@@ -16,7 +16,6 @@ answers.
 
 import argparse
 import sys
-import textwrap
 
 import torch
 
@@ -100,6 +99,20 @@ def main(argv=None):
           f"{state.nbytes() / 2**20:.2f} MiB for all {model.cfg.n_layers} layers")
 
 
+def wrap(head, items, width=110):
+    """head, then the items two spaces apart, in lines of at most `width` characters (items are
+    never split; continuation lines are indented)."""
+    lines = [head]
+    for item in items:
+        if lines[-1] == head:
+            lines[-1] += " " + item
+        elif len(lines[-1]) + 2 + len(item) > width:
+            lines.append("    " + item)
+        else:
+            lines[-1] += "  " + item
+    return "\n".join(lines)
+
+
 def report(tok, ids, t, produced, kept, evicted, calls, layer, compact, prompt):
     scores = dict(zip(*calls[layer])) if calls else {}
     read = f"{tok.decode([ids[t]])!r}"
@@ -111,9 +124,9 @@ def report(tok, ids, t, produced, kept, evicted, calls, layer, compact, prompt):
               + " ".join(map(str, kept)))
         return
     print(f"\nstep {t}: read {read}, produced {out}")
-    print(textwrap.fill(f"  layer {layer} keeps {len(kept)}: " + "  ".join(
-        f"{show(tok, ids, p)} {scores[p]:.3f}" if p in scores else show(tok, ids, p)
-        for p in kept), width=110, subsequent_indent=" " * 4, break_long_words=False))
+    items = [f"{show(tok, ids, p)} {scores[p]:.3f}" if p in scores else show(tok, ids, p)
+             for p in kept]
+    print(wrap(f"  layer {layer} keeps {len(kept)}:", items))
     print(f"  evicted: {gone}")
 
 
