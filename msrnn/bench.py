@@ -176,6 +176,9 @@ def latency(model, args, log, steps: int = 12, rounds: int = 3):
     over all of them in turn, so that a slow spell of the machine hits every row alike; a row's
     latency is its best round's median. The last steps bring the sequence to n tokens."""
     lengths = [int(n) for n in args.lengths.split(",")]
+    if min(lengths) < rounds * (steps + 2) + 1:
+        raise ValueError(f"--lengths must be at least {rounds * (steps + 2) + 1}: each is reached "
+                         f"by {rounds} rounds of {steps + 2} timed steps")
     rows = [{"policy": name, "size": policy.size, "length": n, "ms": float("inf"),
              "state": fake_state(model, policy, 1, n - rounds * (steps + 2))}
             for name, policy in (("full", Full()), ("tova", TOVA(args.latency_size)))

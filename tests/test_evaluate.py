@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import msrnn
 from msrnn import cli, evaluate
-from msrnn.policies import H2O, TOVA, Sinks, Window
+from msrnn.policies import TOVA, Sinks, Window
 from reference import Reference, Rule
 from tiny import save, save_char_tokenizer, tiny_hf
 
