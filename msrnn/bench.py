@@ -1,4 +1,5 @@
-"""`msrnn bench`: decode speed and memory, side by side with Hugging Face transformers.
+"""Decode speed and memory, side by side with Hugging Face transformers: the measurements behind
+`msrnn bench` (whose command line, report and plot are msrnn/cli/bench.py).
 
 Four parts, all in one run on one model, prompt and machine (docs/performance.md):
 
@@ -24,7 +25,6 @@ import time
 import torch
 
 from . import load, policies
-from .evaluate import figure, save_figure, write_atomic
 from .policies import Full, TOVA
 
 
@@ -57,7 +57,7 @@ def msrnn_speed(model, prompt, policy, new_tokens: int, compiled: bool, warmup: 
     if compiled:
         model.compile_step()
     for timed in (False, True):
-        capacity = prompt.shape[1] + new_tokens + warmup if isinstance(policy, Full) else None
+        capacity = None if policy.bounded else prompt.shape[1] + new_tokens + warmup
         state = model.init_state(1, policy, capacity=capacity)
         logits, state = model.prefill(prompt, state, mode="oneshot")
         tok = logits[:, -1].argmax(-1)
@@ -111,15 +111,18 @@ def run_row(spec: dict) -> dict:
     return {**spec, **result, "peak_mb": peak_memory_mb(device)}
 
 
-def speed(args, log):
+def speed(model: str, dtypes, device: str, size: int, prompt_tokens: int, new_tokens: int,
+          compiled: bool = True, log=sys.stderr):
+    """Batch-1 decode speed rows: transformers, msrnn eager (and compiled), Full and TOVA(size),
+    for each dtype, each row in a fresh process."""
     rows = []
-    impls = ["transformers", "msrnn eager"] + ([] if args.no_compile else ["msrnn compiled"])
-    for dtype in args.dtypes.split(","):
+    impls = ["transformers", "msrnn eager"] + (["msrnn compiled"] if compiled else [])
+    for dtype in dtypes:
         for impl in impls:
             for policy in (["full"] if impl == "transformers" else ["full", "tova"]):
-                spec = {"impl": impl, "policy": policy, "size": args.size if policy != "full"
-                        else None, "dtype": dtype, "model": args.model, "device": args.device,
-                        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
+                spec = {"impl": impl, "policy": policy, "size": size if policy != "full"
+                        else None, "dtype": dtype, "model": model, "device": device,
+                        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
                 out = subprocess.run([sys.executable, "-m", "msrnn.bench", json.dumps(spec)],
                                      capture_output=True, text=True)
                 if out.returncode != 0:
@@ -141,18 +144,9 @@ def speed(args, log):
 
 
 def fake_state(model, policy, batch: int, position: int):
-    """A multi-state as it would be at `position`, filled with random keys and values: a step's
-    cost depends only on the shapes, so timing needs no real prompt of that length."""
-    capacity = position + 64 if isinstance(policy, Full) else None
-    state = model.init_state(batch, policy, capacity=capacity)
-    n = position if isinstance(policy, Full) else min(position, policy.size)
-    for layer in state.layers:
-        layer.k[:, :, :n].normal_()
-        layer.v[:, :, :n].normal_()
-        layer.pos[:, :, :n] = torch.arange(position - n, position, device=layer.pos.device)
-    state.length = position
-    state.t.fill_(position)
-    return state
+    """A multi-state as it would be at `position` (MultiState.fake)."""
+    capacity = None if policy.bounded else position + 64
+    return model.init_state(batch, policy, capacity=capacity).fake(position)
 
 
 @torch.inference_mode()
@@ -169,19 +163,18 @@ def step_seconds(model, state, steps: int = 12) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def latency(model, args, log, steps: int = 12, rounds: int = 3):
-    """Per-token latency as the sequence grows, Full against TOVA(args.latency_size).
+def latency(model, lengths, size: int, log=sys.stderr, steps: int = 12, rounds: int = 3):
+    """Per-token latency as the sequence grows, Full against TOVA(size).
 
     Each (policy, length n) state is timed for `steps` steps in each of `rounds` rounds that go
     over all of them in turn, so that a slow spell of the machine hits every row alike; a row's
     latency is its best round's median. The last steps bring the sequence to n tokens."""
-    lengths = [int(n) for n in args.lengths.split(",")]
-    if min(lengths) < rounds * (steps + 2) + 1:
-        raise ValueError(f"--lengths must be at least {rounds * (steps + 2) + 1}: each is reached "
-                         f"by {rounds} rounds of {steps + 2} timed steps")
+    if min(lengths) < shortest_latency_length(steps, rounds):
+        raise ValueError(f"--lengths must be at least {shortest_latency_length(steps, rounds)}: "
+                         f"each is reached by {rounds} rounds of {steps + 2} timed steps")
     rows = [{"policy": name, "size": policy.size, "length": n, "ms": float("inf"),
              "state": fake_state(model, policy, 1, n - rounds * (steps + 2))}
-            for name, policy in (("full", Full()), ("tova", TOVA(args.latency_size)))
+            for name, policy in (("full", Full()), ("tova", TOVA(size)))
             for n in lengths]
     for _ in range(rounds):
         for row in rows:
@@ -192,6 +185,10 @@ def latency(model, args, log, steps: int = 12, rounds: int = 3):
     return rows
 
 
+def shortest_latency_length(steps: int = 12, rounds: int = 3) -> int:
+    return rounds * (steps + 2) + 1
+
+
 # ----------------------------------------------------------------------------- throughput
 
 
@@ -200,16 +197,16 @@ def kv_bytes_per_slot(model) -> int:
     return 2 * c.n_layers * c.n_kv_heads * c.head_dim * p.element_size()
 
 
-def throughput(model, args, log):
-    """The paper's Sec. 5.4 on this machine: sequences of args.length tokens, a key-value budget
-    of what `args.full_batch` full-cache sequences need; each policy gets the largest batch that
+def throughput(model, length: int, full_batch: int, sizes, log=sys.stderr):
+    """The paper's Sec. 5.4 on this machine: sequences of `length` tokens, a key-value budget
+    of what `full_batch` full-cache sequences need; each TOVA(size) gets the largest batch that
     fits. Tokens/s = batch * length / (sum over positions of the step time), the step time
     measured at a few positions and interpolated linearly in between."""
-    L, budget = args.length, args.full_batch * args.length * kv_bytes_per_slot(model)
+    L, budget = length, full_batch * length * kv_bytes_per_slot(model)
     grid = sorted({1, L // 4, L // 2, 3 * L // 4, L - 1})
     rows = []
-    for name, policy in [("full", Full())] + [("tova", TOVA(k)) for k in args.throughput_sizes]:
-        slots = L if policy.size is None else policy.size + 1
+    for name, policy in [("full", Full())] + [("tova", TOVA(k)) for k in sizes]:
+        slots = policy.size + 1 if policy.bounded else L
         batch = budget // (slots * kv_bytes_per_slot(model))
         ms = [step_seconds(model, fake_state(model, policy, batch, p), steps=8) for p in grid]
         total = sum(_interpolate(grid, ms, p) for p in range(L))
@@ -252,119 +249,15 @@ def weight_bytes_per_token(model, dtype) -> int:
     return n * size
 
 
-# ----------------------------------------------------------------------------- report
-
-
-def plot(latency_rows, throughput_rows, path):
-    fig, (a, b) = figure(1, 2, figsize=(10, 3.8))
-    for name in dict.fromkeys(r["policy"] for r in latency_rows):
-        pts = [(r["length"], r["ms"]) for r in latency_rows if r["policy"] == name]
-        size = next(r["size"] for r in latency_rows if r["policy"] == name)
-        a.plot(*zip(*pts), marker="o", label=name if size is None else f"{name} ({size})")
-    a.set_xlabel("sequence length (tokens)")
-    a.set_ylabel("ms per token (batch 1)")
-    a.set_ylim(bottom=0)
-    a.legend()
-    a.grid(alpha=0.3)
-    labels = [r["policy"] if r["size"] is None else f"{r['policy']} {r['size']}\nbatch {r['batch']}"
-              for r in throughput_rows]
-    labels[0] += f"\nbatch {throughput_rows[0]['batch']}"
-    b.bar(labels, [r["tok_s"] for r in throughput_rows], color="tab:green")
-    b.set_ylabel("tokens/s under one key-value budget")
-    b.grid(alpha=0.3, axis="y")
-    save_figure(fig, path)
-
-
-def run_bench(args):
-    log = sys.stderr
-    device = torch.device(args.device)
-    parts = args.parts.split(",")
-    report = {"model": args.model, "device": str(device), "torch": torch.__version__,
-              "threads": torch.get_num_threads()}
-    if "speed" in parts:
-        print("[msrnn bench] speed (each row in a fresh process)", file=log)
-        report["speed"] = speed(args, log)
-    model = load(args.model, dtype=torch.float32, device=device)
-    if args.compile_latency:
-        model.compile_step()
-    if "latency" in parts:
-        print("[msrnn bench] latency against sequence length, float32, batch 1", file=log)
-        report["latency"] = latency(model, args, log)
-    if "throughput" in parts:
-        print(f"[msrnn bench] throughput under a key-value budget of {args.full_batch} full "
-              f"sequences of {args.length} tokens, float32", file=log)
-        report["throughput"] = throughput(model, args, log)
-    if "ceiling" in parts:
-        gbs = read_bandwidth_gbs(device)
-        report["ceiling"] = {"read_gb_s": gbs}
-        for dtype in args.dtypes.split(","):
-            nbytes = weight_bytes_per_token(model, dtype)
-            report["ceiling"][dtype] = {"weight_mb_per_token": nbytes / 2**20,
-                                        "max_tok_s": gbs * 1e9 / nbytes}
-        for row in report.get("speed", []):
-            row["of_ceiling"] = row["tok_s"] / report["ceiling"][row["dtype"]]["max_tok_s"]
-        print(f"[msrnn bench] ceiling: read bandwidth {gbs:.1f} GB/s", file=log)
-    print_report(report)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        write_atomic(os.path.join(args.out, "bench.json"), json.dumps(report, indent=1))
-        if "latency" in report and "throughput" in report:
-            plot(report["latency"], report["throughput"], os.path.join(args.out, "bench.png"))
-    return 0
-
-
-def print_report(r):
-    if "speed" in r:
-        print("\n| implementation | policy | dtype | decode tok/s | vs transformers (same dtype) "
-              "| vs transformers fp32 | of ceiling | peak MB | multi-state MB |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for s in r["speed"]:
-            policy = s["policy"] if s["size"] is None else f"{s['policy']}({s['size']})"
-            ceiling = f"{s['of_ceiling']:.0%}" if "of_ceiling" in s else "-"
-            print(f"| {s['impl']} | {policy} | {s['dtype']} | {s['tok_s']:.1f} | "
-                  f"{s['vs_transformers']:.2f}x | {s['vs_transformers_fp32']:.2f}x | {ceiling} | "
-                  f"{s['peak_mb']:.0f} | {s['state_mb']:.1f} |")
-    if "latency" in r:
-        print("\n| policy | length | ms/token |")
-        print("|---|---|---|")
-        for s in r["latency"]:
-            name = s["policy"] if s["size"] is None else f"{s['policy']}({s['size']})"
-            print(f"| {name} | {s['length']} | {s['ms']:.1f} |")
-    if "throughput" in r:
-        print("\n| policy | batch | key-value budget MB | tok/s | vs full |")
-        print("|---|---|---|---|---|")
-        for s in r["throughput"]:
-            name = s["policy"] if s["size"] is None else f"{s['policy']}({s['size']})"
-            print(f"| {name} | {s['batch']} | {s['kv_budget_mb']:.0f} | {s['tok_s']:.1f} | "
-                  f"{s['vs_full']:.2f}x |")
-    if "ceiling" in r:
-        c = r["ceiling"]
-        print(f"\nread bandwidth {c['read_gb_s']:.1f} GB/s; " + "; ".join(
-            f"{d}: {v['weight_mb_per_token']:.0f} MB of weights per token -> at most "
-            f"{v['max_tok_s']:.0f} tok/s" for d, v in c.items() if d != "read_gb_s"))
-
-
-def add_commands(commands):
-    b = commands.add_parser("bench", help="decode speed and memory against transformers")
-    b.add_argument("model", nargs="?", default="weights/SmolLM2-135M-Instruct")
-    b.add_argument("--parts", default="speed,latency,throughput,ceiling")
-    b.add_argument("--dtypes", default="float32,bfloat16")
-    b.add_argument("--prompt-tokens", type=int, default=128)
-    b.add_argument("--new-tokens", type=int, default=128)
-    b.add_argument("--size", type=int, default=64, help="TOVA size in the speed table")
-    b.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
-    b.add_argument("--lengths", default="512,1024,2048,4096,6144,8192",
-                   help="latency: sequence lengths")
-    b.add_argument("--latency-size", type=int, default=512)
-    b.add_argument("--compile-latency", action="store_true",
-                   help="time latency and throughput with the compiled step")
-    b.add_argument("--length", type=int, default=4096, help="throughput: sequence length")
-    b.add_argument("--full-batch", type=int, default=8, help="throughput: full-cache batch")
-    b.add_argument("--throughput-sizes", type=lambda s: [int(x) for x in s.split(",")],
-                   default=[512, 256])
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--out", help="directory for bench.json and bench.png")
-    b.set_defaults(run=run_bench)
+def ceiling(model, device, dtypes) -> dict:
+    """The fastest batch-1 decoding this machine allows: read bandwidth against the bytes of
+    weights a step reads, per dtype."""
+    gbs = read_bandwidth_gbs(device)
+    out = {"read_gb_s": gbs}
+    for dtype in dtypes:
+        nbytes = weight_bytes_per_token(model, dtype)
+        out[dtype] = {"weight_mb_per_token": nbytes / 2**20, "max_tok_s": gbs * 1e9 / nbytes}
+    return out
 
 
 if __name__ == "__main__":          # one speed row, in a fresh process (see `speed`)

@@ -1,4 +1,8 @@
-"""The model's shape, read from a Hugging Face `config.json` (model_type llama or mistral)."""
+"""The model's shape, read from a Hugging Face `config.json`.
+
+Four decoder families share one architecture here (a pre-norm LLaMA block: RMSNorm, RoPE,
+grouped-query attention, SwiGLU MLP). What sets them apart is all in FAMILIES: a switch each,
+which model.py and loading.py read."""
 
 import json
 import math
@@ -8,6 +12,15 @@ from dataclasses import dataclass
 
 class ConfigError(ValueError):
     """A config.json this code cannot run: it names the key or value at fault."""
+
+
+# model_type -> what differs from LLaMA.
+FAMILIES = {
+    "llama": {},
+    "mistral": {"sliding_window": True},   # keys further back than sliding_window are invisible
+    "qwen2": {"qkv_bias": True},           # q, k and v projections have a bias
+    "qwen3": {"qk_norm": True},            # q and k are RMS-normalized per head before RoPE
+}
 
 
 @dataclass
@@ -26,6 +39,8 @@ class Config:
     rope_theta: float
     rope_scaling: dict | None     # None, or {"rope_type": "linear"|"llama3", ...}
     sliding_window: int | None    # Mistral: a key at p is visible from t only if t - p < window
+    qkv_bias: bool = False        # Qwen2
+    qk_norm: bool = False         # Qwen3
     bos_id: int | None = None
     eos_id: int | list | None = None
 
@@ -36,29 +51,41 @@ class Config:
 
     @classmethod
     def from_hf(cls, hf: dict) -> "Config":
+        if not isinstance(hf, dict):
+            raise ConfigError(f"config.json must hold a JSON object, got a {type(hf).__name__}; "
+                              f"restore the checkpoint's config.json")
         model_type = hf.get("model_type")
-        if model_type not in ("llama", "mistral"):
-            raise ConfigError(f"unsupported model_type {model_type!r}: msrnn runs 'llama' and "
-                              f"'mistral' checkpoints (LLaMA/Mistral decoders)")
+        if model_type not in FAMILIES:
+            raise ConfigError(f"unsupported model_type {model_type!r}: msrnn runs "
+                              f"{', '.join(map(repr, FAMILIES))} checkpoints (for any other "
+                              f"decoder, use msrnn.hf inside transformers)")
+        family = FAMILIES[model_type]
 
-        def need(key):
+        def need(key, kind=int):
             if key not in hf:
                 raise ConfigError(f"config.json has no {key!r}, which a {model_type} model needs")
-            return hf[key]
+            value = hf[key]
+            if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+                raise ConfigError(f"config.json has {key}={value!r}; it must be a positive "
+                                  f"{'integer' if kind is int else 'number'}")
+            return value
 
-        for key, unsupported in (("attention_bias", True), ("mlp_bias", True)):
-            if hf.get(key) == unsupported:
-                raise ConfigError(f"config.json sets {key}=true; msrnn supports bias-free "
-                                  f"LLaMA/Mistral layers only")
+        for key in ("attention_bias", "mlp_bias"):
+            if hf.get(key):
+                raise ConfigError(f"config.json sets {key}=true; msrnn runs {model_type} layers "
+                                  f"without that bias only")
+        if model_type != "mistral" and hf.get("use_sliding_window"):
+            raise ConfigError(f"config.json turns on sliding-window layers (use_sliding_window); "
+                              f"msrnn runs {model_type} with full attention only")
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"unsupported hidden_act {act!r}: the SwiGLU MLP here uses 'silu'")
 
         dim, n_heads = need("hidden_size"), need("num_attention_heads")
         n_kv_heads = hf.get("num_key_value_heads") or n_heads
-        if n_heads % n_kv_heads:
+        if not isinstance(n_kv_heads, int) or n_heads % n_kv_heads:
             raise ConfigError(f"num_attention_heads={n_heads} is not a multiple of "
-                              f"num_key_value_heads={n_kv_heads}")
+                              f"num_key_value_heads={n_kv_heads!r}")
         theta, scaling = _rope(hf)
         return cls(
             model_type=model_type,
@@ -67,14 +94,16 @@ class Config:
             n_layers=need("num_hidden_layers"),
             n_heads=n_heads,
             n_kv_heads=n_kv_heads,
-            head_dim=hf.get("head_dim") or dim // n_heads,
+            head_dim=need("head_dim") if hf.get("head_dim") else dim // n_heads,
             hidden_dim=need("intermediate_size"),
-            norm_eps=need("rms_norm_eps"),
+            norm_eps=need("rms_norm_eps", (int, float)),
             max_positions=need("max_position_embeddings"),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             rope_theta=theta,
             rope_scaling=scaling,
-            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+            sliding_window=hf.get("sliding_window") if family.get("sliding_window") else None,
+            qkv_bias=family.get("qkv_bias", False),
+            qk_norm=family.get("qk_norm", False),
             bos_id=hf.get("bos_token_id"),
             eos_id=hf.get("eos_token_id"),
         )

@@ -3,13 +3,14 @@
 import torch
 
 from .model import Transformer
-from .policies import Full, Policy
+from .policies import Policy
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None):
     """Clear errors for sampling parameters that mean nothing."""
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got "
+                         f"{temperature}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -48,10 +49,14 @@ def stream(model: Transformer, prompt_ids, policy: Policy, max_new_tokens=256, t
     B, T = prompt_ids.shape
     if T == 0:
         raise ValueError("empty prompt: give at least one token")
+    if T + max(max_new_tokens - 1, 0) > model.cfg.max_positions:   # checked before any work
+        raise ValueError(f"a {T}-token prompt and {max_new_tokens} new tokens need "
+                         f"{T + max_new_tokens - 1} positions, past the model's range of "
+                         f"{model.cfg.max_positions}; use a shorter prompt or fewer new tokens")
     if compile:
         model.compile_step()
     # Full allocates the whole sequence once; a bounded policy holds k + 1 slots regardless.
-    capacity = T + max_new_tokens if isinstance(policy, Full) else None
+    capacity = None if policy.bounded else T + max_new_tokens
     state = model.init_state(B, policy, capacity=capacity)
     generator = None if seed is None else torch.Generator(prompt_ids.device).manual_seed(seed)
     eos = torch.tensor(sorted(eos_ids or ()), dtype=torch.long, device=prompt_ids.device)

@@ -1,4 +1,4 @@
-"""Load a Hugging Face LLaMA/Mistral checkpoint (config.json + safetensors) into msrnn's model.
+"""Load a Hugging Face checkpoint (config.json + safetensors) of a family config.FAMILIES names.
 
 The model is built on the meta device (no memory), then every parameter is made from the
 checkpoint's tensors one at a time and assigned in place, so at no point do two full copies of
@@ -33,14 +33,13 @@ def load(path_or_repo_id: str, dtype: torch.dtype = torch.float32, device="cpu")
     recipe = _recipe(cfg)
     checkpoint.check_all_used({hf for sources, _ in recipe.values() for hf, _ in sources})
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg, source=directory)     # source: where the tokenizer files are
     params = {}
     for name, (sources, combine) in recipe.items():
         tensors = [checkpoint.get(hf, shape) for hf, shape in sources]
         params[name] = combine(*tensors).to(device=device, dtype=dtype).contiguous()
     model.load_state_dict(params, assign=True, strict=True)
     model.rope = RoPE(cfg).to(device)  # computed from the config, not stored in checkpoints
-    model.source = directory           # where the tokenizer files are, too
     return model.eval().requires_grad_(False)
 
 
@@ -67,6 +66,16 @@ def _recipe(cfg: Config) -> dict:
                                      (hf + "mlp.up_proj.weight", (I, C))], stack),
             f"blocks.{i}.mlp.w2": ([(hf + "mlp.down_proj.weight", (C, I))], keep),
         }
+        if cfg.qkv_bias:                                   # Qwen2
+            recipe[f"blocks.{i}.attn.bqkv"] = ([(hf + "self_attn.q_proj.bias", (H * D,)),
+                                                (hf + "self_attn.k_proj.bias", (H_kv * D,)),
+                                                (hf + "self_attn.v_proj.bias", (H_kv * D,))],
+                                               stack)
+        if cfg.qk_norm:                                    # Qwen3
+            recipe[f"blocks.{i}.attn.q_norm.weight"] = ([(hf + "self_attn.q_norm.weight", (D,))],
+                                                        keep)
+            recipe[f"blocks.{i}.attn.k_norm.weight"] = ([(hf + "self_attn.k_norm.weight", (D,))],
+                                                        keep)
     return recipe
 
 
@@ -118,8 +127,8 @@ class Checkpoint:
         unused = [k for k in self.where if k not in used and not k.endswith(IGNORED)
                   and k != "lm_head.weight"]   # tied checkpoints may still store the head
         if unused:
-            raise CheckpointError(f"the checkpoint has {len(unused)} weights this LLaMA/Mistral "
-                                  f"model does not use, e.g. {unused[:3]}: is it another "
+            raise CheckpointError(f"the checkpoint has {len(unused)} weights this model "
+                                  f"family does not use, e.g. {unused[:3]}: is it another "
                                   f"architecture?")
 
 

@@ -1,4 +1,5 @@
-"""A LLaMA/Mistral decoder, written as a multi-state RNN (Oren et al., 2024).
+"""A LLaMA-style decoder (LLaMA, Mistral, Qwen2, Qwen3), written as a multi-state RNN
+(Oren et al., 2024).
 
 A decoder-only transformer is an RNN whose hidden state is its key-value cache: one state (a
 key and a value) per past token, per layer. The step function is
@@ -14,10 +15,11 @@ and every block is an MSRNN cell, block.step(x_t, H^l_{t-1}) -> (x'_t, H^l_t):
 
 With the Full policy nothing is evicted and this is exactly the ordinary transformer. The
 multi-state lives in state.py, the policies in policies.py. Weights are stored as Hugging Face
-stores them, [out, in]; `linear` computes x W^T.
+stores them, [out, in]; `linear` computes x W^T (+ b).
 
-Shapes: B batch, T tokens, C model width, H query heads, H_kv KV heads, G = H / H_kv query heads
-per KV head, D head dim, S slots of the multi-state, V vocabulary.
+Shapes: B batch, T tokens, E model width, Hq query heads, Hkv KV heads, G = Hq / Hkv query
+heads per KV head, D head dim, S slots of the multi-state, V vocabulary. As in the paper, H is
+the multi-state, C the candidate set and k the multi-state size (`policy.size`).
 """
 
 import torch
@@ -26,7 +28,7 @@ from torch import nn
 
 from .config import Config, rope_frequencies
 from .policies import Full, Policy
-from .state import LayerState, MultiState
+from .state import LayerState, MultiState, owner_of
 
 
 class RMSNorm(nn.Module):
@@ -61,8 +63,8 @@ class RoPE(nn.Module):
         return angles.cos(), angles.sin()
 
 
-def linear(x, w):
-    """y = x W^T for x [..., in] and W [out, in].
+def linear(x, w, b=None):
+    """y = x W^T + b for x [..., in], W [out, in] and an optional bias b [out].
 
     Decoding one sequence multiplies one row by every matrix: a matrix-vector product, bound by
     how fast the weights stream from memory. Compiled on a CPU, we write it as a sum of
@@ -70,8 +72,9 @@ def linear(x, w):
     twice as fast here as the library's matrix multiply (docs/performance.md). Several rows (a
     prompt, a batch) reuse each weight, which the library's matrix multiply does best."""
     if torch.compiler.is_compiling() and x.device.type == "cpu" and x[..., 0].numel() == 1:
-        return (x[..., None, :].float() * w.float()).sum(-1).to(x.dtype)
-    return F.linear(x, w)
+        y = (x[..., None, :].float() * w.float()).sum(-1).to(x.dtype)
+        return y if b is None else y + b
+    return F.linear(x, w, b)
 
 
 def rotate(x, cos, sin):
@@ -92,75 +95,85 @@ class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        H, H_kv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wqkv = nn.Parameter(torch.empty((H + 2 * H_kv) * D, cfg.dim))  # q, k, v stacked
-        self.wo = nn.Parameter(torch.empty(cfg.dim, H * D))
+        Hq, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wqkv = nn.Parameter(torch.empty((Hq + 2 * Hkv) * D, cfg.dim))  # q, k, v stacked
+        self.bqkv = nn.Parameter(torch.empty((Hq + 2 * Hkv) * D)) if cfg.qkv_bias else None
+        self.q_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else None
+        self.wo = nn.Parameter(torch.empty(cfg.dim, Hq * D))
 
     def qkv(self, x, cos, sin):
-        """x [B, T, C] -> q [B, H_kv, G, T, D], k and v [B, H_kv, T, D]; q and k rotated."""
+        """x [B, T, E] -> q [B, Hkv, G, T, D], k and v [B, Hkv, T, D]; q and k rotated."""
         c, (B, T, _) = self.cfg, x.shape
-        q, k, v = linear(x, self.wqkv).split(
+        q, k, v = linear(x, self.wqkv, self.bqkv).split(
             [c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
         q = q.view(B, T, c.n_kv_heads, c.group, c.head_dim).permute(0, 2, 3, 1, 4)
         k = k.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
         v = v.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        if self.q_norm is not None:                  # Qwen3: each head's q and k normalized
+            q, k = self.q_norm(q), self.k_norm(k)
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
-    def attend(self, q, k, mask):
-        """Attention probabilities [B, H_kv, G, T, S] = softmax(q · k / sqrt(D)) over the visible
-        keys. q [B, H_kv, G, T, D], k [B, H_kv, S, D], mask broadcastable to the result.
+    def attend(self, q, keys, mask):
+        """Attention probabilities [B, Hkv, G, T, S] = softmax(q · K / sqrt(D)) over the visible
+        keys. q [B, Hkv, G, T, D], keys [B, Hkv, S, D], mask broadcastable to the result.
         The G query heads of a group share one matrix product with their KV head's keys."""
-        B, H_kv, G, T, D = q.shape
-        scores = (q.reshape(B, H_kv, G * T, D) @ k.transpose(-1, -2)) * D ** -0.5
-        scores = scores.view(B, H_kv, G, T, -1).masked_fill(~mask, -torch.inf)
+        B, Hkv, G, T, D = q.shape
+        scores = (q.reshape(B, Hkv, G * T, D) @ keys.transpose(-1, -2)) * D ** -0.5
+        scores = scores.view(B, Hkv, G, T, -1).masked_fill(~mask, -torch.inf)
         return scores.softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32))
 
-    def output(self, probs, v):
-        """y = sum_j a(j) V_j, heads concatenated and projected: [B, H_kv, G, T, S] -> [B, T, C]."""
-        B, H_kv, G, T, S = probs.shape
-        y = probs.to(v.dtype).view(B, H_kv, G * T, S) @ v                 # [B, H_kv, G*T, D]
-        y = y.view(B, H_kv, G, T, -1).permute(0, 3, 1, 2, 4).reshape(B, T, -1)
+    def output(self, probs, values):
+        """y = sum_j a(j) V_j, heads concatenated and projected: [B, Hkv, G, T, S] -> [B, T, E]."""
+        B, Hkv, G, T, S = probs.shape
+        y = probs.to(values.dtype).view(B, Hkv, G * T, S) @ values          # [B, Hkv, G*T, D]
+        y = y.view(B, Hkv, G, T, -1).permute(0, 3, 1, 2, 4).reshape(B, T, -1)
         return linear(y, self.wo)
 
-    def step(self, x, H: LayerState, t, cos, sin):
-        """One token x [B, C] at position t (0-dim tensor) against the layer's multi-state H."""
+    def step(self, x, state: LayerState, t, cos, sin):
+        """One token x [B, E] at position t (0-dim tensor) against the layer's multi-state."""
         q, k, v = self.qkv(x[:, None], cos, sin)
-        H.insert(k[:, :, 0], v[:, :, 0], t)                              # C = H ∪ {t}
-        probs = self.attend(q, H.k, visible(t, H.pos, self.cfg.sliding_window)[:, :, None, None])
-        y = self.output(probs, H.v)[:, 0]
-        H.evict(probs[:, :, :, 0], t)                                    # H_t = C \ {e}
+        state.insert(k[:, :, 0], v[:, :, 0], t)                              # C = H ∪ {t}
+        mask = visible(t, state.pos, self.cfg.sliding_window)[:, :, None, None]
+        probs = self.attend(q, state.keys, mask)                              # [B, Hkv, G, 1, S]
+        y = self.output(probs, state.values)[:, 0]
+        state.evict(probs[:, :, :, 0], t)                                    # H_t = C \ {e}
         return y
 
-    def prefill(self, x, H: LayerState, start: int, cos, sin, restrict=None):
-        """T tokens x [B, T, C] at positions start .. start+T-1, all at once (causal attention).
+    def prefill(self, x, state: LayerState, start: int, mask, cos, sin):
+        """T tokens x [B, T, E] at positions start .. start+T-1 in one parallel pass; mask [T, S]
+        says which keys each query sees (Transformer.hidden makes it).
 
         Full appends them to its multi-state and attends over all of it. A bounded multi-state
-        must be empty: the prompt attends to itself, then the policy keeps the best k of it.
-        `restrict(q_pos, k_pos)` optionally hides more keys (a Window policy's reach)."""
+        must be empty: the prompt attends to itself, then the policy keeps the best k of it,
+        ranked from the last query's attention row (and the column sums, for a policy with
+        memory). Neither builds the [T, T] attention matrix: the output comes from the fused
+        kernel, and only what the ranking reads is computed, so memory grows as O(T)."""
         T = x.shape[1]
-        q_pos = torch.arange(start, start + T, device=x.device)
         q, k, v = self.qkv(x, cos, sin)
-        if H.policy.size is None:               # Full's slots 0 .. start+T-1 hold those positions
-            H.append(k, v, start)
-            keys, values = H.k[:, :, :start + T], H.v[:, :, :start + T]
-            k_pos = torch.arange(start + T, device=x.device)
-        else:
-            keys, values, k_pos = k, v, q_pos
-        mask = visible(q_pos[:, None], k_pos, self.cfg.sliding_window)           # [T, S]
-        if restrict is not None:
-            mask = mask & restrict(q_pos[:, None], k_pos)
-        if H.policy.size is None:
-            return self.fused(q, keys, values, mask)
-        probs = self.attend(q, keys, mask)
-        H.keep_best(k, v, q_pos, probs)
-        return self.output(probs, values)
+        if not state.policy.bounded:            # Full's slots 0 .. start+T-1 hold those positions
+            state.append(k, v, start)
+            return self.fused(q, state.keys[:, :, :start + T], state.values[:, :, :start + T],
+                              mask)
+        last = self.attend(q[:, :, :, -1:], k, mask[-1:])[:, :, :, 0]        # [B, Hkv, G, T]
+        total = self.column_sums(q, k, mask) if state.policy.memory else None
+        state.keep_best(k, v, torch.arange(start, start + T, device=x.device), last, total)
+        return self.fused(q, k, v, mask)
 
-    def fused(self, q, k, v, mask):
-        """What `output(attend(q, k, mask), v)` computes, by PyTorch's fused attention kernel,
-        which never holds the [T, S] attention matrix: for Full, where no policy reads it."""
-        B, H_kv, G, T, D = q.shape
-        y = F.scaled_dot_product_attention(q.reshape(B, H_kv * G, T, D), k, v, attn_mask=mask,
-                                           enable_gqa=True)                      # [B, H, T, D]
+    def column_sums(self, q, keys, mask, block: int = 256):
+        """sum_i a_i(j) over all queries i: [B, Hkv, G, S], a block of queries at a time, so
+        that at most [block, S] attention weights exist at once."""
+        total = 0
+        for i in range(0, q.shape[3], block):
+            total = total + self.attend(q[:, :, :, i:i + block], keys, mask[i:i + block]).sum(3)
+        return total
+
+    def fused(self, q, keys, values, mask):
+        """What `output(attend(q, keys, mask), values)` computes, by PyTorch's fused attention
+        kernel, which never holds the [T, S] attention matrix."""
+        B, Hkv, G, T, D = q.shape
+        y = F.scaled_dot_product_attention(q.reshape(B, Hkv * G, T, D), keys, values,
+                                           attn_mask=mask, enable_gqa=True)     # [B, Hq, T, D]
         return linear(y.transpose(1, 2).reshape(B, T, -1), self.wo)
 
 
@@ -187,57 +200,58 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def step(self, x, H, t, cos, sin):
-        x = x + self.attn.step(self.attn_norm(x), H, t, cos, sin)
+    def step(self, x, state, t, cos, sin):
+        x = x + self.attn.step(self.attn_norm(x), state, t, cos, sin)
         return x + self.mlp(self.mlp_norm(x))
 
-    def prefill(self, x, H, start, cos, sin, restrict=None):
-        x = x + self.attn.prefill(self.attn_norm(x), H, start, cos, sin, restrict)
+    def prefill(self, x, state, start, mask, cos, sin):
+        x = x + self.attn.prefill(self.attn_norm(x), state, start, mask, cos, sin)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(nn.Module):
-    """The decoder. As an MSRNN: `init_state` gives H_0, `step` is (x_t, H_{t-1}) -> (y_t, H_t)."""
+    """The decoder. As an MSRNN: `init_state` gives H_0, `step` is (x_t, H_{t-1}) -> (y_t, H_t).
+    `source` is the checkpoint directory it was loaded from (its tokenizer files are there)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, source: str | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.source = cfg, source
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.rope = RoPE(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        # Tied checkpoints share the embedding matrix ([V, C]) as the output projection.
+        # Tied checkpoints share the embedding matrix ([V, E]) as the output projection.
         self.lm_head = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size,
                                                                                 cfg.dim))
         self.compiled_decode = None                                      # see compile_step
 
     def logits(self, x):
-        """Final norm and the LM head: [..., C] -> [..., V]."""
+        """Final norm and the LM head: [..., E] -> [..., V]."""
         return linear(self.norm(x), self.embed.weight if self.lm_head is None else self.lm_head)
 
     def init_state(self, batch_size: int, policy: Policy, capacity: int | None = None):
         """H_0: an empty multi-state for `batch_size` sequences, bounded by `policy`."""
-        p = next(self.parameters())
+        p = self.embed.weight
         return MultiState(self.cfg, policy, batch_size, p.dtype, p.device, capacity)
 
     def step(self, token_ids, state: MultiState):
         """(x_t, H_{t-1}) -> (y_t, H_t): token_ids [B] at position t = state.length -> logits
         [B, V]. H_t overwrites H_{t-1} in place (its buffers are preallocated) and is returned."""
-        _check(token_ids, state, dims=1)
+        self._check(token_ids, state, dims=1)
         state.reserve(1)
         logits = (self.compiled_decode or self.decode)(token_ids, state)
-        state.length += 1
+        state.advance(1)
         return logits, state
 
-    def decode(self, token_ids, state: MultiState):
-        """The tensor work of a step, with no Python-side bookkeeping (what gets compiled)."""
+    def decode(self, token_ids, state: MultiState, head: bool = True):
+        """The tensor work of a step, with no Python-side bookkeeping (what gets compiled):
+        logits [B, V], or the final hidden state [B, E] with head=False."""
         t = state.t
         cos, sin = self.rope(t)
-        x = self.embed(token_ids)                                        # [B, C]
-        for block, H in zip(self.blocks, state.layers):
-            x = block.step(x, H, t, cos, sin)
-        t += 1
-        return self.logits(x)
+        x = self.embed(token_ids)                                        # [B, E]
+        for block, layer_state in zip(self.blocks, state.layers):
+            x = block.step(x, layer_state, t, cos, sin)
+        return self.logits(x) if head else x
 
     def compile_step(self, mode: str | None = None):
         """Route `step` through torch.compile: the whole decode step (every layer's attention,
@@ -251,68 +265,108 @@ class Transformer(nn.Module):
                                                  mode=mode)
         return self
 
-    def prefill(self, token_ids, state: MultiState, mode: str = "sequential"):
-        """Run a prompt token_ids [B, T] -> logits [B, T, V].
+    def prefill(self, token_ids, state: MultiState, mode: str = "sequential",
+                logits: bool = True):
+        """Run a prompt token_ids [B, T] -> logits [B, T, V] (logits=False: the final hidden
+        states [B, T, E], for prompts whose logits would not fit in memory).
 
-        sequential: exactly T steps (the MSRNN definition). The first min(T, k+1) tokens of an
-          empty state run as one parallel pass: no state is evicted before the multi-state holds
-          k + 1 candidates, and the (k+1)-th token's step sees all of them, so the same one
-          eviction follows. The rest are steps.
+        sequential: exactly T steps (the MSRNN definition); `parallel_prefix` says which of them
+          run as one parallel pass, which computes the same.
         oneshot: the authors' released code: full causal attention over the whole prompt, then
           each layer keeps the k states ranked best by the policy (policies.py) from the last
           prompt token's attention row (H2O: column sums), and decoding continues step by step.
         Full computes the whole prompt in parallel in both modes."""
         if mode not in ("sequential", "oneshot"):
             raise ValueError(f"unknown prompt mode {mode!r}: use 'sequential' or 'oneshot'")
-        _check(token_ids, state, dims=2)
-        T, k = token_ids.shape[1], state.policy.size
-        if k is None:
-            return self.logits(self.hidden(token_ids, state)), state
+        self._check(token_ids, state, dims=2)
+        T = token_ids.shape[1]
+        n = self.parallel_prefix(T, state, mode)
+        out = []
+        if n:
+            hidden = self.hidden(token_ids[:, :n], state, mode)
+            out.append(self.logits(hidden) if logits else hidden)
+        for i in range(n, T):
+            state.reserve(1)
+            out.append(self.decode(token_ids[:, i], state, head=logits)[:, None])
+            state.advance(1)
+        return torch.cat(out, 1), state
+
+    @staticmethod
+    def parallel_prefix(T: int, state: MultiState, mode: str) -> int:
+        """How many of a prompt's T tokens run as one parallel pass; the rest are steps.
+
+        Full: all T (nothing is ever evicted, so a step is a row of causal attention).
+        A bounded multi-state that is not empty: none (`sequential` only; oneshot is refused).
+        An empty one, oneshot: all T, by definition. An empty one, sequential:
+          - all T if the policy decides from positions alone (Window, Sinks): the pass masks
+            each query to the keys the policy would still hold (`Policy.visible`);
+          - else the first min(T, k+1): nothing is evicted before the multi-state holds k + 1
+            candidates, and the (k+1)-th token's step sees exactly those, so ranking them by its
+            attention row (`oneshot` of k + 1 tokens) makes the same one eviction."""
+        policy = state.policy
+        if not policy.bounded:
+            return T
         if state.length > 0:
             if mode == "oneshot":
                 raise ValueError("oneshot compresses a whole prompt into an empty multi-state; "
                                  "continue a non-empty one with mode='sequential'")
-            return self._steps(token_ids, state), state
-        n = T if mode == "oneshot" else min(T, k + 1)
-        logits = self.logits(self.hidden(token_ids[:, :n], state))
-        if n < T:
-            logits = torch.cat([logits, self._steps(token_ids[:, n:], state)], 1)
-        return logits, state
+            return 0
+        if mode == "oneshot" or policy.visible(0, 0) is not None:
+            return T
+        return min(T, policy.size + 1)
 
-    def forward(self, token_ids, restrict=None):
-        """The plain transformer on token_ids [B, T] -> logits [B, T, V], optionally with
-        `restrict(q_pos, k_pos)` hiding more keys (policies.Window.visible)."""
-        _check(token_ids, None, dims=2)
-        state = self.init_state(token_ids.shape[0], Full(), capacity=token_ids.shape[1])
-        return self.logits(self.hidden(token_ids, state, restrict))
+    def forward(self, token_ids):
+        """The plain transformer on token_ids [B, T] -> logits [B, T, V]."""
+        state = self.init_state(len(token_ids), Full(), capacity=token_ids.shape[-1])
+        return self.prefill(token_ids, state)[0]
 
-    def hidden(self, token_ids, state, restrict=None):
-        """The parallel pass behind prefill: token_ids [B, T] -> final hidden states [B, T, C]
+    def hidden(self, token_ids, state, mode="sequential"):
+        """The parallel pass behind prefill: token_ids [B, T] -> final hidden states [B, T, E]
         (before the norm and LM head), writing the tokens into the multi-state (for a bounded
         policy the state must be empty; it keeps the best k, see Attention.prefill)."""
-        T, start = token_ids.shape[1], state.length
+        T, start, policy = token_ids.shape[1], state.length, state.policy
         state.reserve(T)
-        cos, sin = self.rope(torch.arange(start, start + T, device=token_ids.device))
-        x = self.embed(token_ids)                                        # [B, T, C]
-        for block, H in zip(self.blocks, state.layers):
-            x = block.prefill(x, H, start, cos, sin, restrict)
-        state.length += T
-        state.t.fill_(state.length)
+        q_pos = torch.arange(start, start + T, device=token_ids.device)
+        k_pos = torch.arange(start + T if not policy.bounded else T, device=token_ids.device)
+        # Which keys each query sees: the causal mask (and the checkpoint's own window) and,
+        # for a sequential pass of Window or Sinks, what the policy would still hold.
+        mask = visible(q_pos[:, None], k_pos, self.cfg.sliding_window)             # [T, S]
+        reach = policy.visible(q_pos[:, None], k_pos) if mode == "sequential" else None
+        if reach is not None:
+            mask = mask & reach
+        cos, sin = self.rope(q_pos)
+        x = self.embed(token_ids)                                        # [B, T, E]
+        for block, layer_state in zip(self.blocks, state.layers):
+            x = block.prefill(x, layer_state, start, mask, cos, sin)
+        state.advance(T)
         return x
 
-    def _steps(self, token_ids, state):
-        return torch.stack([self.step(token_ids[:, i], state)[0]
-                            for i in range(token_ids.shape[1])], 1)
-
-
-def _check(token_ids, state, dims: int):
-    """A clear error for token ids of the wrong shape (step: [B]; prompts: [B, T], T >= 1)."""
-    shape = "[B]" if dims == 1 else "[B, T]"
-    if not torch.is_tensor(token_ids) or token_ids.dim() != dims:
-        raise ValueError(f"token_ids must be a LongTensor of shape {shape}, got "
-                         f"{tuple(token_ids.shape) if torch.is_tensor(token_ids) else type(token_ids)}")
-    if dims == 2 and token_ids.shape[1] == 0:
-        raise ValueError("empty prompt: give at least one token")
-    if state is not None and token_ids.shape[0] != state.batch_size:
-        raise ValueError(f"token_ids has batch size {token_ids.shape[0]}, but the multi-state was "
-                         f"made for {state.batch_size} (model.init_state(batch_size=...))")
+    def _check(self, token_ids, state, dims: int):
+        """Clear errors for token ids of the wrong shape, type or range (step: [B]; prompts:
+        [B, T], T >= 1), and for a multi-state made by another model."""
+        shape = "[B]" if dims == 1 else "[B, T]"
+        if not torch.is_tensor(token_ids) or token_ids.dim() != dims:
+            got = tuple(token_ids.shape) if torch.is_tensor(token_ids) else type(token_ids).__name__
+            raise ValueError(f"token_ids must be a LongTensor of shape {shape}, got {got}")
+        if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or \
+                token_ids.dtype == torch.bool:
+            raise ValueError(f"token_ids must hold integer token ids, got dtype {token_ids.dtype}")
+        if dims == 2 and token_ids.shape[1] == 0:
+            raise ValueError("empty prompt: give at least one token")
+        if token_ids.numel() and not (0 <= int(token_ids.min()) and
+                                      int(token_ids.max()) < self.cfg.vocab_size):
+            raise ValueError(f"token ids must be in 0..{self.cfg.vocab_size - 1} (the model's "
+                             f"vocabulary), got {int(token_ids.min())}..{int(token_ids.max())}")
+        if not isinstance(state, MultiState):
+            raise TypeError(f"state must be a MultiState from model.init_state, got "
+                            f"{type(state).__name__}")
+        p = self.embed.weight
+        mine = owner_of(self.cfg, p.dtype, p.device)
+        if state.owner != mine:
+            diff = ", ".join(f"{k} {state.owner[k]} (this model: {mine[k]})" for k in mine
+                             if state.owner[k] != mine[k])
+            raise ValueError(f"this multi-state was made by another model: {diff}; make it "
+                             f"with this model's init_state")
+        if token_ids.shape[0] != state.batch_size:
+            raise ValueError(f"token_ids has batch size {token_ids.shape[0]}, but the multi-state "
+                             f"was made for {state.batch_size} (model.init_state(batch_size=...))")

@@ -30,11 +30,14 @@ class Watch(Policy):
     def __init__(self, inner: Policy):
         self.inner, self.calls = inner, []
         self.size, self.sinks = inner.size, inner.sinks
-        self.per_head, self.accumulates = inner.per_head, inner.accumulates
+        self.per_head, self.memory = inner.per_head, inner.memory
 
-    def score(self, a, acc, pos, t):
-        s = self.inner.score(a, acc, pos, t)
-        self.calls.append((pos[0, 0].tolist(), s.expand(pos.shape)[0, 0].tolist()))
+    def observe(self, c):
+        self.inner.observe(c)
+
+    def score(self, c):
+        s = self.inner.score(c)
+        self.calls.append((c.pos[0, 0].tolist(), s.expand(c.pos.shape)[0, 0].tolist()))
         return s
 
     def __repr__(self):
@@ -50,8 +53,8 @@ def main(argv=None):
     ap.add_argument("model", nargs="?", default="weights/SmolLM2-135M-Instruct")
     ap.add_argument("--prompt", default="The first token of a text is like the anchor of a ship:")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    ap.add_argument("--policy", default="tova", help="tova, tova-head, h2o, h2o-layer, window, "
-                                                     "sinks")
+    ap.add_argument("--policy", default="tova",
+                    help=", ".join(n for n in msrnn.policies.NAMES if n != "full"))
     ap.add_argument("--size", type=int, default=12, help="multi-state size k")
     ap.add_argument("--sinks", type=int)
     ap.add_argument("--layer", type=int, default=None, help="layer to show (default: middle)")
@@ -68,7 +71,7 @@ def main(argv=None):
         policy = Watch(msrnn.policies.from_name(args.policy, args.size, args.sinks))
     except ValueError as e:
         ap.error(str(e))
-    if policy.size is None:
+    if not policy.bounded:
         ap.error("the full policy evicts nothing; pick a bounded one to watch")
     text = (tok.apply_chat_template([{"role": "user", "content": args.prompt}])
             if args.chat else args.prompt)

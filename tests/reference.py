@@ -1,9 +1,9 @@
-"""A plain, independent reference for DESIGN.md's semantics: the transformer as a multi-state RNN
+"""A plain, independent reference for docs/design.md's semantics: the transformer as a multi-state RNN
 with a compression policy, computed one token at a time from a Hugging Face model's weights.
 
 Nothing here imports msrnn. It is written to be obviously correct, not fast: Python lists of
 states, one loop per layer, per head, per candidate, float64 throughout, and each piece quotes
-the rule of DESIGN.md it implements. Tests compare msrnn against it.
+the rule of docs/design.md it implements. Tests compare msrnn against it.
 
     ref = Reference(hf_model, Rule.tova(16))      # hf_model: LlamaForCausalLM / MistralForCausalLM
     logits = ref.step(token_id)                   # [V] float64
@@ -26,9 +26,9 @@ import torch
 
 @dataclass(frozen=True)
 class Rule:
-    """Which compression policy to apply (DESIGN.md, "Policies").
+    """Which compression policy to apply (docs/design.md, "Policies").
 
-    kind: "full" | "window" | "sinks" | "h2o" | "tova" | "random"
+    kind: "full" | "window" | "sinks" | "h2o" | "tova" | "keynorm" | "random"
     size: k, the multi-state size (None for full)
     sinks: i, positions < i are never evicted (sinks, TOVA+i)
     per_head: True: each KV head chooses on its own, scoring with the mean over its query group
@@ -70,6 +70,10 @@ class Rule:
     @staticmethod
     def tova_head(k):
         return Rule("tova", k, per_head=True)
+
+    @staticmethod
+    def keynorm(k, sinks=0):
+        return Rule("keynorm", k, sinks=sinks, per_head=True)
 
     @staticmethod
     def random(k, seed=0):
@@ -124,6 +128,12 @@ def silu(x):
     return x * torch.sigmoid(x)
 
 
+def gelu_tanh(x):
+    """GELU, tanh approximation (Gemma's gelu_pytorch_tanh):
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
 # ------------------------------------------------------------------------------- the reference
 
 class Reference:
@@ -144,28 +154,74 @@ class Reference:
         if rope_params.get("rope_type", rope_params.get("type", "default")) != "default":
             raise NotImplementedError("the reference computes default RoPE only")
         self.theta = float(rope_params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
-        if getattr(cfg, "sliding_window", None) is not None:
-            raise NotImplementedError("the reference has no native sliding window; "
+        self.family = cfg.model_type
+        gemma = self.family == "gemma2"
+        # Sliding-window attention, per layer: a query at t sees positions p with t - p < window
+        # (Mistral: every layer; Gemma2: the layers config.layer_types marks "sliding_attention").
+        window = getattr(cfg, "sliding_window", None)
+        types = getattr(cfg, "layer_types", None) or ["full_attention"] * self.n_layers
+        if self.family == "mistral" and window is not None:
+            raise NotImplementedError("the reference has no native sliding window for Mistral; "
                                       "build the Mistral model with sliding_window=None")
+        self.windows = [window if kind == "sliding_attention" else None for kind in types]
+        # Gemma2: scores scaled by query_pre_attn_scalar^-1/2 and soft-capped,
+        # cap * tanh(s / cap); logits soft-capped the same way; embeddings times sqrt(width).
+        self.scale = (cfg.query_pre_attn_scalar ** -0.5 if gemma
+                      else 1.0 / math.sqrt(self.head_dim))
+        self.softcap = getattr(cfg, "attn_logit_softcapping", None)
+        self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.embed_scale = math.sqrt(cfg.hidden_size) if gemma else 1.0
+        # The MLP's activation: SiLU, or Gemma's tanh-approximated GELU.
+        self.act = gelu_tanh if gemma else silu
 
         def w(t):
             return t.detach().to(torch.float64).clone()
 
+        def norm_weight(norm):
+            """Gemma's RMSNorm multiplies by (1 + w); LLaMA's by w."""
+            return 1.0 + w(norm.weight) if gemma else w(norm.weight)
+
+        def bias(proj, n):
+            """A projection's bias (Qwen2: q, k, v have one), zeros if it has none."""
+            return w(proj.bias) if proj.bias is not None else torch.zeros(n, dtype=torch.float64)
+
+        def layer(L):
+            A, M, D = L.self_attn, L.mlp, self.head_dim
+            nq, nkv = self.n_heads * D, self.n_kv * D
+            if hasattr(A, "qkv_proj"):        # Phi3: q, k, v stacked in one matrix, in that order
+                qkv = w(A.qkv_proj.weight)
+                q, k, v = qkv[:nq], qkv[nq:nq + nkv], qkv[nq + nkv:]
+                qkv_b = bias(A.qkv_proj, nq + 2 * nkv)
+                bq, bk, bv = qkv_b[:nq], qkv_b[nq:nq + nkv], qkv_b[nq + nkv:]
+            else:
+                q, k, v = w(A.q_proj.weight), w(A.k_proj.weight), w(A.v_proj.weight)
+                bq, bk, bv = bias(A.q_proj, nq), bias(A.k_proj, nkv), bias(A.v_proj, nkv)
+            if hasattr(M, "gate_up_proj"):    # Phi3: gate and up stacked, gate first
+                gate_up = w(M.gate_up_proj.weight)
+                gate, up = gate_up[:gate_up.shape[0] // 2], gate_up[gate_up.shape[0] // 2:]
+            else:
+                gate, up = w(M.gate_proj.weight), w(M.up_proj.weight)
+            assert A.o_proj.bias is None, "the reference has a bias-free output projection only"
+            d = dict(attn_norm=norm_weight(L.input_layernorm), q=q, k=k, v=v, bq=bq, bk=bk, bv=bv,
+                     o=w(A.o_proj.weight), gate=gate, up=up, down=w(M.down_proj.weight),
+                     # Qwen3: each head's q and k are RMS-normalized (over D) before RoPE.
+                     q_norm=w(A.q_norm.weight) if hasattr(A, "q_norm") else None,
+                     k_norm=w(A.k_norm.weight) if hasattr(A, "k_norm") else None)
+            if gemma:
+                # Gemma2: the attention output and the MLP are normed before their residual add,
+                # and the MLP's input norm is pre_feedforward_layernorm.
+                d.update(post_attn_norm=norm_weight(L.post_attention_layernorm),
+                         mlp_norm=norm_weight(L.pre_feedforward_layernorm),
+                         post_mlp_norm=norm_weight(L.post_feedforward_layernorm))
+            else:
+                d.update(mlp_norm=norm_weight(L.post_attention_layernorm))
+            return d
+
         m = hf.model
         self.embed = w(m.embed_tokens.weight)
-        self.final_norm = w(m.norm.weight)
+        self.final_norm = norm_weight(m.norm)
         self.lm_head = w(hf.lm_head.weight)
-        self.layers = [dict(attn_norm=w(L.input_layernorm.weight),
-                            q=w(L.self_attn.q_proj.weight), k=w(L.self_attn.k_proj.weight),
-                            v=w(L.self_attn.v_proj.weight), o=w(L.self_attn.o_proj.weight),
-                            mlp_norm=w(L.post_attention_layernorm.weight),
-                            gate=w(L.mlp.gate_proj.weight), up=w(L.mlp.up_proj.weight),
-                            down=w(L.mlp.down_proj.weight))
-                       for L in m.layers]
-        for L in m.layers:
-            for proj in (L.self_attn.q_proj, L.self_attn.k_proj, L.self_attn.v_proj,
-                         L.self_attn.o_proj):
-                assert proj.bias is None, "the reference has bias-free projections only"
+        self.layers = [layer(L) for L in m.layers]
         self.rng = random.Random(rule.seed)
         self.t = 0
         # H[l][g]: layer l's multi-state for KV head g, a list of States (empty: H_0).
@@ -191,40 +247,64 @@ class Reference:
         """One token at position t: every layer is an MSRNN cell, then final norm and LM head.
         Returns the logits [V] (float64). evict=False keeps every candidate (used by `oneshot`)."""
         t = self.t
-        x = self.embed[token].clone()
+        x = self.embed[token].clone() * self.embed_scale
         self.last_rows = []
         for l in range(self.n_layers):
             x = self.layer_step(l, x, t, evict)
         self.t += 1
-        return self.lm_head @ rms_norm(x, self.final_norm, self.eps)
+        logits = self.lm_head @ rms_norm(x, self.final_norm, self.eps)
+        if self.final_softcap is not None:
+            logits = self.final_softcap * torch.tanh(logits / self.final_softcap)
+        return logits
 
     def layer_step(self, l, x, t, evict):
         W, D = self.layers[l], self.head_dim
         h_in = rms_norm(x, W["attn_norm"], self.eps)
         # 1. q_t, k_t, v_t; RoPE at position t.
-        q_all, k_all, v_all = W["q"] @ h_in, W["k"] @ h_in, W["v"] @ h_in
-        q = [rope(q_all[h * D:(h + 1) * D], t, self.theta) for h in range(self.n_heads)]
-        k = [rope(k_all[g * D:(g + 1) * D], t, self.theta) for g in range(self.n_kv)]
+        q_all = W["q"] @ h_in + W["bq"]
+        k_all = W["k"] @ h_in + W["bk"]
+        v_all = W["v"] @ h_in + W["bv"]
+        q = [q_all[h * D:(h + 1) * D] for h in range(self.n_heads)]
+        k = [k_all[g * D:(g + 1) * D] for g in range(self.n_kv)]
+        if W["q_norm"] is not None:       # Qwen3: RMSNorm over each head, before RoPE
+            q = [rms_norm(x_h, W["q_norm"], self.eps) for x_h in q]
+            k = [rms_norm(x_g, W["k_norm"], self.eps) for x_g in k]
+        q = [rope(x_h, t, self.theta) for x_h in q]
+        k = [rope(x_g, t, self.theta) for x_g in k]
         v = [v_all[g * D:(g + 1) * D] for g in range(self.n_kv)]
         # 2. candidates C = H^l_{t-1} ∪ {t}, per KV head.
         C = [self.H[l][g] + [State(t, k[g], v[g])] for g in range(self.n_kv)]
-        # a_h = softmax(q_h · K_C / sqrt(d)) over C; 3. y_h = Σ_j a_h(j) V_j.
+        # a_h = softmax(q_h · K_C * scale) over C; 3. y_h = Σ_j a_h(j) V_j.
+        # A layer with a sliding window attends only to candidates with t - p < window; the
+        # others get attention 0 (they stay candidates for the policy).
         # a[h] maps each candidate position to query head h's attention weight on it.
+        window = self.windows[l]
         a, outputs = [], []
         for h in range(self.n_heads):
             cands = C[self.kv_head(h)]
-            probs = softmax([float(q[h] @ s.key) / math.sqrt(D) for s in cands])
-            a.append({s.pos: p for s, p in zip(cands, probs)})
+            seen = [s for s in cands if window is None or t - s.pos < window]
+            scores = [float(q[h] @ s.key) * self.scale for s in seen]
+            if self.softcap is not None:
+                scores = [self.softcap * math.tanh(x / self.softcap) for x in scores]
+            probs = softmax(scores)
+            a.append({s.pos: 0.0 for s in cands})
+            a[h].update({s.pos: p for s, p in zip(seen, probs)})
             y_h = torch.zeros(D, dtype=torch.float64)
-            for s, p in zip(cands, probs):
+            for s, p in zip(seen, probs):
                 y_h = y_h + p * s.value
             outputs.append(y_h)
         self.last_rows.append(a)
-        x = x + W["o"] @ torch.cat(outputs)
+        attn = W["o"] @ torch.cat(outputs)
+        if "post_attn_norm" in W:         # Gemma2
+            attn = rms_norm(attn, W["post_attn_norm"], self.eps)
+        x = x + attn
         # 4. if |C| > k the policy evicts one candidate: H^l_t = C \ {e}.
         self.H[l] = self.evict(C, a, t) if evict else C
         h_mlp = rms_norm(x, W["mlp_norm"], self.eps)
-        return x + W["down"] @ (silu(W["gate"] @ h_mlp) * (W["up"] @ h_mlp))
+        mlp = W["down"] @ (self.act(W["gate"] @ h_mlp) * (W["up"] @ h_mlp))
+        if "post_mlp_norm" in W:          # Gemma2
+            mlp = rms_norm(mlp, W["post_mlp_norm"], self.eps)
+        return x + mlp
 
     # ------------------------------------------------------------------------------ eviction
 
@@ -278,6 +358,11 @@ class Reference:
             heads = self.scoring_heads(g)
             eligible = [s for s in cands if s.pos >= rule.sinks]
             score = (lambda s: self.mean_attention(a, s.pos, heads))
+        elif rule.kind == "keynorm":
+            # KeyNorm(k): per KV head, the candidate whose key has the largest L2 norm (lowest
+            # score = minus the norm); positions < sinks protected.
+            eligible = [s for s in cands if s.pos >= rule.sinks]
+            score = (lambda s: -math.sqrt(sum(float(x) ** 2 for x in s.key)))
         elif rule.kind == "random":
             # Random(k): any candidate (the new token included) with equal probability.
             eligible = [s for s in cands if s.pos >= rule.sinks]
@@ -289,7 +374,7 @@ class Reference:
     # ------------------------------------------------------------------------------ prompts
 
     def oneshot(self, tokens):
-        """DESIGN.md's `oneshot` prompt mode: "full causal attention over the whole prompt, then
+        """docs/design.md's `oneshot` prompt mode: "full causal attention over the whole prompt, then
         each layer keeps the k states ranked best by the policy from the last prompt token's
         attention row (Window: the last k; Sinks: first i + last k-i; H2O: column sums over all
         prompt queries)". The multi-state must be empty. Returns the prompt's logits [T, V].
@@ -307,7 +392,9 @@ class Reference:
             # attention[h][i][j]: query i's weight on key j (0 above the diagonal).
             attention = [[[rows[i][l][h].get(j, 0.0) for j in range(T)] for i in range(T)]
                          for h in range(self.n_heads)]
-            keep = oneshot_keep(attention, self.rule, self.n_kv)
+            norms = [{s.pos: math.sqrt(sum(float(x) ** 2 for x in s.key)) for s in states}
+                     for states in self.H[l]]
+            keep = oneshot_keep(attention, self.rule, self.n_kv, norms)
             new = []
             for g in range(self.n_kv):
                 states = [s for s in self.H[l][g] if s.pos in keep[g]]
@@ -322,7 +409,7 @@ class Reference:
         return torch.stack(logits)
 
 
-def oneshot_keep(attention, rule: Rule, n_kv: int):
+def oneshot_keep(attention, rule: Rule, n_kv: int, key_norms=None):
     """Which prompt positions a layer keeps under `oneshot`, per KV head: a list of n_kv sorted
     lists. attention: [H][T][T] nested lists or a tensor, attention[h][i][j] = query i's causal
     attention weight on key j (e.g. Hugging Face's output_attentions for one layer and row).
@@ -332,7 +419,8 @@ def oneshot_keep(attention, rule: Rule, n_kv: int):
       TOVA: positions < sinks, then the best by the last row averaged over all heads
             (TOVA-head: over the KV head's query group).
       H2O:  the k//2 most recent, then the best of the rest by column sums over all prompt
-            queries, averaged over the KV head's query group (H2O-layer: over all heads)."""
+            queries, averaged over the KV head's query group (H2O-layer: over all heads).
+      KeyNorm: positions < sinks, then the smallest key norms (key_norms[g][j], per KV head)."""
     H, T = len(attention), len(attention[0])
     group = H // n_kv
     k = rule.size
@@ -360,6 +448,10 @@ def oneshot_keep(attention, rule: Rule, n_kv: int):
                      for j in range(T)}
             rest = sorted(range(T - k // 2), key=lambda j: (-score[j], -j))
             keep = recent + rest[:k - len(recent)]
+        elif rule.kind == "keynorm":
+            protected = list(range(rule.sinks))
+            rest = sorted(range(rule.sinks, T), key=lambda j: (key_norms[g][j], -j))
+            keep = protected + rest[:k - len(protected)]
         else:
             raise ValueError(f"oneshot has no rule for {rule.kind!r}")
         result.append(sorted(keep))

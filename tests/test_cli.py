@@ -57,7 +57,7 @@ def test_generate_sinks_policy_with_its_default(model):
     (["{model}", "--prompt", "Hi", "--policy", "sinks", "--size", "4"],
      "size 4 must be larger than sinks 4"),
     (["{model}", "--prompt", "  "], "empty prompt"),
-    (["{model}", "--prompt", "Hi", "--temperature", "-1"], "temperature must be >= 0"),
+    (["{model}", "--prompt", "Hi", "--temperature", "-1"], "temperature must be a finite number >= 0"),
     (["{model}", "--prompt", "Hi", "--temperature", "1", "--top-p", "1.5"],
      "top_p must be in (0, 1]"),
     (["{model}", "--prompt", "Hi", "--temperature", "1", "--top-k", "0"],

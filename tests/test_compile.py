@@ -6,7 +6,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import msrnn
-from msrnn.policies import H2O, TOVA, Full, Sinks
+from msrnn.policies import H2O, TOVA, Full, KeyNorm, Sinks
 from tiny import save, tiny_hf
 
 STEPS = 60
@@ -27,11 +27,14 @@ def run(model, policy, ids, capacity=None):
 
 # Batch 1 takes the compiled matrix-vector product (model.linear), batch 2 the library's.
 @pytest.mark.parametrize("policy, batch", [(TOVA(16), 1), (TOVA(16), 2), (H2O(16), 2),
-                                           (TOVA(16, headwise=True, sinks=2), 1),
-                                           (Sinks(12, sinks=3), 2), (Full(), 1)], ids=repr)
+                                           (TOVA(16, per_head=True, sinks=2), 1),
+                                           (Sinks(12, sinks=3), 2), (KeyNorm(16), 1), (Full(), 1)], ids=repr)
 def test_compiled_step_equals_eager_in_one_graph(models, policy, batch):
     eager, compiled, _ = models
-    ids = torch.randint(0, 128, (batch, STEPS), generator=torch.Generator().manual_seed(0))
+    # No token twice in a row: KeyNorm's layer-0 scores of a repeated token tie up to rounding,
+    # and the compiled step rounds differently.
+    g = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.randperm(128, generator=g)[:STEPS] for _ in range(batch)])
     expected, state_e = run(eager, policy, ids, capacity=STEPS)
     torch._dynamo.reset()
     counters.clear()

@@ -17,7 +17,7 @@ from msrnn import convert
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = REPO / "weights" / "SmolLM2-135M-Instruct"
-BOOKS = REPO.parent / "shared" / "data" / "books"
+BOOKS = REPO / "tests" / "data"
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,9 +36,9 @@ def gguf_file() -> tuple[str, str]:
 
 
 def book_pages(n_chars: int = 3000) -> list[str]:
-    """A page from the middle of each book in ../shared/data/books."""
+    """A page from the middle of each book in tests/data (see its README.md)."""
     books = sorted(BOOKS.glob("*.txt"))
-    assert books, f"no books found in {BOOKS} (the shared data directory next to the repository)"
+    assert books, f"no books found in {BOOKS}"
     pages = []
     for book in books:
         text = book.read_text(encoding="utf-8")

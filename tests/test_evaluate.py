@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import msrnn
 from msrnn import cli, evaluate
+from msrnn.cli import output
 from msrnn.policies import TOVA, Sinks, Window
 from reference import Reference, Rule
 from tiny import save, save_char_tokenizer, tiny_hf
@@ -163,13 +164,13 @@ def test_interrupted_sweep_resumes_without_recomputing(tiny, capsys, tmp_path, m
 
 def test_atomic_write_leaves_the_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
-    evaluate.write_atomic(str(path), "old")
+    output.write_atomic(str(path), "old")
 
     def fail(*a):
         raise KeyboardInterrupt
     monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(KeyboardInterrupt):
-        evaluate.write_atomic(str(path), "new and longer")
+        output.write_atomic(str(path), "new and longer")
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["results.json"]
 
 
@@ -179,7 +180,8 @@ def test_atomic_write_leaves_the_old_file_on_failure(tmp_path, monkeypatch):
     (["--sizes", "48"], "size 48 is not smaller than the context 48"),
     (["--policies", "tova,lru"], "unknown policy 'lru'"),
     (["--sizes", "8,x"], "--sizes must be comma-separated integers"),
-    (["--jobs", "0"], "--jobs and --batch must be at least 1"),
+    (["--jobs", "0"], "--jobs must be a positive integer, got 0"),
+    (["--max-chunks", "0"], "--max-chunks must be a positive integer, got 0"),
 ])
 def test_bad_input(tiny, capsys, args, message):
     _, model, texts = tiny

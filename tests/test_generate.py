@@ -84,7 +84,7 @@ def test_top_p_keeps_the_nucleus():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
     (dict(temperature=1.0, top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(temperature=1.0, top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(temperature=1.0, top_k=0), "top_k must be a positive integer"),

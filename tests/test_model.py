@@ -96,10 +96,13 @@ def test_window_equals_mistral_sliding_window(tmp_path):
     state = model.init_state(2, Window(k))
     stepped = torch.stack([model.step(ids[:, t], state)[0] for t in range(4 * k)], 1)
     assert (stepped - expected).abs().max() <= TOL
-    prefilled, _ = model.prefill(ids, model.init_state(2, Window(k)))
+    # A sequential prompt of Window runs as one masked parallel pass (Policy.visible).
+    empty = model.init_state(2, Window(k))
+    assert model.parallel_prefix(4 * k, empty, "sequential") == 4 * k
+    prefilled, state = model.prefill(ids, empty)
     assert (prefilled - expected).abs().max() <= TOL
-    masked = model(ids, restrict=Window(k).visible)   # the parallel form used by `msrnn ppl`
-    assert (masked - expected).abs().max() <= TOL
+    pos = state.positions(0)
+    assert torch.equal(pos, torch.arange(3 * k, 4 * k).expand_as(pos))
     # ... and without the policy, the unbounded model is not the windowed one.
     assert (model(ids) - expected).abs().max() > 1e-2
 

@@ -4,7 +4,7 @@ Hugging Face's own attention matrices for the `oneshot` prompt mode.
 
 After every step, in every layer (and KV head), the positions msrnn keeps must be exactly the
 reference's, and the logits must agree; sequential prefill must be exactly stepping; oneshot
-must keep what DESIGN.md says; property tests check bounds, order, Full, and batch rows.
+must keep what docs/design.md says; property tests check bounds, order, Full, and batch rows.
 Everything runs in float64 so that near-ties cannot make a comparison flaky.
 """
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 import msrnn
-from msrnn.policies import H2O, TOVA, Full, Sinks, Window, from_name
+from msrnn.policies import REGISTRY, TOVA, Sinks, Window, from_name
 from reference import Reference, Rule, oneshot_keep
 from tiny import save, tiny_hf
 
@@ -23,29 +23,44 @@ K = 16            # multi-state size of the reference runs
 STEPS = 210       # tokens per reference run (>> K: about 190 evictions per layer)
 TOL = 1e-4        # logits, msrnn vs the reference (float64; msrnn and HF norm in float32)
 EXACT = 1e-9      # logits, msrnn vs msrnn computed another way (parallel prefill vs steps)
-VOCAB = 128
+VOCAB = 512       # tokens never repeat within a run (see `tokens`)
+
+
+RULES = {   # every name of the policy registry, and TOVA+i, as the reference's rules
+    "full": lambda size, sinks: Rule.full(),
+    "window": lambda size, sinks: Rule.window(size),
+    "sinks": lambda size, sinks: Rule.sinks_(size, sinks),
+    "h2o": lambda size, sinks: Rule.h2o(size),
+    "h2o-layer": lambda size, sinks: Rule.h2o_layer(size),
+    "tova": lambda size, sinks: Rule.tova(size),
+    "tova-head": lambda size, sinks: Rule.tova_head(size),
+    "keynorm": lambda size, sinks: Rule.keynorm(size),
+    "tova-sinks": lambda size, sinks: Rule.tova(size, sinks=sinks),
+}
 
 
 def make(name, size=K, sinks=4):
-    """The msrnn policy and the reference's Rule for one policy name (DESIGN.md's table)."""
-    return {
-        "full": lambda: (Full(), Rule.full()),
-        "window": lambda: (Window(size), Rule.window(size)),
-        "sinks": lambda: (Sinks(size, sinks=sinks), Rule.sinks_(size, sinks)),
-        "h2o": lambda: (H2O(size), Rule.h2o(size)),
-        "h2o-layer": lambda: (H2O(size, layerwise=True), Rule.h2o_layer(size)),
-        "tova": lambda: (TOVA(size), Rule.tova(size)),
-        "tova-head": lambda: (TOVA(size, headwise=True), Rule.tova_head(size)),
-        "tova-sinks": lambda: (TOVA(size, sinks=sinks), Rule.tova(size, sinks=sinks)),
-    }[name]()
+    """The msrnn policy (from the registry the command line uses) and the reference's Rule for
+    one policy name (docs/design.md's table)."""
+    if name == "tova-sinks":
+        return TOVA(size, sinks=sinks), RULES[name](size, sinks)
+    return from_name(name, size, sinks if name == "sinks" else None), RULES[name](size, sinks)
 
 
-BOUNDED = ["window", "sinks", "h2o", "h2o-layer", "tova", "tova-head", "tova-sinks"]
+def test_every_registered_policy_has_a_reference_rule():
+    assert set(REGISTRY) <= set(RULES), set(REGISTRY) - set(RULES)
+
+
+BOUNDED = [n for n in RULES if n != "full"]
 LAYERWISE = {"window", "sinks", "h2o-layer", "tova", "tova-sinks"}   # one choice per layer
 
 
 def tokens(batch, length, seed=1):
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    """[batch, length] token ids, no id twice in a row: layer 0's key depends on the token
+    alone and RoPE keeps its norm, so a repeated token would tie KeyNorm's scores exactly in
+    theory and only up to rounding in practice, and rounding is not the tie rule."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(VOCAB, generator=g)[:length] for _ in range(batch)])
 
 
 IDS = tokens(1, STEPS)
@@ -54,8 +69,8 @@ IDS = tokens(1, STEPS)
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     """A tiny random LLaMA with GQA (2 layers, width 64, 4 query heads, 2 KV heads, vocabulary
-    128, peaked attention): the HF model in float64, msrnn's load of it, and its directory."""
-    hf = tiny_hf("llama", seed=0)
+    512, peaked attention): the HF model in float64, msrnn's load of it, and its directory."""
+    hf = tiny_hf("llama", seed=0, vocab_size=VOCAB)
     directory = save(hf, tmp_path_factory.mktemp("llama"))
     return hf.double(), msrnn.load(directory, dtype=torch.float64), directory
 
@@ -152,26 +167,28 @@ def test_sequential_prefill_equals_stepping(llama, runs, name, prompt):
 
 # ------------------------------------------------------------------------------------ oneshot
 
-PROMPT = tokens(1, 40, seed=7)
+PROMPT, MORE = tokens(1, 70, seed=7).split([40, 30], 1)
 
 
 @pytest.fixture(scope="module")
 def hf_attentions(llama):
     """Hugging Face's own causal attention on PROMPT (eager attention, float64): a list over
-    layers of [H, T, T], and its logits [T, V]."""
+    layers of [H, T, T], its logits [T, V], and its cached keys' L2 norms per layer as
+    [H_kv][T] (for KeyNorm)."""
     _, _, directory = llama
     hf = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager",
                                               dtype=torch.float64).eval()
     with torch.no_grad():
-        out = hf(PROMPT, output_attentions=True)
-    return [a[0] for a in out.attentions], out.logits[0]
+        out = hf(PROMPT, output_attentions=True, use_cache=True)
+    norms = [layer.keys[0].norm(dim=-1).tolist() for layer in out.past_key_values.layers]
+    return [a[0] for a in out.attentions], out.logits[0], norms
 
 
 def test_oneshot_tova_keeps_top_k_of_hf_last_row(llama, hf_attentions):
     """TOVA oneshot: each layer keeps exactly the K positions with the highest attention from the
     last prompt token, averaged over all query heads, as Hugging Face computes that attention."""
     _, model, _ = llama
-    attentions, hf_logits = hf_attentions
+    attentions, hf_logits, _ = hf_attentions
     logits, state = model.prefill(PROMPT, model.init_state(1, TOVA(K)), mode="oneshot")
     assert (logits[0] - hf_logits).abs().max() <= TOL     # the prompt ran with full attention
     for l, att in enumerate(attentions):
@@ -189,14 +206,15 @@ def test_oneshot_keeps_what_design_says(llama, hf_attentions, name):
     """oneshot for every policy, from Hugging Face's attention matrices: Window keeps the last K,
     Sinks the first i and the last K - i, TOVA(-head, +i) the best by the last row (mean over all
     heads / the KV head's group; sinks kept), H2O(-layer) the K//2 most recent plus the best of
-    the rest by column sums (mean over the KV head's group / all heads). Ties keep the newer."""
+    the rest by column sums (mean over the KV head's group / all heads), KeyNorm the smallest
+    key norms. Ties keep the newer."""
     _, model, _ = llama
-    attentions, _ = hf_attentions
+    attentions, _, norms = hf_attentions
     policy, rule = make(name)
     _, state = model.prefill(PROMPT, model.init_state(1, policy), mode="oneshot")
     n_kv = model.cfg.n_kv_heads
     for l, att in enumerate(attentions):
-        expected = oneshot_keep(att, rule, n_kv)
+        expected = oneshot_keep(att, rule, n_kv, norms[l])
         assert positions(state)[l] == expected, f"layer {l}"
         if name == "window":
             assert expected == [list(range(40 - K, 40))] * n_kv
@@ -210,16 +228,17 @@ def test_oneshot_then_steps_equal_reference(llama, hf_attentions, name):
     same ranking) keeps the same as Hugging Face's attention says, and decoding on from msrnn's
     oneshot state matches the reference for 30 steps (H2O goes on from the column sums)."""
     hf, model, _ = llama
-    attentions, _ = hf_attentions
+    attentions, _, norms = hf_attentions
     policy, rule = make(name)
     logits, state = model.prefill(PROMPT, model.init_state(1, policy), mode="oneshot")
     ref = Reference(hf, rule)
     ref_logits = ref.oneshot(PROMPT[0].tolist())
     assert (logits[0] - ref_logits).abs().max() <= TOL
     for l, att in enumerate(attentions):
-        assert ref.kept(l) == oneshot_keep(att, rule, model.cfg.n_kv_heads), f"layer {l}"
+        assert ref.kept(l) == oneshot_keep(att, rule, model.cfg.n_kv_heads, norms[l]), \
+            f"layer {l}"
     assert positions(state) == [ref.kept(l) for l in range(ref.n_layers)]
-    more = tokens(1, 30, seed=8)
+    more = MORE
     got_pos, got_logits, want_pos, want_logits = [], [], [], []
     for t in range(30):
         out, state = model.step(more[:, t], state)
@@ -256,7 +275,7 @@ def test_sinks_are_never_evicted(llama, policy, sinks):
 def uniform(tmp_path_factory):
     """A tiny LLaMA whose queries are zero: every attention row is exactly uniform, so every
     TOVA score ties (1/|C| for each candidate) and only the tie rule decides."""
-    hf = tiny_hf("llama", seed=3)
+    hf = tiny_hf("llama", seed=3, vocab_size=VOCAB)
     with torch.no_grad():
         for layer in hf.model.layers:
             layer.self_attn.q_proj.weight.zero_()
@@ -266,7 +285,7 @@ def uniform(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["tova", "tova-head", "tova-sinks", "h2o", "h2o-layer"])
 def test_ties_break_toward_the_oldest(uniform, name):
-    """DESIGN.md: "ties break toward the oldest position". With all TOVA scores equal, TOVA(k)
+    """docs/design.md: "ties break toward the oldest position". With all TOVA scores equal, TOVA(k)
     must evict like Window(k) and TOVA(k, sinks=i) like Sinks(k, i), after every step; H2O must
     match the reference (which implements the rule literally). In oneshot, ties keep the newer:
     TOVA keeps the last k (and the sinks)."""
@@ -428,7 +447,7 @@ def test_bad_policy_arguments():
 
 def test_mistral_tova_equals_reference(tmp_path):
     """The same check on a tiny MistralForCausalLM (no native sliding window), TOVA(16)."""
-    hf = tiny_hf("mistral", seed=2, sliding_window=None)
+    hf = tiny_hf("mistral", seed=2, sliding_window=None, vocab_size=VOCAB)
     model = msrnn.load(save(hf, tmp_path), dtype=torch.float64)
     assert model.cfg.model_type == "mistral"
     ref = Reference(hf.double(), Rule.tova(K))

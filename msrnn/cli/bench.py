@@ -1,0 +1,147 @@
+"""`msrnn bench`: the command line of msrnn/bench.py. Every argument is checked before the first
+measurement; the report is printed as markdown tables, saved as bench.json and plotted."""
+
+import json
+import os
+import sys
+
+from . import (UsageError, DEFAULT_MODEL, DTYPES, check_device, check_out_dir, check_positive,
+               model_config, parse_list)
+from .output import figure, save_figure, write_atomic
+
+PARTS = ("speed", "latency", "throughput", "ceiling")
+
+
+def add_commands(commands):
+    b = commands.add_parser("bench", help="decode speed and memory against transformers")
+    b.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    b.add_argument("--parts", default=",".join(PARTS), help=f"from: {', '.join(PARTS)}")
+    b.add_argument("--dtypes", default="float32,bfloat16")
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=128)
+    b.add_argument("--size", type=int, default=64, help="TOVA size in the speed table")
+    b.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
+    b.add_argument("--lengths", default="512,1024,2048,4096,6144,8192",
+                   help="latency: sequence lengths")
+    b.add_argument("--latency-size", type=int, default=512)
+    b.add_argument("--compile-latency", action="store_true",
+                   help="time latency and throughput with the compiled step")
+    b.add_argument("--length", type=int, default=4096, help="throughput: sequence length")
+    b.add_argument("--full-batch", type=int, default=8, help="throughput: full-cache batch")
+    b.add_argument("--throughput-sizes", default="512,256")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--out", help="directory for bench.json and bench.png")
+    b.set_defaults(run=run_bench)
+
+
+def run_bench(args):
+    import torch
+
+    from .. import bench, load
+
+    parts = parse_list("--parts", args.parts)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise UsageError(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    dtypes = parse_list("--dtypes", args.dtypes)
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad:
+        raise UsageError(f"--dtypes: unknown {', '.join(bad)}; choose from {', '.join(DTYPES)}")
+    lengths = parse_list("--lengths", args.lengths, int)
+    sizes = parse_list("--throughput-sizes", args.throughput_sizes, int)
+    for name in ("prompt_tokens", "new_tokens", "size", "latency_size", "length", "full_batch"):
+        check_positive("--" + name.replace("_", "-"), getattr(args, name))
+    if "latency" in parts and min(lengths) < bench.shortest_latency_length():
+        raise UsageError(f"--lengths must be at least {bench.shortest_latency_length()}: each is "
+                         f"reached by rounds of timed steps")
+    device = check_device(args.device)
+    check_out_dir(args.out)
+    directory, cfg = model_config(args.model)
+    longest = max([args.prompt_tokens + args.new_tokens + 8] +
+                  ([max(lengths) + 64] if "latency" in parts else []) +
+                  ([args.length] if "throughput" in parts else []))
+    if longest > cfg.max_positions:
+        raise UsageError(f"the benchmark needs {longest} positions, past the model's range of "
+                         f"{cfg.max_positions}; use smaller --lengths/--length/--new-tokens")
+
+    log = sys.stderr
+    report = {"model": directory, "device": str(device), "torch": torch.__version__,
+              "threads": torch.get_num_threads()}
+    if "speed" in parts:
+        print("[msrnn bench] speed (each row in a fresh process)", file=log)
+        report["speed"] = bench.speed(directory, dtypes, args.device, args.size,
+                                      args.prompt_tokens, args.new_tokens,
+                                      compiled=not args.no_compile, log=log)
+    model = load(directory, dtype=torch.float32, device=device)
+    if args.compile_latency:
+        model.compile_step()
+    if "latency" in parts:
+        print("[msrnn bench] latency against sequence length, float32, batch 1", file=log)
+        report["latency"] = bench.latency(model, lengths, args.latency_size, log)
+    if "throughput" in parts:
+        print(f"[msrnn bench] throughput under a key-value budget of {args.full_batch} full "
+              f"sequences of {args.length} tokens, float32", file=log)
+        report["throughput"] = bench.throughput(model, args.length, args.full_batch, sizes, log)
+    if "ceiling" in parts:
+        report["ceiling"] = bench.ceiling(model, device, dtypes)
+        for row in report.get("speed", []):
+            row["of_ceiling"] = row["tok_s"] / report["ceiling"][row["dtype"]]["max_tok_s"]
+        print(f"[msrnn bench] ceiling: read bandwidth {report['ceiling']['read_gb_s']:.1f} GB/s",
+              file=log)
+    print_report(report)
+    if args.out:
+        write_atomic(os.path.join(args.out, "bench.json"), json.dumps(report, indent=1))
+        if "latency" in report and "throughput" in report:
+            plot(report["latency"], report["throughput"], os.path.join(args.out, "bench.png"))
+    return 0
+
+
+def print_report(r):
+    if "speed" in r:
+        print("\n| implementation | policy | dtype | decode tok/s | vs transformers (same dtype) "
+              "| vs transformers fp32 | of ceiling | peak MB | multi-state MB |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for s in r["speed"]:
+            policy = s["policy"] if s["size"] is None else f"{s['policy']}({s['size']})"
+            ceiling = f"{s['of_ceiling']:.0%}" if "of_ceiling" in s else "-"
+            print(f"| {s['impl']} | {policy} | {s['dtype']} | {s['tok_s']:.1f} | "
+                  f"{s['vs_transformers']:.2f}x | {s['vs_transformers_fp32']:.2f}x | {ceiling} | "
+                  f"{s['peak_mb']:.0f} | {s['state_mb']:.1f} |")
+    if "latency" in r:
+        print("\n| policy | length | ms/token |")
+        print("|---|---|---|")
+        for s in r["latency"]:
+            name = s["policy"] if s["size"] is None else f"{s['policy']}({s['size']})"
+            print(f"| {name} | {s['length']} | {s['ms']:.1f} |")
+    if "throughput" in r:
+        print("\n| policy | batch | key-value budget MB | tok/s | vs full |")
+        print("|---|---|---|---|---|")
+        for s in r["throughput"]:
+            name = s["policy"] if s["size"] is None else f"{s['policy']}({s['size']})"
+            print(f"| {name} | {s['batch']} | {s['kv_budget_mb']:.0f} | {s['tok_s']:.1f} | "
+                  f"{s['vs_full']:.2f}x |")
+    if "ceiling" in r:
+        c = r["ceiling"]
+        print(f"\nread bandwidth {c['read_gb_s']:.1f} GB/s; " + "; ".join(
+            f"{d}: {v['weight_mb_per_token']:.0f} MB of weights per token -> at most "
+            f"{v['max_tok_s']:.0f} tok/s" for d, v in c.items() if d != "read_gb_s"))
+
+
+def plot(latency_rows, throughput_rows, path):
+    fig, (a, b) = figure(1, 2, figsize=(10, 3.8))
+    for name in dict.fromkeys(r["policy"] for r in latency_rows):
+        pts = [(r["length"], r["ms"]) for r in latency_rows if r["policy"] == name]
+        size = next(r["size"] for r in latency_rows if r["policy"] == name)
+        a.plot(*zip(*pts), marker="o", label=name if size is None else f"{name} ({size})")
+    a.set_xlabel("sequence length (tokens)")
+    a.set_ylabel("ms per token (batch 1)")
+    a.set_ylim(bottom=0)
+    a.legend()
+    a.grid(alpha=0.3)
+    labels = [r["policy"] if r["size"] is None else f"{r['policy']} {r['size']}\nbatch {r['batch']}"
+              for r in throughput_rows]
+    labels[0] += f"\nbatch {throughput_rows[0]['batch']}"
+    b.bar(labels, [r["tok_s"] for r in throughput_rows], color="tab:green")
+    b.set_ylabel("tokens/s under one key-value budget")
+    b.grid(alpha=0.3, axis="y")
+    save_figure(fig, path)

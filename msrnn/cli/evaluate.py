@@ -1,0 +1,197 @@
+"""`msrnn ppl` and `msrnn retention`: the command line of msrnn/evaluate.py (arguments checked
+first, then the computation, then files, plots and the printed table)."""
+
+import functools
+import hashlib
+import json
+import os
+import sys
+
+from tqdm import tqdm
+
+from . import (UsageError, add_device_args, add_policy_args, check_device, check_out_dir,
+               check_positive, check_range, load_model, model_config, parse_list, policy_help)
+from .output import Results, figure, save_figure, write_atomic
+
+
+def add_commands(commands):
+    import argparse
+
+    p = commands.add_parser("ppl", help="perplexity against multi-state size (paper Fig. 3)",
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog=policy_help())
+    p.add_argument("model")
+    p.add_argument("--text", nargs="+", required=True, help="text files")
+    p.add_argument("--context", type=int, default=2048, help="tokens per chunk")
+    add_policy_args(p, multiple=True)
+    p.add_argument("--max-chunks", type=int, help="at most this many chunks per text")
+    p.add_argument("--batch", type=int, default=8, help="chunks per batch")
+    p.add_argument("--jobs", type=int, default=1, help="configurations run at once, each in its "
+                   "own process (2 is fastest on a 2-core CPU)")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    p.add_argument("--out", help="directory for results.json/.csv and ppl.png (resumable)")
+    p.add_argument("--backend", choices=("msrnn", "transformers"), default="msrnn",
+                   help="msrnn's own decoder, or the policy inside transformers (msrnn.hf)")
+    add_device_args(p)
+    p.set_defaults(run=run_ppl)
+
+    r = commands.add_parser("retention", help="which tokens TOVA keeps, and for how long")
+    r.add_argument("model")
+    r.add_argument("--text", nargs="+", required=True)
+    r.add_argument("--context", type=int, default=2048)
+    r.add_argument("--size", type=int, default=256)
+    r.add_argument("--max-chunks", type=int)
+    r.add_argument("--batch", type=int, default=8)
+    r.add_argument("--json", action="store_true")
+    r.add_argument("--out", help="directory for retention.json and retention.png")
+    add_device_args(r)
+    r.set_defaults(run=run_retention)
+
+
+# ----------------------------------------------------------------------------- ppl
+
+
+def load_for(backend: str, directory: str, dtype: str, device: str):
+    """The model a sweep evaluates: msrnn's decoder, or transformers' (run with msrnn.hf)."""
+    if backend == "transformers":
+        import torch
+
+        from .. import hf
+        return hf.load(directory, dtype=getattr(torch, dtype), device=device)
+    return load_model(directory, dtype, device)
+
+
+def run_ppl(args):
+    from .. import evaluate, load_tokenizer
+
+    if args.context < 2:
+        raise UsageError(f"--context must be at least 2, got {args.context}")
+    check_positive("--jobs", args.jobs)
+    check_positive("--batch", args.batch)
+    check_positive("--max-chunks", args.max_chunks, allow_none=True)
+    check_device(args.device)
+    configs = evaluate.configurations(parse_list("--policies", args.policies),
+                                      parse_list("--sizes", args.sizes, int), args.sinks,
+                                      args.context)
+    for path in args.text:
+        evaluate.read_text(path)                      # exists, and is UTF-8
+    check_out_dir(args.out)
+    directory, cfg = model_config(args.model)
+    check_range(cfg, f"--context {args.context}", args.context)
+    setup = {"model": os.path.abspath(directory), "texts": [os.path.basename(t) for t in
+             args.text], "digest": text_digest(args.text), "context": args.context,
+             "max_chunks": args.max_chunks, "dtype": args.dtype, "backend": args.backend,
+             "sinks": args.sinks}
+    results = Results(args.out, setup, key=("policy", "size"),
+                      fields=["policy", "size", "ppl", "tokens", "seconds"])
+    chunks = evaluate.load_chunks(load_tokenizer(directory), args.text, args.context,
+                                  args.max_chunks)
+    log = sys.stderr
+    todo = [c for c in configs if results.get(c[0], c[1]) is None]
+    print(f"[msrnn ppl] {len(chunks)} chunks x {args.context} tokens, {len(configs)} "
+          f"configurations, {len(configs) - len(todo)} done before", file=log)
+    load = functools.partial(load_for, args.backend, directory, args.dtype, args.device)
+    for name, size, policy, ppl, tokens, seconds in evaluate.sweep(load, chunks, todo,
+                                                                    args.batch, args.jobs, log):
+        results.add({"policy": name, "size": size, "ppl": ppl, "tokens": tokens,
+                     "seconds": round(seconds, 2)})
+        tqdm.write(f"[msrnn ppl] {policy}: ppl {ppl:.3f} over {tokens} tokens, "
+                   f"{chunks.numel() / seconds:.0f} tok/s", file=log)
+    rows = [results.get(name, size) for name, size, _ in configs]
+    if args.out:
+        plot_ppl(results.rows, os.path.join(args.out, "ppl.png"),
+                 f"{os.path.basename(os.path.abspath(directory))}, context {args.context}, "
+                 f"{len(chunks)} chunks")
+    if args.json:
+        print(json.dumps([{k: r[k] for k in ("policy", "size", "ppl", "tokens")} for r in rows]))
+    else:
+        for r in rows:
+            print(f"{r['policy']:>10} {str(r['size'] or '-'):>6} {r['ppl']:10.3f}")
+    return 0
+
+
+def plot_ppl(rows, path: str, title: str):
+    """The paper's Figure 3: perplexity against multi-state size (log2 x), one line per policy,
+    the full model dashed."""
+    fig, ax = figure(figsize=(6.5, 4.2))
+    for name in dict.fromkeys(r["policy"] for r in rows if r["size"] is not None):
+        pts = sorted((r["size"], r["ppl"]) for r in rows if r["policy"] == name)
+        ax.plot(*zip(*pts), marker="o", label=name)
+    for r in rows:
+        if r["size"] is None:
+            ax.axhline(r["ppl"], color="black", linestyle="--", label=f"full ({r['ppl']:.2f})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("multi-state size k (log2)")
+    ax.set_ylabel("perplexity (log)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def text_digest(files):
+    h = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- retention
+
+
+def plot_retention(summary, r, path: str, title: str):
+    layers = summary["layers"]
+    fig, (a, b) = figure(1, 2, figsize=(10, 3.8))
+    a.bar([l["layer"] for l in layers], [l["recent"] for l in layers], color="tab:blue",
+          label="share of kept states that are recent")
+    a.plot([l["layer"] for l in layers], [l["first_kept"] for l in layers], "k^",
+           label="first token kept throughout (share of chunks)")
+    a.set_ylim(0, 1.05)
+    a.set_xlabel("layer")
+    a.legend(fontsize=7, loc="lower right")
+    b.hist(r["lifetime"].flatten().numpy(), bins=50, color="tab:orange", log=True)
+    b.set_xlabel("steps a token stays in the multi-state (capped)")
+    b.set_ylabel("tokens x layers")
+    fig.suptitle(title, fontsize=9)
+    save_figure(fig, path)
+
+
+def run_retention(args):
+    from .. import evaluate, load_tokenizer
+
+    if not 0 < args.size < args.context:
+        raise UsageError(f"--size must be between 1 and --context - 1, got {args.size}")
+    check_positive("--batch", args.batch)
+    check_positive("--max-chunks", args.max_chunks, allow_none=True)
+    check_device(args.device)
+    check_out_dir(args.out)
+    directory, cfg = model_config(args.model)
+    check_range(cfg, f"--context {args.context}", args.context)
+    tok = load_tokenizer(directory)
+    chunks = evaluate.load_chunks(tok, args.text, args.context, args.max_chunks)
+    model = load_model(directory, args.dtype, args.device)
+    r = evaluate.retention(model, chunks, args.size, args.batch)
+    summary = {"size": args.size, "context": args.context, "chunks": len(chunks),
+               **evaluate.summarize_retention(r, chunks, tok)}
+    if args.out:
+        write_atomic(os.path.join(args.out, "retention.json"), json.dumps(summary, indent=1))
+        plot_retention(summary, r, os.path.join(args.out, "retention.png"),
+                       f"TOVA({args.size}), {os.path.basename(directory)}, "
+                       f"{len(chunks)} chunks x {args.context}")
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"TOVA({args.size}) over {len(chunks)} chunks of {args.context} tokens")
+    print(f"first token kept after every step, in every layer and chunk: "
+          f"{summary['first_kept_everywhere']}")
+    print(f"share of kept states among the last {args.size} positions: {summary['recent']:.3f}")
+    print("layer  first-kept  recent  mean-lifetime")
+    for l in summary["layers"]:
+        print(f"{l['layer']:5d}  {l['first_kept']:10.2f}  {l['recent']:6.3f}  "
+              f"{l['mean_lifetime']:13.1f}")
+    print("tokens kept longest on average (steps, over layers and occurrences):")
+    for t in summary["longest_kept"]:
+        print(f"  {t['token']!r:>16}  {t['mean_lifetime']:7.1f}  (x{t['count']})")
+    return 0

@@ -1,0 +1,77 @@
+"""What the commands leave on disk: whole files or nothing, resumable result tables, plots."""
+
+import json
+import os
+import tempfile
+
+
+def write_atomic(path: str, text: str):
+    """Write a whole file or nothing: a temporary file in the same directory, then a rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def figure(*grid, figsize):
+    """A new matplotlib figure and its axes (plt.subplots), drawn off-screen."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*grid, figsize=figsize)
+
+
+def save_figure(fig, path: str):
+    """Save a matplotlib figure as PNG atomically (a temporary file, then a rename); close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+class Results:
+    """results.json (+ .csv) in an --out directory: the rows computed so far, so that a sweep
+    that was interrupted resumes with what is missing. A directory made with another setup, or
+    whose results.json is damaged, is refused with a message that says what to do."""
+
+    def __init__(self, directory: str | None, setup: dict, key: tuple, fields: list):
+        self.directory, self.setup, self.key, self.fields = directory, setup, key, fields
+        self.rows = []
+        if directory is None:
+            return
+        path = os.path.join(directory, "results.json")
+        if not os.path.exists(path):
+            return
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            saved_setup, rows = saved["setup"], saved["results"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path} is damaged (not a results file this command wrote); "
+                             f"delete it or use another --out directory") from None
+        if saved_setup != setup:
+            raise ValueError(f"{path} holds results of another setup ({saved_setup}); use "
+                             f"another --out directory")
+        self.rows = rows
+
+    def get(self, *key):
+        return next((r for r in self.rows if tuple(r[k] for k in self.key) == key), None)
+
+    def add(self, row: dict):
+        self.rows.append(row)
+        if self.directory is None:
+            return
+        write_atomic(os.path.join(self.directory, "results.json"),
+                     json.dumps({"setup": self.setup, "results": self.rows}, indent=1))
+        lines = [",".join(self.fields)] + [
+            ",".join("" if r[k] is None else str(r[k]) for k in self.fields) for r in self.rows]
+        write_atomic(os.path.join(self.directory, "results.csv"), "\n".join(lines) + "\n")
