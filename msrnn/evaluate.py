@@ -162,7 +162,8 @@ def _worker_run(policy, chunks, batch_size):
 
 
 @torch.inference_mode()
-def retention(model, chunks, size: int, batch_size: int = 8, horizon: int | None = None):
+def retention(model, chunks, size: int, batch_size: int = 8, horizon: int | None = None,
+              record: list[int] | None = None):
     """Follow TOVA(size) over chunks [N, T] and measure, per layer, which states it keeps.
 
     Returns a dict of tensors:
@@ -172,12 +173,19 @@ def retention(model, chunks, size: int, batch_size: int = 8, horizon: int | None
       first_kept [L, N]             whether position 0 was kept after every step
       recent [L]                    mean share of the kept states that are among the last `size`
                                     positions (what a window of the same size would hold), over
-                                    the steps after the multi-state filled."""
+                                    the steps after the multi-state filled.
+      kept {l: bool [T, T]}         only for the layers in `record`: the multi-state as a picture
+                                    for the first chunk, [p, t] = position p is in H^l_t (the
+                                    matrix msrnn.cli.evaluate.plot_multistate draws)."""
     N, T = chunks.shape
     L, horizon = model.cfg.n_layers, horizon or T // 2
     lifetime = torch.zeros(L, N, T, dtype=torch.long)
     first_kept = torch.ones(L, N, dtype=torch.bool)
     recent = torch.zeros(L, dtype=torch.float64)
+    record = list(record or [])
+    kept = {l: torch.zeros(T, T, dtype=torch.bool) for l in record}
+    for l in record:                        # the first `size` steps keep every position so far
+        kept[l][:size, :size] = torch.ones(size, size, dtype=torch.bool).tril().T
     for i in tqdm(range(0, N, batch_size), desc=f"retention TOVA({size})", unit="batch",
                   file=sys.stderr, leave=False):
         ids = chunks[i:i + batch_size].to(model.embed.weight.device)
@@ -194,8 +202,14 @@ def retention(model, chunks, size: int, batch_size: int = 8, horizon: int | None
             lifetime[:, i:i + B] += alive
             first_kept[:, i:i + B] &= alive[:, :, 0].bool()
             recent += (pos > t - size).sum((1, 2)).double() / size
-    return {"lifetime": lifetime.clamp(max=horizon)[:, :, :T - horizon],
-            "first_kept": first_kept, "recent": recent / (N * (T - size))}
+            if i == 0:
+                for l in record:
+                    kept[l][:, t] = alive[l, 0].bool()
+    out = {"lifetime": lifetime.clamp(max=horizon)[:, :, :T - horizon],
+           "first_kept": first_kept, "recent": recent / (N * (T - size))}
+    if record:
+        out["kept"] = kept
+    return out
 
 
 def summarize_retention(r, chunks, tok, top: int = 15, min_count: int = 5):

@@ -8,10 +8,18 @@ attention, averaged over heads), and the token evicted.
     python scripts/step_by_step.py --prompt "What is the capital of France?" --chat \\
         --policy tova --size 32 --layer 15 --max-new-tokens 12
     python scripts/step_by_step.py --prompt "..." --compact      # one line per step
+    python scripts/step_by_step.py --chat --prompt "What is the capital of France?" --size 32 \\
+        --compact --plot kept.png --layers 0,15,29     # and draw what layers 0, 15, 29 keep
 
 The chat prompt alone is 37 tokens, more than the 32 states: watch TOVA keep the first token (the
 "attention sink") and the question's words while it evicts most of the rest, and the model still
 answers.
+
+--prompt-mode sequential (the default) makes every prompt token a step, the MSRNN definition.
+--prompt-mode oneshot runs the prompt as `msrnn.generate` and `msrnn generate` do by default: one
+parallel pass with full attention over the prompt, then each layer keeps the k prompt tokens its
+policy ranks best from the last prompt token's attention row (docs/msrnn.md, "Prompts"); the two
+can keep different tokens for the same prompt.
 """
 
 import argparse
@@ -60,6 +68,13 @@ def main(argv=None):
     ap.add_argument("--layer", type=int, default=None, help="layer to show (default: middle)")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--compact", action="store_true", help="one line per step")
+    ap.add_argument("--prompt-mode", choices=("sequential", "oneshot"), default="sequential",
+                    help="sequential: every prompt token is a step (default); oneshot: the prompt "
+                    "in one parallel pass, then the best k kept (what `msrnn generate` does)")
+    ap.add_argument("--plot", metavar="FILE", help="draw which positions the --layers keep at "
+                    "each step (x: step, y: position) into this PNG file")
+    ap.add_argument("--layers", help="layers to draw with --plot, comma-separated (default: "
+                    "the first, the shown one and the last)")
     args = ap.parse_args(argv)
 
     model = msrnn.load(args.model)
@@ -79,12 +94,44 @@ def main(argv=None):
     if not ids:
         ap.error("empty prompt")
 
-    print(f"{model.cfg.n_layers} layers; policy {policy.inner}; showing layer {layer}"
+    n_layers = model.cfg.n_layers
+    try:
+        plotted = (parse_layers(args.layers, n_layers) if args.layers
+                   else sorted({0, layer, n_layers - 1}))
+    except ValueError as e:
+        ap.error(str(e))
+    if args.layers and not args.plot:
+        ap.error("--layers chooses the layers of --plot; give --plot FILE too")
+
+    print(f"{n_layers} layers; policy {policy.inner}; showing layer {layer}"
           f"{', KV head 0' if policy.per_head else ''}. [p]'token' = position p.")
+    print(f"prompt mode: {args.prompt_mode} ("
+          + ("every prompt token is a step" if args.prompt_mode == "sequential" else
+             "the prompt in one parallel pass, then each layer keeps the k it ranks best; "
+             "what msrnn.generate does by default") + ")")
     state = model.init_state(1, policy)
     n_prompt = len(ids)
+    history = {l: [] for l in plotted}             # layer -> [(step, kept positions)]
+
+    def record(t):
+        for l in plotted:
+            history[l].append((t, state.positions(l)[0, 0].tolist()))
+
+    start = 0
     with torch.inference_mode():
-        for t in range(n_prompt + args.max_new_tokens - 1):
+        if args.prompt_mode == "oneshot":         # the whole prompt at once, as generate does
+            policy.calls.clear()
+            logits, state = model.prefill(torch.tensor([ids]), state, mode="oneshot")
+            produced = int(logits[0, -1].argmax())
+            ids.append(produced)
+            kept = state.positions(layer)[0, 0].tolist()
+            evicted = sorted(set(range(n_prompt)) - set(kept))
+            t = n_prompt - 1
+            record(t)
+            report(tok, ids, t, produced, kept, evicted, policy.calls, layer, args.compact,
+                   False)
+            start = n_prompt if produced not in tok.eos_ids else n_prompt + args.max_new_tokens
+        for t in range(start, n_prompt + args.max_new_tokens - 1):
             before = set(state.positions(layer)[0, 0].tolist()) | {t}
             policy.calls.clear()
             logits, state = model.step(torch.tensor([ids[t]]), state)
@@ -94,12 +141,33 @@ def main(argv=None):
                 ids.append(produced)
             kept = state.positions(layer)[0, 0].tolist()
             evicted = sorted(before - set(kept))
+            record(t)
             report(tok, ids, t, produced, kept, evicted, policy.calls, layer, args.compact,
                    in_prompt)
             if not in_prompt and produced in tok.eos_ids:
                 break
     print(f"\nmulti-state after {state.length} steps: {state.slots} slots per layer, "
-          f"{state.nbytes() / 2**20:.2f} MiB for all {model.cfg.n_layers} layers")
+          f"{state.nbytes() / 2**20:.2f} MiB for all {n_layers} layers")
+    if args.plot:
+        from msrnn.cli.evaluate import kept_matrix, plot_multistate
+
+        name = args.model.rstrip("/").split("/")[-1]
+        plot_multistate({l: kept_matrix(h) for l, h in history.items()}, args.plot,
+                        f"{policy.inner}, {name}, prompt {n_prompt} tokens ({args.prompt_mode})"
+                        f"{', KV head 0' if policy.per_head else ''}", prompt=n_prompt)
+        print(f"plot: {args.plot}")
+
+
+def parse_layers(text: str, n_layers: int) -> list[int]:
+    """'0,15,29' -> [0, 15, 29], each checked to be a layer of the model."""
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--layers must be comma-separated layer numbers, got {text!r}") from None
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if not layers or bad:
+        raise ValueError(f"--layers must name layers in 0..{n_layers - 1}, got {text!r}")
+    return sorted(set(layers))
 
 
 def wrap(head, items, width=110):

@@ -78,3 +78,17 @@ def test_download_offline_says_where_to_put_files(tmp_path):
     assert code != 0
     assert "could not download 'HuggingFaceTB/SmolLM2-135M-Instruct'" in err
     assert f"to {tmp_path / 'smol'}/ and pass that directory" in err
+
+
+@pytest.mark.parametrize("policy", ["tova", "h2o", "full"])
+def test_generate_backends_agree(model, policy):
+    """`--backend transformers` runs the same policy inside transformers (msrnn.hf): greedy text
+    equal to msrnn's own decoder, in both prompt modes."""
+    for mode in ("oneshot", "sequential"):
+        args = ["generate", model, "--prompt", "Once upon a time, there was", "--policy", policy,
+                "--size", "8", "--max-new-tokens", "24", "--prompt-mode", mode,
+                "--dtype", "float64"]
+        ours = msrnn(*args)
+        theirs = msrnn(*args, "--backend", "transformers")
+        assert ours[0] == theirs[0] == 0, theirs[2]
+        assert ours[1] == theirs[1] and len(ours[1]) == 25, (mode, ours[1], theirs[1])

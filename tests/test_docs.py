@@ -35,13 +35,23 @@ def test_readme_code(in_repo, capsys):
 
 def test_policies_doc_and_random_baseline(in_repo, capsys):
     blocks = python_blocks("docs/policies.md")
-    assert len(blocks) == 2
+    assert len(blocks) == 4                          # H2O's excerpt, Random, its use, Decayed
     scope = {}
-    for block in blocks:
+    for block in blocks[:3]:
         exec(block, scope)
     out = capsys.readouterr().out
     assert "tensor([[[" in out                                  # kept positions were printed
     assert scope["state"].positions(0).shape == (1, 3, 8)       # 12 tokens, 8 kept
+    from msrnn.policies import H2O
+    assert scope["H2O"].observe.__code__.co_code == H2O.observe.__code__.co_code  # the excerpt
+    assert scope["H2O"].score.__code__.co_code == H2O.score.__code__.co_code      # is the code
+
+    # The policy with memory of its own: its buffer is there and was updated.
+    exec(blocks[3], scope)
+    state = scope["state"]
+    assert "torch.Size([1, 3, 9])" in capsys.readouterr().out
+    assert state.positions(0).shape == (1, 3, 8)
+    assert (state.layers[0].memory["avg"] > 0).any()
 
     # What a policy worth its name must do: beat evicting at random.
     model, tok, Random = scope["model"], scope["tok"], scope["Random"]

@@ -224,3 +224,16 @@ def test_retention_counts_what_stepping_keeps(tiny, capsys, tmp_path):
     assert code == 0 and summary["size"] == k and len(summary["layers"]) == L
     assert json.loads((tmp_path / "retention.json").read_text()) == summary
     assert (tmp_path / "retention.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_transformers_backend_gives_the_same_perplexity(tiny, capsys):
+    """`msrnn ppl --backend transformers` runs each policy inside transformers (msrnn.hf)."""
+    _, model, texts = tiny
+    args = ["--policies", "full,tova,h2o,sinks", "--sizes", "8", "--dtype", "float64"]
+    _, ours, _ = ppl_cli(capsys, model, texts, *args)
+    code, theirs, err = ppl_cli(capsys, model, texts, *args, "--backend", "transformers")
+    assert code == 0, err
+    assert [(r["policy"], r["size"], r["tokens"]) for r in ours] == \
+        [(r["policy"], r["size"], r["tokens"]) for r in theirs]
+    for a, b in zip(ours, theirs):
+        assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-6), (a, b)

@@ -30,6 +30,11 @@ CASES = {
                                             rope_scaling=dict(rope_type="linear", factor=4.0))),
     "mistral-gqa2": ("mistral", dict(sliding_window=None)),
     "mistral-native-window": ("mistral", dict(sliding_window=9)),
+    "qwen2-qkv-bias": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "qwen2-mqa-tied": ("qwen2", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "qwen3-qk-norm": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "qwen3-gqa4-headdim": ("qwen3", dict(num_attention_heads=8, num_key_value_heads=2,
+                                         head_dim=12)),
 }
 
 

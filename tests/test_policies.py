@@ -462,3 +462,31 @@ def test_mistral_tova_equals_reference(tmp_path):
         want_pos.append([ref.kept(l) for l in range(ref.n_layers)])
     assert_same_run(got_pos, want_pos, got_logits, want_logits)
     assert got_pos[-1][0][0] != list(range(200 - K, 200))
+
+
+# ------------------------------------------------------------------------------ Qwen2, Qwen3
+
+@pytest.fixture(scope="module", params=["qwen2", "qwen3"])
+def qwen(request, tmp_path_factory):
+    """Tiny random Qwen2 (q/k/v biases) and Qwen3 (q/k norms) loaded by msrnn, float64."""
+    hf = tiny_hf(request.param, seed=4, vocab_size=VOCAB)
+    model = msrnn.load(save(hf, tmp_path_factory.mktemp(request.param)), dtype=torch.float64)
+    return hf.double(), model
+
+
+@pytest.mark.parametrize("name", [n for n in REGISTRY if n != "full"])
+def test_qwen_families_run_every_policy_like_the_reference(qwen, name):
+    """msrnn's decoder loads the Qwen families and runs every policy as the plain reference does
+    (which computes the biases and norms itself): 80 steps, k = 8."""
+    hf, model = qwen
+    policy, rule = make(name, size=8)
+    state, ref = model.init_state(1, policy), Reference(hf, rule)
+    ids = tokens(1, 80, seed=9)
+    got_pos, got_logits, want_pos, want_logits = [], [], [], []
+    for t in range(80):
+        out, state = model.step(ids[:, t], state)
+        got_logits.append(out[0])
+        got_pos.append(positions(state))
+        want_logits.append(ref.step(int(ids[0, t])))
+        want_pos.append([ref.kept(l) for l in range(ref.n_layers)])
+    assert_same_run(got_pos, want_pos, got_logits, want_logits)

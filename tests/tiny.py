@@ -1,7 +1,11 @@
 """Tiny random Hugging Face models, saved as real checkpoints, for comparing msrnn to transformers."""
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+KINDS = {"llama": (LlamaForCausalLM, LlamaConfig), "mistral": (MistralForCausalLM, MistralConfig),
+         "qwen2": (Qwen2ForCausalLM, Qwen2Config), "qwen3": (Qwen3ForCausalLM, Qwen3Config)}
 
 DEFAULTS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=96, vocab_size=128, max_position_embeddings=4096,
@@ -9,20 +13,29 @@ DEFAULTS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_
 
 
 def tiny_hf(kind: str = "llama", seed: int = 0, **overrides):
-    """A random LlamaForCausalLM / MistralForCausalLM in float32, eval mode.
+    """A random LLaMA / Mistral / Qwen2 / Qwen3 causal LM in float32, eval mode.
 
     Random init gives weights of std 0.02: nearly uniform attention. Scaling q and k up makes
-    attention peaked, so that the tests exercise softmax, RoPE and eviction for real."""
+    attention peaked, so that the tests exercise softmax, RoPE and eviction for real. The
+    family's own parts are made random too (Qwen2's q/k/v biases, Qwen3's q/k norms), so that
+    a test would see them ignored."""
     torch.manual_seed(seed)
-    cls, cfg_cls = {"llama": (LlamaForCausalLM, LlamaConfig),
-                    "mistral": (MistralForCausalLM, MistralConfig)}[kind]
-    cfg = cfg_cls(**{**DEFAULTS, **overrides})
+    cls, cfg_cls = KINDS[kind]
+    extra = {"head_dim": 16} if kind == "qwen3" else {}
+    cfg = cfg_cls(**{**DEFAULTS, **extra, **overrides})
     model = cls(cfg).eval()
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8)
-            layer.self_attn.k_proj.weight.mul_(8)
+            attn = layer.self_attn
+            attn.q_proj.weight.mul_(8)
+            attn.k_proj.weight.mul_(8)
             layer.input_layernorm.weight.uniform_(0.5, 1.5)
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                if proj.bias is not None:
+                    proj.bias.normal_(0, 0.5)
+            for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):
+                if norm is not None:
+                    norm.weight.uniform_(0.5, 1.5)
     return model
 
 

@@ -9,8 +9,8 @@ import sys
 
 from tqdm import tqdm
 
-from . import (UsageError, add_device_args, add_policy_args, check_device, check_out_dir,
-               check_positive, check_range, load_model, model_config, parse_list, policy_help)
+from .common import (add_device_args, add_policy_args, check_device, check_out_dir, check_positive,
+                     check_range, load_model, model_config, parse_list, policy_help, UsageError)
 from .output import Results, figure, save_figure, write_atomic
 
 
@@ -44,6 +44,10 @@ def add_commands(commands):
     r.add_argument("--batch", type=int, default=8)
     r.add_argument("--json", action="store_true")
     r.add_argument("--out", help="directory for retention.json and retention.png")
+    r.add_argument("--plot", metavar="FILE", help="draw which positions the --layers keep at "
+                   "each step of the first chunk (x: step, y: position) into this PNG file")
+    r.add_argument("--layers", help="layers to draw with --plot, comma-separated (default: the "
+                   "first, the middle and the last)")
     add_device_args(r)
     r.set_defaults(run=run_retention)
 
@@ -158,6 +162,71 @@ def plot_retention(summary, r, path: str, title: str):
     save_figure(fig, path)
 
 
+def kept_matrix(history):
+    """[(step t, kept positions after step t)] -> bool tensor [positions, steps]: entry [p, t]
+    says whether position p is in the multi-state H_t (steps that were not recorded stay empty)."""
+    import torch
+
+    steps = max(t for t, _ in history) + 1
+    positions = max((max(kept) for _, kept in history if kept), default=0) + 1
+    m = torch.zeros(positions, steps, dtype=torch.bool)
+    for t, kept in history:
+        m[torch.tensor(kept, dtype=torch.long), t] = True
+    return m
+
+
+def plot_multistate(kept, path: str, title: str, prompt: int | None = None):
+    """The multi-state as a picture (the paper's kind of figure): one panel per layer, x the
+    step t, y the position p, a dark mark where p is in H_t. kept: {layer: bool [P, T]} (see
+    kept_matrix). A window is a band along the diagonal; a kept token is a horizontal line.
+    prompt: the prompt's length, drawn as a dashed line at its last step. Saved atomically."""
+    from matplotlib.colors import ListedColormap
+
+    layers = list(kept)
+    fig, axes = figure(1, len(layers), figsize=(min(4.2 * len(layers), 16), 4.2))
+    axes = axes if len(layers) > 1 else [axes]
+    cmap = ListedColormap(["white", "#1f3b73"])
+    for ax, layer in zip(axes, layers):
+        m = kept[layer]
+        P, T = m.shape
+        ax.imshow(m.numpy(), origin="lower", aspect="auto", interpolation="nearest", cmap=cmap,
+                  vmin=0, vmax=1, extent=(-0.5, T - 0.5, -0.5, P - 0.5))
+        ax.plot([0, T - 1], [0, T - 1], color="tab:orange", lw=0.6, alpha=0.6,
+                label="new token (p = t)")
+        if prompt is not None and prompt - 1 < T:
+            ax.axvline(prompt - 1, color="tab:red", lw=0.8, ls="--", label="last prompt token")
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.set_xlabel("step t")
+        ax.set_ylabel("position p kept in H_t")
+        ax.set_xlim(-0.5, T - 0.5)
+        ax.set_ylim(-0.5, P - 0.5)
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=9)
+    save_figure(fig, path)
+
+
+def plot_layers(args, n_layers: int) -> list[int]:
+    """The layers `--plot` draws: --layers, or the first, the middle and the last; [] without
+    --plot. Checked before any work, and --plot's directory must exist."""
+    if not args.plot:
+        if args.layers:
+            raise UsageError("--layers chooses the layers of --plot; give --plot FILE too")
+        return []
+    folder = os.path.dirname(os.path.abspath(args.plot))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--plot {args.plot}: directory {folder} does not exist")
+    if not args.layers:
+        return sorted({0, n_layers // 2, n_layers - 1})
+    try:
+        layers = sorted({int(x) for x in args.layers.split(",") if x.strip()})
+    except ValueError:
+        raise UsageError(f"--layers must be comma-separated layer numbers, got "
+                         f"{args.layers!r}") from None
+    if not layers or not all(0 <= l < n_layers for l in layers):
+        raise UsageError(f"--layers must name layers in 0..{n_layers - 1}, got {args.layers!r}")
+    return layers
+
+
 def run_retention(args):
     from .. import evaluate, load_tokenizer
 
@@ -169,10 +238,15 @@ def run_retention(args):
     check_out_dir(args.out)
     directory, cfg = model_config(args.model)
     check_range(cfg, f"--context {args.context}", args.context)
+    layers = plot_layers(args, cfg.n_layers)
     tok = load_tokenizer(directory)
     chunks = evaluate.load_chunks(tok, args.text, args.context, args.max_chunks)
     model = load_model(directory, args.dtype, args.device)
-    r = evaluate.retention(model, chunks, args.size, args.batch)
+    r = evaluate.retention(model, chunks, args.size, args.batch, record=layers)
+    if args.plot:
+        plot_multistate(r["kept"], args.plot,
+                        f"TOVA({args.size}), {os.path.basename(directory)}, first chunk of "
+                        f"{args.context} tokens")
     summary = {"size": args.size, "context": args.context, "chunks": len(chunks),
                **evaluate.summarize_retention(r, chunks, tok)}
     if args.out:

@@ -1,0 +1,115 @@
+"""What every command shares: the policy and device arguments, and the checks that run before
+any expensive work (arguments, devices, ranges, output directories)."""
+
+import os
+
+DEFAULT_MODEL = "weights/SmolLM2-135M-Instruct"
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+class UsageError(ValueError):
+    """A bad argument: the message names it and the fix."""
+
+
+def policy_help() -> str:
+    from ..policies import describe
+    return "policies (--policy / --policies):\n" + describe()
+
+
+def add_policy_args(parser, multiple=False):
+    from ..policies import NAMES
+    if multiple:
+        parser.add_argument("--policies", default="full,window,sinks,h2o,tova",
+                            help=f"comma-separated, from: {', '.join(NAMES)}")
+        parser.add_argument("--sizes", default="64,128,256", help="comma-separated sizes k")
+    else:
+        parser.add_argument("--policy", default="tova", help=f"one of: {', '.join(NAMES)}")
+        parser.add_argument("--size", type=int, default=256, help="multi-state size k")
+    parser.add_argument("--sinks", type=int, help="first tokens never evicted (sinks: default "
+                        "4; window, tova, tova-head, keynorm: default 0)")
+
+
+def add_device_args(parser):
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+
+def check_device(name: str):
+    """The torch device `name`, if this machine has it."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this machine has no CUDA GPU (or this torch build "
+                         f"has no CUDA); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: msrnn runs on cpu or cuda")
+    return device
+
+
+def check_positive(name: str, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or value < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value}")
+
+
+def check_seed(seed):
+    if seed is not None and not 0 <= seed < 2**63:
+        raise UsageError(f"--seed must be in 0..2**63-1, got {seed}")
+
+
+def parse_list(name: str, text: str, kind=str) -> list:
+    """'a,b,c' -> [a, b, c] (kind int: integers), with a clear error."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if kind is int:
+        try:
+            items = [int(x) for x in items]
+        except ValueError:
+            raise UsageError(f"{name} must be comma-separated integers, got {text!r}") from None
+    if not items:
+        raise UsageError(f"{name} is empty")
+    return items
+
+
+def model_config(path: str):
+    """(local checkpoint directory, its Config): read before loading any weight, so that ranges
+    are checked first. A Hub repo id is downloaded here, once."""
+    from ..config import read_config
+    from ..loading import resolve
+    directory = resolve(path)
+    return directory, read_config(directory)
+
+
+def check_range(cfg, what: str, n: int):
+    if n > cfg.max_positions:
+        raise UsageError(f"{what} needs {n} positions, past the model's range of "
+                         f"{cfg.max_positions} (max_position_embeddings); use a smaller value")
+
+
+def load_model(directory: str, dtype: str, device: str):
+    import torch
+
+    from .. import load
+    return load(directory, dtype=getattr(torch, dtype), device=device)
+
+
+def check_out_dir(path: str | None):
+    """--out: a directory that exists or can be made, and that this process can write; checked
+    before the work whose results go there."""
+    if path is None:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--out {path} is a file; give a directory (it is created if missing)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {path}: cannot create it ({e.strerror}); choose another "
+                         f"directory") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {path} is not writable; choose another directory")
