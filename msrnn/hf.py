@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .model import visible
-from .policies import Full, Policy
+from .policies import Policy
 from .state import LayerState
 
 NAME = "msrnn"

@@ -2,9 +2,9 @@
 by the library itself, so that the page cannot drift from the code.
 
 One layer, one KV head, one query head, head dimension D = 16. The attention logits
-q_t · K_p / sqrt(D) are set by hand (LOGITS[t][p]): the key of position p is the unit vector e_p and
-the query of step t is sqrt(D) times row t of LOGITS, so `Attention.attend` computes exactly
-softmax(LOGITS[t][p] for the candidates p). Everything else is the real code: `LayerState.insert`
+q_t · K_p / sqrt(D) are set by hand (LOGITS[t][p]): the key of position p is the unit vector
+e_p and the query of step t is sqrt(D) times row t of LOGITS, so `Attention.attend` computes
+exactly softmax(LOGITS[t][p] for the candidates p). Everything else is the real code: `LayerState.insert`
 writes the new token into the free slot, `Attention.attend` masks the empty slots
 (`visible`), `LayerState.evict` asks the policy (`TOVA`, `Window`, `Sinks`, `H2O`) and empties the
 slot of the lowest score, oldest on ties.

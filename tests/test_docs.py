@@ -26,11 +26,14 @@ def in_repo(monkeypatch):
 
 def test_readme_code(in_repo, capsys):
     blocks = python_blocks("README.md")
-    assert len(blocks) == 1
-    exec(blocks[0], {})
+    assert len(blocks) == 2
+    scope = {}
+    exec(blocks[0], scope)
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == "The capital of France is Paris."
     assert out[0].startswith("tensor([[[") and "0," in out[0]   # layer 0 keeps position 0
+    exec(blocks[1], scope)                                      # the same inside transformers
+    assert capsys.readouterr().out.splitlines()[-1] == "The capital of France is Paris."
 
 
 def test_policies_doc_and_random_baseline(in_repo, capsys):
@@ -60,3 +63,16 @@ def test_policies_doc_and_random_baseline(in_repo, capsys):
     random, _ = perplexity(model, chunks, Random(16))
     assert tova < 0.8 * random, (tova, random)
     assert torch.is_tensor(scope["ids"]) and scope["ids"].shape[0] == 1
+
+
+def test_transformers_doc_policy_check():
+    """docs/transformers.md, "Test your policy against transformers": the pytest a user copies
+    runs as written (it defines tests; each is called)."""
+    blocks = [b for b in python_blocks("docs/transformers.md") if "def test_" in b]
+    assert len(blocks) == 1
+    scope = {}
+    exec(blocks[0], scope)
+    tests = [fn for name, fn in scope.items() if name.startswith("test_")]
+    assert tests
+    for fn in tests:
+        fn()

@@ -8,7 +8,6 @@ mode, and for bad input. Everything that compares numbers runs in float64.
 """
 
 import copy
-import re
 from pathlib import Path
 
 import pytest
@@ -308,19 +307,3 @@ def test_prepared_model_still_runs_without_the_cache(llama):
     b = plain.generate(ids[:1], max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert a.tolist() == b.tolist()
     assert plain.config._attn_implementation != "msrnn"
-
-
-# ------------------------------------------------------- docs/transformers.md runs
-
-def test_docs_policy_check_runs():
-    """The "Test your policy against transformers" block of docs/transformers.md runs as
-    written (it defines and calls a test)."""
-    text = (REPO / "docs" / "transformers.md").read_text()
-    blocks = re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
-    block = [b for b in blocks if "def test_" in b]
-    assert len(block) == 1
-    scope = {}
-    exec(block[0], scope)
-    for name, fn in list(scope.items()):
-        if name.startswith("test_"):
-            fn()

@@ -189,7 +189,7 @@ def test_step_by_step_oneshot(tiny, capsys):
         model.prefill(torch.tensor([tok.encode(prompt)]), state, mode="oneshot")
     kept = " ".join(map(str, state.positions(1)[0, 0].tolist()))
     assert steps[0].endswith(f"| kept {kept}")
-    assert f"evicted [0]" in steps[0] or "evicted [1]" in steps[0] or "evicted [" in steps[0]
+    assert "| evicted [" in steps[0]            # 26 prompt tokens, 6 kept: the rest are listed
 
 
 def test_step_by_step_rejects_bad_layers(tiny, capsys):
