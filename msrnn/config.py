@@ -111,9 +111,9 @@ class Config:
     @classmethod
     def from_file(cls, path: str) -> "Config":
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 hf = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON ({e}); restore the checkpoint's "
                               f"config.json") from None
         return cls.from_hf(hf)

@@ -25,6 +25,7 @@ the multi-state, C the candidate set and k the multi-state size (`policy.size`).
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from .config import Config, rope_frequencies
 from .policies import Full, Policy
@@ -114,7 +115,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
-    def attend(self, q, keys, mask):
+    @staticmethod
+    def attend(q, keys, mask):
         """Attention probabilities [B, Hkv, G, T, S] = softmax(q · K / sqrt(D)) over the visible
         keys. q [B, Hkv, G, T, D], keys [B, Hkv, S, D], mask broadcastable to the result.
         The G query heads of a group share one matrix product with their KV head's keys."""
@@ -160,7 +162,7 @@ class Attention(nn.Module):
         state.keep_best(k, v, torch.arange(start, start + T, device=x.device), last, total)
         return self.fused(q, k, v, mask)
 
-    def column_sums(self, q, keys, mask, block: int = 256):
+    def column_sums(self, q, keys, mask, block: int = 64):
         """sum_i a_i(j) over all queries i: [B, Hkv, G, S], a block of queries at a time, so
         that at most [block, S] attention weights exist at once."""
         total = 0
@@ -285,7 +287,7 @@ class Transformer(nn.Module):
         if n:
             hidden = self.hidden(token_ids[:, :n], state, mode)
             out.append(self.logits(hidden) if logits else hidden)
-        for i in range(n, T):
+        for i in progress(range(n, T), "prompt steps", show=T - n >= 512):
             state.reserve(1)
             out.append(self.decode(token_ids[:, i], state, head=logits)[:, None])
             state.advance(1)
@@ -336,7 +338,8 @@ class Transformer(nn.Module):
             mask = mask & reach
         cos, sin = self.rope(q_pos)
         x = self.embed(token_ids)                                        # [B, T, E]
-        for block, layer_state in zip(self.blocks, state.layers):
+        for block, layer_state in progress(list(zip(self.blocks, state.layers)), "prompt layers",
+                                           show=T >= 2048):
             x = block.prefill(x, layer_state, start, mask, cos, sin)
         state.advance(T)
         return x
@@ -370,3 +373,8 @@ class Transformer(nn.Module):
         if token_ids.shape[0] != state.batch_size:
             raise ValueError(f"token_ids has batch size {token_ids.shape[0]}, but the multi-state "
                              f"was made for {state.batch_size} (model.init_state(batch_size=...))")
+
+
+def progress(items, desc: str, show: bool):
+    """A progress bar on stderr for long prompts (tqdm), nothing for short ones."""
+    return tqdm(items, desc=desc, leave=False, disable=not show)

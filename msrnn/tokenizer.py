@@ -36,14 +36,20 @@ class Tokenizer:
         self.directory = directory
         self.config = _read_json(directory, "tokenizer_config.json")
         path = os.path.join(directory, filename)
-        if filename == "tokenizer.json":
-            from tokenizers import Tokenizer as Backend
+        try:
+            if filename == "tokenizer.json":
+                from tokenizers import Tokenizer as Backend
 
-            self.backend, self.sp = Backend.from_file(path), None
-        else:
-            import sentencepiece
+                self.backend, self.sp = Backend.from_file(path), None
+            else:
+                import sentencepiece
 
-            self.backend, self.sp = None, sentencepiece.SentencePieceProcessor(model_file=path)
+                self.backend = None
+                self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        except Exception as e:     # the libraries raise their own types for a damaged file
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{path} is damaged and cannot be read ({first[:120]}); copy the "
+                             f"checkpoint's tokenizer files again") from None
             # Does sentencepiece put a "▁" before the text (its add_dummy_prefix option)?
             self.dummy_prefix = self.sp.encode("a", out_type=str)[0].startswith("\u2581")
         # Tokens a sentencepiece checkpoint added after training (by id), e.g. chat markers.
@@ -218,5 +224,13 @@ def _read_json(directory: str, name: str) -> dict:
     path = os.path.join(directory, name)
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); copy the checkpoint's tokenizer "
+                         f"files again") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object; copy the checkpoint's tokenizer "
+                         f"files again")
+    return data

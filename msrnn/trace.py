@@ -48,7 +48,7 @@ def run(policy: Policy, logits=LOGITS):
         q = torch.zeros(1, 1, 1, 1, D)
         q[..., : t + 1] = torch.tensor(row) * D ** 0.5             # q_t · K_p / sqrt(D) = row[p]
         mask = visible(torch.tensor(t), state.pos, None)[:, :, None, None]
-        probs = Attention.attend(None, q, state.keys, mask)[:, :, :, 0]   # [1, 1, 1, S]
+        probs = Attention.attend(q, state.keys, mask)[:, :, :, 0]   # [1, 1, 1, S]
         slots = state.pos[0, 0].tolist()
         attention = probs[0, 0, 0].tolist()
         state.evict(probs, torch.tensor(t))                        # H_t = C \ {e}

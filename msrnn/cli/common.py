@@ -88,8 +88,8 @@ def model_config(path: str):
 
 def check_range(cfg, what: str, n: int):
     if n > cfg.max_positions:
-        raise UsageError(f"{what} needs {n} positions, past the model's range of "
-                         f"{cfg.max_positions} (max_position_embeddings); use a smaller value")
+        raise UsageError(f"{what}: {n} positions, past the model's range of "
+                         f"{cfg.max_positions} (max_position_embeddings); use smaller values")
 
 
 def load_model(directory: str, dtype: str, device: str):
