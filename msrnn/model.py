@@ -142,9 +142,10 @@ class Attention(nn.Module):
         state.evict(probs[:, :, :, 0], t)                                    # H_t = C \ {e}
         return y
 
-    def prefill(self, x, state: LayerState, start: int, mask, cos, sin):
+    def prefill(self, x, states: list, start: int, mask, cos, sin):
         """T tokens x [B, T, E] at positions start .. start+T-1 in one parallel pass; mask [T, S]
-        says which keys each query sees (Transformer.hidden makes it).
+        says which keys each query sees (Transformer.hidden makes it). `states`: the layer's
+        multi-state, or several empty ones that share the pass (Transformer.prefill_shared).
 
         Full appends them to its multi-state and attends over all of it. A bounded multi-state
         must be empty: the prompt attends to itself, then the policy keeps the best k of it,
@@ -153,14 +154,18 @@ class Attention(nn.Module):
         kernel, and only what the ranking reads is computed, so memory grows as O(T)."""
         T = x.shape[1]
         q, k, v = self.qkv(x, cos, sin)
-        if not state.policy.bounded:            # Full's slots 0 .. start+T-1 hold those positions
-            state.append(k, v, start)
-            return self.fused(q, state.keys[:, :, :start + T], state.values[:, :, :start + T],
-                              mask)
-        last = self.attend(q[:, :, :, -1:], k, mask[-1:])[:, :, :, 0]        # [B, Hkv, G, T]
-        total = self.column_sums(q, k, mask) if state.policy.memory else None
-        state.keep_best(k, v, torch.arange(start, start + T, device=x.device), last, total)
-        return self.fused(q, k, v, mask)
+        keys, values, last, total = k, v, None, None
+        for state in states:
+            if not state.policy.bounded:        # Full's slots 0 .. start+T-1 hold those positions
+                state.append(k, v, start)
+                keys, values = state.keys[:, :, :start + T], state.values[:, :, :start + T]
+                continue
+            if last is None:
+                last = self.attend(q[:, :, :, -1:], k, mask[-1:])[:, :, :, 0]    # [B, Hkv, G, T]
+            if state.policy.memory and total is None:
+                total = self.column_sums(q, k, mask)
+            state.keep_best(k, v, torch.arange(start, start + T, device=x.device), last, total)
+        return self.fused(q, keys, values, mask)
 
     def column_sums(self, q, keys, mask, block: int = 64):
         """sum_i a_i(j) over all queries i: [B, Hkv, G, S], a block of queries at a time, so
@@ -206,8 +211,8 @@ class Block(nn.Module):
         x = x + self.attn.step(self.attn_norm(x), state, t, cos, sin)
         return x + self.mlp(self.mlp_norm(x))
 
-    def prefill(self, x, state, start, mask, cos, sin):
-        x = x + self.attn.prefill(self.attn_norm(x), state, start, mask, cos, sin)
+    def prefill(self, x, states, start, mask, cos, sin):
+        x = x + self.attn.prefill(self.attn_norm(x), states, start, mask, cos, sin)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -285,7 +290,7 @@ class Transformer(nn.Module):
         n = self.parallel_prefix(T, state, mode)
         out = []
         if n:
-            hidden = self.hidden(token_ids[:, :n], state, mode)
+            hidden = self.hidden(token_ids[:, :n], [state], mode)
             out.append(self.logits(hidden) if logits else hidden)
         for i in progress(range(n, T), "prompt steps", show=T - n >= 512):
             state.reserve(1)
@@ -322,26 +327,40 @@ class Transformer(nn.Module):
         state = self.init_state(len(token_ids), Full(), capacity=token_ids.shape[-1])
         return self.prefill(token_ids, state)[0]
 
-    def hidden(self, token_ids, state, mode="sequential"):
+    def prefill_shared(self, token_ids, states: list):
+        """The `oneshot` prompt token_ids [B, T] for several empty multi-states at once (one per
+        policy, say) -> logits [B, T, V]. Full causal attention over the prompt is the same
+        whatever the policy, so the pass runs once; each multi-state then keeps what its own
+        policy ranks best, exactly as prefill(..., mode="oneshot") would."""
+        for state in states:
+            self._check(token_ids, state, dims=2)
+            if state.length:
+                raise ValueError("prefill_shared compresses a prompt into empty multi-states")
+        return self.logits(self.hidden(token_ids, states, "oneshot"))
+
+    def hidden(self, token_ids, states: list, mode="sequential"):
         """The parallel pass behind prefill: token_ids [B, T] -> final hidden states [B, T, E]
-        (before the norm and LM head), writing the tokens into the multi-state (for a bounded
-        policy the state must be empty; it keeps the best k, see Attention.prefill)."""
-        T, start, policy = token_ids.shape[1], state.length, state.policy
-        state.reserve(T)
+        (before the norm and LM head), writing the tokens into the multi-states (a bounded one
+        must be empty; it keeps the best k, see Attention.prefill). Several multi-states share
+        the pass only if they are empty (prefill_shared)."""
+        T, start = token_ids.shape[1], states[0].length
+        for state in states:
+            state.reserve(T)
         q_pos = torch.arange(start, start + T, device=token_ids.device)
-        k_pos = torch.arange(start + T if not policy.bounded else T, device=token_ids.device)
+        k_pos = torch.arange(start + T, device=token_ids.device)  # Full: all; bounded: start = 0
         # Which keys each query sees: the causal mask (and the checkpoint's own window) and,
         # for a sequential pass of Window or Sinks, what the policy would still hold.
         mask = visible(q_pos[:, None], k_pos, self.cfg.sliding_window)             # [T, S]
-        reach = policy.visible(q_pos[:, None], k_pos) if mode == "sequential" else None
+        reach = states[0].policy.visible(q_pos[:, None], k_pos) if mode == "sequential" else None
         if reach is not None:
             mask = mask & reach
         cos, sin = self.rope(q_pos)
         x = self.embed(token_ids)                                        # [B, T, E]
-        for block, layer_state in progress(list(zip(self.blocks, state.layers)), "prompt layers",
-                                           show=T >= 2048):
-            x = block.prefill(x, layer_state, start, mask, cos, sin)
-        state.advance(T)
+        layers = list(zip(self.blocks, *(state.layers for state in states)))
+        for block, *layer_states in progress(layers, "prompt layers", show=T >= 2048):
+            x = block.prefill(x, layer_states, start, mask, cos, sin)
+        for state in states:
+            state.advance(T)
         return x
 
     def _check(self, token_ids, state, dims: int):

@@ -490,3 +490,21 @@ def test_qwen_families_run_every_policy_like_the_reference(qwen, name):
         want_logits.append(ref.step(int(ids[0, t])))
         want_pos.append([ref.kept(l) for l in range(ref.n_layers)])
     assert_same_run(got_pos, want_pos, got_logits, want_logits)
+
+
+def test_prefill_shared_equals_oneshot_for_each_policy(llama):
+    """One oneshot prompt pass for every policy at once keeps, for each, what its own oneshot
+    prefill keeps, with the same logits; decoding on from it is the same too."""
+    _, model, _ = llama
+    names = list(RULES)
+    shared = [model.init_state(2, make(name)[0]) for name in names]
+    ids = tokens(2, 40, seed=11)
+    logits = model.prefill_shared(ids, shared)
+    for name, state in zip(names, shared):
+        alone, own = model.prefill(ids, model.init_state(2, make(name)[0]), mode="oneshot")
+        assert (logits - alone).abs().max() <= EXACT, name
+        for l in range(model.cfg.n_layers):
+            assert torch.equal(state.positions(l), own.positions(l)), (name, l)
+        a, _ = model.step(ids[:, 0], state)
+        b, _ = model.step(ids[:, 0], own)
+        assert (a - b).abs().max() <= EXACT, name
