@@ -1,4 +1,10 @@
-"""Decoding: run the prompt into the multi-state, then step the MSRNN one new token at a time."""
+"""Decoding: run the prompts into the multi-state, then step the MSRNN one new token at a time.
+
+Prompts of different lengths (a ragged batch) share one multi-state: each row has its own
+positions, so each prompt runs on its own into its row (MultiState.set_row), and then all rows
+step together; padding never exists, so it never enters a multi-state. A row that has finished
+repeats its EOS, and once half of the rows still in the batch have finished they leave it
+(MultiState.select), so they stop costing work."""
 
 import torch
 
@@ -20,7 +26,8 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None):
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     """Next token ids [B] from logits [B, V]: greedy at temperature 0, otherwise drawn from
     softmax(logits / temperature), restricted to the top_k most likely tokens and to the smallest
-    set whose probability reaches top_p (nucleus sampling)."""
+    set whose probability reaches top_p (nucleus sampling). `generator`: one torch.Generator for
+    the batch, or a list of one per row (then a row draws the same whatever its batch)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -33,62 +40,137 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         drop = torch.zeros_like(ahead, dtype=torch.bool).scatter(-1, order, ahead >= top_p)
         logits = logits.masked_fill(drop, -torch.inf)
     probs = logits.softmax(-1)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[:, 0]
+                          for p, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def stream(model: Transformer, prompt_ids, policy: Policy, max_new_tokens=256, temperature=0.0,
+def as_rows(prompts, device) -> list:
+    """The prompts as a list of 1-D LongTensors: from [B, T] or [T] token ids, or a list of
+    prompts (lists of ints or 1-D tensors, any lengths). Errors name the prompt at fault."""
+    if torch.is_tensor(prompts):
+        if prompts.dim() not in (1, 2):
+            raise ValueError(f"prompt ids must be [B, T] or [T], got shape {tuple(prompts.shape)}")
+        rows = list(prompts[None] if prompts.dim() == 1 else prompts)
+    elif isinstance(prompts, (list, tuple)) and prompts and all(
+            isinstance(x, int) for x in prompts):
+        rows = [prompts]                                   # one prompt as a list of ints
+    elif isinstance(prompts, (list, tuple)):
+        rows = list(prompts)
+    else:
+        raise ValueError(f"prompts must be token ids ([B, T] or [T]) or a list of prompts, got "
+                         f"{type(prompts).__name__}")
+    if not rows:
+        raise ValueError("no prompts: give at least one")
+    out = []
+    for i, row in enumerate(rows):
+        where = f"prompt {i}" if len(rows) > 1 else "prompt"
+        try:
+            row = torch.as_tensor(row, device=device)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{where} is not a sequence of token ids") from None
+        if row.dim() != 1:
+            raise ValueError(f"{where} must be one sequence of token ids (1-D), got shape "
+                             f"{tuple(row.shape)}")
+        if len(row) == 0:
+            raise ValueError(f"{where} is empty: give at least one token")
+        if row.dtype.is_floating_point or row.dtype.is_complex or row.dtype == torch.bool:
+            raise ValueError(f"{where} must hold integer token ids, got dtype {row.dtype}")
+        out.append(row.long())
+    return out
+
+
+def prefill(model: Transformer, rows, policy: Policy, mode: str, max_new_tokens: int):
+    """A new multi-state with every prompt in it: (state, logits [B, V] after each prompt).
+
+    Prompts of one length run as one batch; a ragged batch runs each prompt alone, as batch-1
+    `generate` would, and copies it into its row."""
+    lengths = [len(r) for r in rows]
+    # Full allocates the whole sequence once; a bounded policy holds k + 1 slots regardless.
+    capacity = None if policy.bounded else max(lengths) + max_new_tokens
+    state = model.init_state(len(rows), policy, capacity=capacity)
+    if len(set(lengths)) == 1:
+        hidden, state = model.prefill(torch.stack(rows), state, mode=mode, logits=False)
+        return state, model.logits(hidden[:, -1])
+    last = []
+    for b, row in enumerate(rows):
+        alone = model.init_state(1, policy, capacity=None if policy.bounded else len(row))
+        hidden, alone = model.prefill(row[None], alone, mode=mode, logits=False)
+        state.set_row(b, alone)
+        last.append(model.logits(hidden[0, -1]))
+    return state, torch.stack(last)
+
+
+def stream(model: Transformer, prompts, policy: Policy, max_new_tokens=256, temperature=0.0,
            top_k=None, top_p=None, seed=None, prompt_mode="oneshot", compile=False,
            eos_ids=None):
     """Yield (new token ids [B], multi-state) one step at a time; arguments as in `generate`."""
     check_sampling(temperature, top_k, top_p)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    prompt_ids = torch.as_tensor(prompt_ids, device=model.embed.weight.device)
-    if prompt_ids.dim() == 1:
-        prompt_ids = prompt_ids[None]
-    B, T = prompt_ids.shape
-    if T == 0:
-        raise ValueError("empty prompt: give at least one token")
-    if T + max(max_new_tokens - 1, 0) > model.cfg.max_positions:   # checked before any work
-        raise ValueError(f"a {T}-token prompt and {max_new_tokens} new tokens need "
-                         f"{T + max_new_tokens - 1} positions, past the model's range of "
-                         f"{model.cfg.max_positions}; use a shorter prompt or fewer new tokens")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
+            max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    device = model.embed.weight.device
+    rows = as_rows(prompts, device)
+    for i, row in enumerate(rows):                               # checked before any work
+        if len(row) + max(max_new_tokens - 1, 0) > model.cfg.max_positions:
+            where = f"prompt {i} ({len(row)} tokens)" if len(rows) > 1 else \
+                f"a {len(row)}-token prompt"
+            raise ValueError(f"{where} and {max_new_tokens} new tokens need "
+                             f"{len(row) + max_new_tokens - 1} positions, past the model's range "
+                             f"of {model.cfg.max_positions}; use a shorter prompt or fewer new "
+                             f"tokens")
     if compile:
         model.compile_step()
-    # Full allocates the whole sequence once; a bounded policy holds k + 1 slots regardless.
-    capacity = None if policy.bounded else T + max_new_tokens
-    state = model.init_state(B, policy, capacity=capacity)
-    generator = None if seed is None else torch.Generator(prompt_ids.device).manual_seed(seed)
-    eos = torch.tensor(sorted(eos_ids or ()), dtype=torch.long, device=prompt_ids.device)
-    done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+    B = len(rows)
+    generators = None if seed is None else [torch.Generator(device).manual_seed(seed)
+                                            for _ in range(B)]
+    eos = torch.tensor(sorted(eos_ids or ()), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    live = torch.arange(B, device=device)            # the batch row of each multi-state row
 
-    logits, state = model.prefill(prompt_ids, state, mode=prompt_mode)
-    logits = logits[:, -1]
+    state, logits = prefill(model, rows, policy, prompt_mode, max_new_tokens)
     for i in range(max_new_tokens):
-        ids = sample(logits, temperature, top_k, top_p, generator)
+        ids = torch.full((B,), int(eos[0]) if len(eos) else 0, device=device)
+        ids[live] = sample(logits, temperature, top_k, top_p,
+                           None if generators is None else [generators[j] for j in live])
         if len(eos):
             ids = torch.where(done, eos[0], ids)            # finished rows repeat EOS
             done |= torch.isin(ids, eos)
         yield ids, state
         if bool(done.all()) or i == max_new_tokens - 1:
             return
-        logits, state = model.step(ids, state)
+        going = ~done[live]
+        if int(going.sum()) <= len(live) // 2:            # half have finished: they leave
+            state, live = state.select(going.nonzero()[:, 0]), live[going]
+        logits, state = model.step(ids[live], state)
 
 
 @torch.inference_mode()
-def generate(model: Transformer, prompt_ids, policy: Policy, max_new_tokens=256, temperature=0.0,
+def generate(model: Transformer, prompts, policy: Policy, max_new_tokens=256, temperature=0.0,
              top_k=None, top_p=None, seed=None, prompt_mode="oneshot", compile=False,
              eos_ids=None):
-    """prompt_ids [B, T] -> new token ids [B, N], N <= max_new_tokens.
+    """prompt_ids [B, T] -> new token ids [B, N], N <= max_new_tokens; or a list of prompts of
+    any lengths (lists of ints or 1-D tensors) -> a list of 1-D LongTensors, row i what
+    generate gives for prompts[i] alone (up to and including its EOS).
 
     The prompt enters the multi-state (`prompt_mode`, see Transformer.prefill), then each step
     feeds the last token back: (x_t, H_{t-1}) -> (y_t, H_t). Stops after max_new_tokens or when
-    every row has produced one of `eos_ids` (default: the model config's eos_token_id)."""
+    every row has produced one of `eos_ids` (default: the model config's eos_token_id). With a
+    seed, each row draws from its own generator seeded with it."""
     if eos_ids is None:
         eos = model.cfg.eos_id
         eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    out = [ids for ids, _ in stream(model, prompt_ids, policy, max_new_tokens, temperature,
+    out = [ids for ids, _ in stream(model, prompts, policy, max_new_tokens, temperature,
                                     top_k, top_p, seed, prompt_mode, compile, eos_ids)]
-    if not out:
-        return torch.zeros(len(prompt_ids), 0, dtype=torch.long)
-    return torch.stack(out, 1)
+    B = len(as_rows(prompts, "cpu"))
+    ids = torch.stack(out, 1) if out else torch.zeros(B, 0, dtype=torch.long)
+    if torch.is_tensor(prompts) or (prompts and all(isinstance(x, int) for x in prompts)):
+        return ids
+    return [until_eos(row, eos_ids) for row in ids]
+
+
+def until_eos(ids, eos_ids):
+    """A row of new ids up to and including its first EOS."""
+    stops = [i for i, x in enumerate(ids.tolist()) if x in eos_ids]
+    return ids[: stops[0] + 1] if stops else ids

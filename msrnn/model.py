@@ -73,7 +73,8 @@ def linear(x, w, b=None):
     twice as fast here as the library's matrix multiply (docs/performance.md). Several rows (a
     prompt, a batch) reuse each weight, which the library's matrix multiply does best."""
     if torch.compiler.is_compiling() and x.device.type == "cpu" and x[..., 0].numel() == 1:
-        y = (x[..., None, :].float() * w.float()).sum(-1).to(x.dtype)
+        wide = torch.promote_types(x.dtype, torch.float32)     # bfloat16 sums in float32
+        y = (x[..., None, :].to(wide) * w.to(wide)).sum(-1).to(x.dtype)
         return y if b is None else y + b
     return F.linear(x, w, b)
 
@@ -104,16 +105,19 @@ class Attention(nn.Module):
         self.wo = nn.Parameter(torch.empty(cfg.dim, Hq * D))
 
     def qkv(self, x, cos, sin):
-        """x [B, T, E] -> q [B, Hkv, G, T, D], k and v [B, Hkv, T, D]; q and k rotated."""
+        """x [B, T, E] -> q [B, Hkv, G, T, D], k and v [B, Hkv, T, D]; q and k rotated by RoPE
+        at their positions (cos, sin [B or 1, T, D]: rows may sit at different positions)."""
         c, (B, T, _) = self.cfg, x.shape
         q, k, v = linear(x, self.wqkv, self.bqkv).split(
             [c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
-        q = q.view(B, T, c.n_kv_heads, c.group, c.head_dim).permute(0, 2, 3, 1, 4)
-        k = k.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        v = v.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        q = q.view(B, T, c.n_kv_heads, c.group, c.head_dim)
+        k = k.view(B, T, c.n_kv_heads, c.head_dim)
         if self.q_norm is not None:                  # Qwen3: each head's q and k normalized
             q, k = self.q_norm(q), self.k_norm(k)
-        return rotate(q, cos, sin), rotate(k, cos, sin), v
+        q = rotate(q, cos[:, :, None, None], sin[:, :, None, None])
+        k = rotate(k, cos[:, :, None], sin[:, :, None])
+        v = v.view(B, T, c.n_kv_heads, c.head_dim)
+        return q.permute(0, 2, 3, 1, 4), k.transpose(1, 2), v.transpose(1, 2)
 
     @staticmethod
     def attend(q, keys, mask):
@@ -133,7 +137,8 @@ class Attention(nn.Module):
         return linear(y, self.wo)
 
     def step(self, x, state: LayerState, t, cos, sin):
-        """One token x [B, E] at position t (0-dim tensor) against the layer's multi-state."""
+        """One token x [B, E] per row, at the row's position t [B, 1, 1], against the layer's
+        multi-state."""
         q, k, v = self.qkv(x[:, None], cos, sin)
         state.insert(k[:, :, 0], v[:, :, 0], t)                              # C = H ∪ {t}
         mask = visible(t, state.pos, self.cfg.sliding_window)[:, :, None, None]
@@ -253,11 +258,11 @@ class Transformer(nn.Module):
     def decode(self, token_ids, state: MultiState, head: bool = True):
         """The tensor work of a step, with no Python-side bookkeeping (what gets compiled):
         logits [B, V], or the final hidden state [B, E] with head=False."""
-        t = state.t
-        cos, sin = self.rope(t)
+        t = state.t                                                      # [B]: each row's
+        cos, sin = self.rope(t[:, None])                                 # [B, 1, D]
         x = self.embed(token_ids)                                        # [B, E]
         for block, layer_state in zip(self.blocks, state.layers):
-            x = block.step(x, layer_state, t, cos, sin)
+            x = block.step(x, layer_state, t.view(-1, 1, 1), cos, sin)
         return self.logits(x) if head else x
 
     def compile_step(self, mode: str | None = None):
@@ -354,7 +359,7 @@ class Transformer(nn.Module):
         reach = states[0].policy.visible(q_pos[:, None], k_pos) if mode == "sequential" else None
         if reach is not None:
             mask = mask & reach
-        cos, sin = self.rope(q_pos)
+        cos, sin = self.rope(q_pos[None])                               # [1, T, D]
         x = self.embed(token_ids)                                        # [B, T, E]
         layers = list(zip(self.blocks, *(state.layers for state in states)))
         for block, *layer_states in progress(layers, "prompt layers", show=T >= 2048):

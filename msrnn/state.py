@@ -160,8 +160,10 @@ class MultiState:
                              f"a smaller size or the full policy")
         self.cfg, self.policy, self.batch_size = cfg, policy, batch_size
         self.owner = owner_of(cfg, dtype, device)
-        self._length = 0                                    # tokens seen = position of the next
-        self.t = torch.zeros((), dtype=torch.long, device=device)   # the same, for the step
+        # Tokens seen = the position of the next token: per row in `t` (rows of a ragged batch
+        # differ), and the most of any row in `_length` (for ranges and Full's slots).
+        self._length = 0
+        self.t = torch.zeros(batch_size, dtype=torch.long, device=device)
         static(self.t)
         slots = policy.size + 1 if policy.bounded else min(capacity or 256, cfg.max_positions)
         self.layers = [LayerState(policy, batch_size, cfg.n_kv_heads, slots, cfg.head_dim,
@@ -169,7 +171,7 @@ class MultiState:
 
     @property
     def length(self) -> int:
-        """Tokens seen so far: the position of the next token."""
+        """Tokens seen so far: the position of the next token (the furthest row's)."""
         return self._length
 
     def advance(self, n: int):
@@ -194,10 +196,40 @@ class MultiState:
         return self.layers[0].pos.shape[-1]
 
     def positions(self, layer: int) -> torch.Tensor:
-        """The absolute positions layer `layer` keeps: LongTensor [B, Hkv, n], ascending."""
+        """The absolute positions layer `layer` keeps: LongTensor [B, Hkv, n], ascending. In a
+        ragged batch a row that keeps fewer than n states starts with -1s."""
         pos = self.layers[layer].pos
         n = min(self._length, self.policy.size) if self.policy.bounded else self._length
         return pos.sort(-1).values[..., pos.shape[-1] - n:]
+
+    def set_row(self, b: int, other: "MultiState"):
+        """Make row b of this multi-state a copy of the batch-1 multi-state `other` (a prompt
+        run on its own: how a ragged batch is filled, one prompt at a time)."""
+        n = other.slots if self.policy.bounded else other.length
+        self.reserve(max(0, other.length - self._length))
+        for mine, theirs in zip(self.layers, other.layers):
+            mine.keys[b, :, :n] = theirs.keys[0, :, :n]
+            mine.values[b, :, :n] = theirs.values[0, :, :n]
+            mine.pos[b] = -1
+            mine.pos[b, :, :n] = theirs.pos[0, :, :n]
+            for name, m in mine.memory.items():
+                m[b, :, :n] = theirs.memory[name][0, :, :n]
+        self.t[b] = other.t[0]
+        self._length = max(self._length, other.length)
+
+    def select(self, rows):
+        """Keep only the given rows (a LongTensor of row indices): rows that finished stop
+        costing work. The buffers are new tensors (a compiled step compiles once more)."""
+        rows = torch.as_tensor(rows, device=self.t.device)
+        for layer in self.layers:
+            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+            layer.pos = layer.pos[rows]
+            layer.memory = {name: m[rows] for name, m in layer.memory.items()}
+            static(layer.keys, layer.values, layer.pos, *layer.memory.values())
+        self.t = self.t[rows]
+        static(self.t)
+        self.batch_size = len(rows)
+        return self
 
     def fake(self, position: int):
         """For benchmarks: make this multi-state look as it would at `position`, its slots filled

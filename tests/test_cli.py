@@ -92,3 +92,26 @@ def test_generate_backends_agree(model, policy):
         theirs = msrnn(*args, "--backend", "transformers")
         assert ours[0] == theirs[0] == 0, theirs[2]
         assert ours[1] == theirs[1] and len(ours[1]) == 25, (mode, ours[1], theirs[1])
+
+
+def test_prompt_file_decodes_a_ragged_batch(model, tmp_path):
+    """`--prompt-file`: one prompt per line, one batch; each row's text on its own line, or in
+    its own file with --out, equal to decoding that prompt alone."""
+    lines = ["Once upon a time", "It was a dark and stormy night; the rain fell", "Hi"]
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(lines) + "\n")
+    args = ["--policy", "tova", "--size", "8", "--max-new-tokens", "12"]
+    code, out, err = msrnn("generate", model, "--prompt-file", str(path), *args)
+    assert code == 0, err
+    rows = out.split("\n")[:-1]               # (the tokens include other line-breaking codes)
+    alone = [msrnn("generate", model, "--prompt", line, *args)[1][:-1] for line in lines]
+    assert sorted(rows) == sorted(f"[{i}] " + text.replace("\n", "\\n")
+                                  for i, text in enumerate(alone))
+    assert "36 new tokens in 3 rows" in err
+    code, out, err = msrnn("generate", model, "--prompt-file", str(path), *args, "--out",
+                           str(tmp_path / "rows"))
+    assert code == 0 and out == "", err
+    assert [(tmp_path / "rows" / f"row-{i}.txt").read_text() for i in range(3)] == alone
+    (tmp_path / "bad.txt").write_text("fine\n\nalso fine\n")
+    code, _, err = msrnn("generate", model, "--prompt-file", str(tmp_path / "bad.txt"))
+    assert code == 2 and "empty prompt (" in err and "bad.txt line 2)" in err

@@ -88,7 +88,7 @@ def test_top_p_keeps_the_nucleus():
     (dict(temperature=1.0, top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(temperature=1.0, top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(temperature=1.0, top_k=0), "top_k must be a positive integer"),
-    (dict(max_new_tokens=-2), "max_new_tokens must be >= 0"),
+    (dict(max_new_tokens=-2), "max_new_tokens must be an integer >= 0"),
 ])
 def test_bad_sampling_parameters(pair, kwargs, message):
     _, model = pair

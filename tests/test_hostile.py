@@ -12,7 +12,7 @@ import torch
 
 import msrnn
 from msrnn import cli
-from msrnn.policies import TOVA, Full
+from msrnn.policies import TOVA
 from tiny import save, save_char_tokenizer, tiny_hf
 
 RANGE = 512                      # the tiny model's max_position_embeddings

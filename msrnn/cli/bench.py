@@ -5,8 +5,8 @@ import json
 import os
 import sys
 
-from .common import (DEFAULT_MODEL, DTYPES, check_device, check_out_dir, check_positive,
-                     model_config, parse_list, UsageError)
+from .common import (DEFAULT_MODEL, DTYPES, UsageError, check_device, check_out_dir,
+                     check_positive, model_config, parse_list)
 from .output import figure, save_figure, write_atomic
 
 PARTS = ("speed", "latency", "throughput", "ceiling")

@@ -9,8 +9,9 @@ import sys
 
 from tqdm import tqdm
 
-from .common import (add_device_args, add_policy_args, check_device, check_out_dir, check_positive,
-                     check_range, load_model, model_config, parse_list, policy_help, UsageError)
+from .common import (UsageError, add_device_args, add_policy_args, check_device, check_out_dir,
+                     check_positive, check_range, load_model, model_config, parse_list,
+                     policy_help)
 from .output import Results, figure, save_figure, write_atomic
 
 

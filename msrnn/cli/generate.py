@@ -2,11 +2,13 @@
 
 import argparse
 import math
+import os
 import sys
 import time
 
-from .common import (DEFAULT_MODEL, add_device_args, add_policy_args, check_device, check_range,
-                     check_seed, load_model, model_config, policy_help, UsageError)
+from .common import (DEFAULT_MODEL, UsageError, add_device_args, add_policy_args, check_device,
+                     check_out_dir, check_range, check_seed, load_model, model_config,
+                     policy_help)
 
 
 def add_commands(commands):
@@ -15,7 +17,11 @@ def add_commands(commands):
                             epilog=policy_help())
     g.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"checkpoint directory or Hub repo id (default {DEFAULT_MODEL})")
-    g.add_argument("--prompt", required=True)
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt")
+    source.add_argument("--prompt-file", help="a UTF-8 file, one prompt per line: decoded as one "
+                        "(ragged) batch, each row's text to its own line (or file, with --out)")
+    g.add_argument("--out", help="with --prompt-file: a directory; row i streams to row-i.txt")
     add_policy_args(g)
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -40,6 +46,31 @@ def add_commands(commands):
     f.set_defaults(run=run_fetch_default)
 
 
+def read_prompts(args) -> list:
+    """The prompt texts: --prompt, or the lines of --prompt-file (each must hold some text)."""
+    if args.prompt is not None:
+        texts, where = [args.prompt], ["--prompt"]
+    else:
+        if not os.path.isfile(args.prompt_file):
+            raise UsageError(f"--prompt-file {args.prompt_file} not found")
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                texts = f.read().splitlines()
+        except UnicodeDecodeError:
+            raise UsageError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
+        where = [f"{args.prompt_file} line {i + 1}" for i in range(len(texts))]
+        if not texts:
+            raise UsageError(f"--prompt-file {args.prompt_file} is empty: one prompt per line")
+    for text, name in zip(texts, where):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"{name} is not valid UTF-8 text; pass the prompt in UTF-8") from None
+        if not text.strip():
+            raise UsageError(f"empty prompt ({name}): give some text")
+    return texts
+
+
 def run_generate(args):
     import torch
 
@@ -51,49 +82,88 @@ def run_generate(args):
     check_seed(args.seed)
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    try:
-        args.prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError("--prompt is not valid UTF-8 text; pass the prompt in UTF-8") from None
-    if not args.prompt.strip():
-        raise UsageError("empty prompt: give some text with --prompt")
+    texts = read_prompts(args)
+    if args.out is not None and args.prompt_file is None:
+        raise UsageError("--out goes with --prompt-file (one file per row)")
+    check_out_dir(args.out)
     policy = policies.from_name(args.policy, args.size, args.sinks)
     directory, cfg = model_config(args.model)
     if policy.bounded and policy.size >= cfg.max_positions:
         raise UsageError(f"--size {policy.size} is not smaller than the model's range of "
                          f"{cfg.max_positions} positions: it would never evict")
     tok = load_tokenizer(directory)
-    text = (tok.apply_chat_template([{"role": "user", "content": args.prompt}])
-            if args.chat else args.prompt)
-    prompt = torch.tensor([tok.encode(text)])
-    check_range(cfg, f"a {prompt.shape[1]}-token prompt and {args.max_new_tokens} new tokens",
-                prompt.shape[1] + max(args.max_new_tokens - 1, 0))
+    rows = [torch.tensor(tok.encode(tok.apply_chat_template([{"role": "user", "content": t}])
+                                    if args.chat else t)) for t in texts]
+    for i, row in enumerate(rows):
+        what = (f"a {len(row)}-token prompt" if len(rows) == 1 else
+                f"prompt {i} ({len(row)} tokens)") + f" and {args.max_new_tokens} new tokens"
+        check_range(cfg, what, len(row) + max(args.max_new_tokens - 1, 0))
     if args.backend == "transformers":
-        return generate_transformers(args, directory, tok, prompt, policy)
+        if len(rows) > 1:
+            raise UsageError("--prompt-file runs on msrnn's own decoder; with --backend "
+                             "transformers give one --prompt")
+        return generate_transformers(args, directory, tok, rows[0][None], policy)
     model = load_model(directory, args.dtype, args.device)
 
-    out, shown, times, state = [], "", [], None
+    writers = [Row(tok, None if args.prompt_file is None else i,
+                   None if args.out is None else os.path.join(args.out, f"row-{i}.txt"))
+               for i in range(len(rows))]
+    times, state, new = [], None, 0
     with torch.inference_mode():
-        for ids, state in stream(model, prompt, policy, args.max_new_tokens, args.temperature,
-                                 args.top_k, args.top_p, args.seed, args.prompt_mode,
-                                 args.compile, tok.eos_ids):
+        for ids, state in stream(model, rows if len(rows) > 1 else rows[0][None], policy,
+                                 args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                 args.seed, args.prompt_mode, args.compile, tok.eos_ids):
             times.append(time.perf_counter())         # each token after the first is one step
-            if int(ids[0]) in tok.eos_ids:
-                break
-            out.append(int(ids[0]))
-            text = tok.decode(out)
-            if not text.endswith("\ufffd"):           # wait for a whole UTF-8 character
-                print(text[len(shown):], end="", flush=True)
-                shown = text
-    print()
+            for writer, token in zip(writers, ids.tolist()):
+                new += writer.add(token)
+    for writer in writers:
+        writer.close()
     steps = len(times) - 1
-    speed = steps / (times[-1] - times[0]) if steps > 0 else math.nan
+    speed = steps * len(rows) / (times[-1] - times[0]) if steps > 0 else math.nan
     seen = state.length if state is not None else 0
     slots = state.slots if state is not None else 0
-    print(f"[msrnn] {len(out)} new tokens, {speed:.1f} tok/s decode | multi-state: {policy}, "
-          f"{slots} slots x {cfg.n_layers} layers, {seen} tokens seen, "
+    print(f"[msrnn] {new} new tokens{f' in {len(rows)} rows' if len(rows) > 1 else ''}, "
+          f"{speed:.1f} tok/s decode | multi-state: {policy}, {slots} slots x {cfg.n_layers} "
+          f"layers, {seen} tokens seen, "
           f"{state.nbytes() / 2**20 if state is not None else 0:.2f} MiB", file=sys.stderr)
     return 0
+
+
+class Row:
+    """One row's text as it is decoded: streamed to stdout (a single prompt), to its own file
+    (--out), or printed as one line "[i] text" when the row ends."""
+
+    def __init__(self, tok, index, path):
+        self.tok, self.index, self.ids, self.shown, self.ended = tok, index, [], "", False
+        self.file = open(path + ".part", "w", encoding="utf-8") if path else None
+        self.path = path
+
+    def add(self, token: int) -> int:
+        """Take the row's next token; returns 1 if it was new text, 0 once the row ended."""
+        if self.ended or token in self.tok.eos_ids:
+            self.ended = True
+            return 0
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if not text.endswith("\ufffd"):                # wait for a whole UTF-8 character
+            if self.file is not None:
+                self.file.write(text[len(self.shown):])
+                self.file.flush()
+            elif self.index is None:
+                print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+        return 1
+
+    def close(self):
+        text = self.tok.decode(self.ids)
+        if self.file is not None:
+            self.file.write(text[len(self.shown):])
+            self.file.close()
+            os.replace(self.path + ".part", self.path)      # whole, or not there
+        elif self.index is None:
+            print(text[len(self.shown):])
+        else:
+            print(f"[{self.index}] " + text.replace("\n", "\\n"), flush=True)
 
 
 def generate_transformers(args, directory, tok, prompt, policy):
