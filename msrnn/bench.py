@@ -10,7 +10,8 @@ Four parts, all in one run on one model, prompt and machine (docs/performance.md
   latency     per-token latency as the sequence grows (to 8,192): Full grows, TOVA stays flat.
   throughput  the paper's experiment scaled to this machine: 4,096-token sequences under a fixed
               key-value memory budget (what a batch of 8 full-cache sequences needs); a bounded
-              multi-state fits a larger batch.
+              multi-state fits a larger batch. Equal and ragged rows, eager and compiled.
+  prefill     prompt tokens/s against transformers' forward.
   ceiling     bytes of weights read per token against the measured memory bandwidth: the
               fastest batch-1 decoding this machine allows, and each speed as a fraction of it.
 """
@@ -143,10 +144,10 @@ def speed(model: str, dtypes, device: str, size: int, prompt_tokens: int, new_to
 # ----------------------------------------------------------------------------- latency
 
 
-def fake_state(model, policy, batch: int, position: int):
+def fake_state(model, policy, batch: int, position: int, capacity=None, spread: int = 0):
     """A multi-state as it would be at `position` (MultiState.fake)."""
-    capacity = None if policy.bounded else position + 64
-    return model.init_state(batch, policy, capacity=capacity).fake(position)
+    capacity = None if policy.bounded else capacity or position + 64
+    return model.init_state(batch, policy, capacity=capacity).fake(position, spread)
 
 
 @torch.inference_mode()
@@ -197,23 +198,33 @@ def kv_bytes_per_slot(model) -> int:
     return 2 * c.n_layers * c.n_kv_heads * c.head_dim * p.element_size()
 
 
-def throughput(model, length: int, full_batch: int, sizes, log=sys.stderr):
+def throughput(model, length: int, full_batch: int, sizes, log=sys.stderr, ragged=False,
+               compiled=False):
     """The paper's Sec. 5.4 on this machine: sequences of `length` tokens, a key-value budget
     of what `full_batch` full-cache sequences need; each TOVA(size) gets the largest batch that
     fits. Tokens/s = batch * length / (sum over positions of the step time), the step time
-    measured at a few positions and interpolated linearly in between."""
+    measured at a few positions and interpolated linearly in between.
+
+    ragged: the rows sit at different positions (prompts of different lengths, up to half the
+    sequence apart), each with its own. compiled: `model` steps compiled (Full then holds all
+    `length` slots from the start, as msrnn.generate allocates them, so that one graph serves
+    every position)."""
     L, budget = length, full_batch * length * kv_bytes_per_slot(model)
-    grid = sorted({1, L // 4, L // 2, 3 * L // 4, L - 1})
+    grid = sorted({L // 2 + 1, 5 * L // 8, 3 * L // 4, 7 * L // 8, L - 16} if ragged else
+                  {16, L // 4, L // 2, 3 * L // 4, L - 16})
     rows = []
     for name, policy in [("full", Full())] + [("tova", TOVA(k)) for k in sizes]:
         slots = policy.size + 1 if policy.bounded else L
         batch = budget // (slots * kv_bytes_per_slot(model))
-        ms = [step_seconds(model, fake_state(model, policy, batch, p), steps=8) for p in grid]
+        ms = [step_seconds(model, fake_state(model, policy, batch, p, L if compiled else None,
+                                             L // 2 if ragged else 0), steps=8) for p in grid]
         total = sum(_interpolate(grid, ms, p) for p in range(L))
         rows.append({"policy": name, "size": policy.size, "batch": int(batch),
+                     "ragged": ragged, "compiled": compiled,
                      "kv_budget_mb": budget / 2**20, "tok_s": batch * L / total,
                      "step_ms": [m * 1e3 for m in ms], "positions": grid})
-        print(f"  {str(policy):10s} batch {batch:4d}: {batch * L / total:7.1f} tok/s", file=log,
+        print(f"  {str(policy):10s} batch {batch:4d}{' ragged' if ragged else ''}"
+              f"{' compiled' if compiled else ''}: {batch * L / total:7.1f} tok/s", file=log,
               flush=True)
     for row in rows:
         row["vs_full"] = row["tok_s"] / rows[0]["tok_s"]
@@ -225,6 +236,43 @@ def _interpolate(xs, ys, x):
         if x <= x1:
             return y0 + (y1 - y0) * (x - x0) / max(1, x1 - x0)
     return ys[-1]
+
+
+# ----------------------------------------------------------------------------- prefill
+
+
+@torch.inference_mode()
+def prefill_speed(model_dir: str, tokens: int, size: int, device, log=sys.stderr, repeats=3):
+    """Prompt tokens/s at batch 1 (best of `repeats`): transformers' forward (its own cache),
+    msrnn Full, and msrnn TOVA(size) in both prompt modes."""
+    from transformers import AutoModelForCausalLM
+
+    model = load(model_dir, device=device)
+    ids = prompt_ids(tokens, model.cfg.vocab_size, device)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+
+    def best(run, repeats=repeats):
+        times = []
+        for _ in range(repeats):
+            start = now(device)
+            run()
+            times.append(now(device) - start)
+        return tokens / min(times)
+
+    rows = [{"impl": "transformers", "policy": "full", "mode": "-",
+             "tok_s": best(lambda: hf(ids, logits_to_keep=1))}]
+    for name, policy, mode in (("full", Full(), "-"), ("tova", TOVA(size), "oneshot"),
+                               ("tova", TOVA(size), "sequential")):
+        rows.append({"impl": "msrnn", "policy": name if name == "full" else f"tova({size})",
+                     "mode": mode, "tok_s": best(lambda: model.prefill(
+                         ids, model.init_state(1, policy, capacity=tokens),
+                         mode="oneshot" if mode == "-" else mode, logits=False),
+                         repeats=1 if mode == "sequential" else repeats)})
+    for row in rows:
+        row["vs_transformers"] = row["tok_s"] / rows[0]["tok_s"]
+        print(f"  {row['impl']:12s} {row['policy']:9s} {row['mode']:10s} {row['tok_s']:8.0f} "
+              f"prompt tok/s", file=log, flush=True)
+    return rows
 
 
 # ----------------------------------------------------------------------------- ceiling

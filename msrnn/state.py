@@ -231,17 +231,20 @@ class MultiState:
         self.batch_size = len(rows)
         return self
 
-    def fake(self, position: int):
+    def fake(self, position: int, spread: int = 0):
         """For benchmarks: make this multi-state look as it would at `position`, its slots filled
-        with random keys and values (a step's cost depends only on the shapes)."""
+        with random keys and values (a step's cost depends only on the shapes). spread > 0: a
+        ragged batch, row b that many tokens behind row 0 times b / B."""
         self.reserve(position + 64 - self._length if not self.policy.bounded else 0)
-        n = min(position, self.policy.size) if self.policy.bounded else position
-        for layer in self.layers:
-            layer.keys[:, :, :n].normal_()
-            layer.values[:, :, :n].normal_()
-            layer.pos[:, :, :n] = torch.arange(position - n, position, device=layer.pos.device)
+        for b in range(self.batch_size):
+            at = position - spread * b // self.batch_size              # row b's position
+            n = min(at, self.policy.size) if self.policy.bounded else at
+            for layer in self.layers:
+                layer.keys[b, :, :n].normal_()
+                layer.values[b, :, :n].normal_()
+                layer.pos[b, :, :n] = torch.arange(at - n, at, device=layer.pos.device)
+            self.t[b] = at
         self._length = position
-        self.t.fill_(position)
         return self
 
     def nbytes(self) -> int:

@@ -10,9 +10,10 @@ from tiny import save, tiny_hf
 def test_bench_latency_throughput_ceiling(tmp_path, capsys):
     model = save(tiny_hf("llama"), tmp_path / "model")
     out = tmp_path / "bench"
-    code = cli.main(["bench", model, "--parts", "latency,throughput,ceiling", "--lengths",
+    code = cli.main(["bench", model, "--parts", "prefill,latency,throughput,ceiling", "--lengths",
                      "64,128", "--latency-size", "16", "--length", "256", "--full-batch", "2",
-                     "--throughput-sizes", "32,16", "--dtypes", "float32", "--out", str(out)])
+                     "--throughput-sizes", "32,16", "--dtypes", "float32", "--prefill-tokens",
+                     "48", "--size", "8", "--no-compile", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "bench.json").read_text())
     assert [(r["policy"], r["size"], r["length"]) for r in report["latency"]] == [
@@ -20,9 +21,14 @@ def test_bench_latency_throughput_ceiling(tmp_path, capsys):
     assert all(r["ms"] > 0 for r in report["latency"])
     # The key-value budget holds 2 full sequences of 256 tokens = 512 slots; TOVA(k) needs k + 1.
     rows = report["throughput"]
-    assert [(r["policy"], r["size"], r["batch"]) for r in rows] == [
-        ("full", None, 2), ("tova", 32, 512 // 33), ("tova", 16, 512 // 17)]
-    assert rows[0]["vs_full"] == 1 and all(r["tok_s"] > 0 for r in rows)
+    assert [(r["policy"], r["size"], r["batch"], r["ragged"]) for r in rows] == [
+        ("full", None, 2, False), ("tova", 32, 512 // 33, False), ("tova", 16, 512 // 17, False),
+        ("full", None, 2, True), ("tova", 32, 512 // 33, True), ("tova", 16, 512 // 17, True)]
+    assert rows[0]["vs_full"] == rows[3]["vs_full"] == 1 and all(r["tok_s"] > 0 for r in rows)
+    assert [(r["impl"], r["policy"], r["mode"]) for r in report["prefill"]] == [
+        ("transformers", "full", "-"), ("msrnn", "full", "-"), ("msrnn", "tova(8)", "oneshot"),
+        ("msrnn", "tova(8)", "sequential")]
+    assert all(r["tok_s"] > 0 for r in report["prefill"])
     # 2 layers of (q 64 + k, v 2 * 32 + o 64) x 64 + MLP 3 x 64 x 96, norms, embeddings and head.
     n_params = 2 * (128 * 64 + 64 * 64 + 3 * 64 * 96 + 2 * 64) + 64 + 2 * 128 * 64
     assert report["ceiling"]["float32"]["weight_mb_per_token"] == n_params * 4 / 2**20

@@ -9,7 +9,7 @@ from .common import (DEFAULT_MODEL, DTYPES, UsageError, check_device, check_out_
                      check_positive, model_config, parse_list)
 from .output import figure, save_figure, write_atomic
 
-PARTS = ("speed", "latency", "throughput", "ceiling")
+PARTS = ("speed", "prefill", "latency", "throughput", "ceiling")
 
 
 def add_commands(commands):
@@ -29,6 +29,7 @@ def add_commands(commands):
     b.add_argument("--length", type=int, default=4096, help="throughput: sequence length")
     b.add_argument("--full-batch", type=int, default=8, help="throughput: full-cache batch")
     b.add_argument("--throughput-sizes", default="512,256")
+    b.add_argument("--prefill-tokens", type=int, default=1024, help="prefill: prompt length")
     b.add_argument("--device", default="cpu")
     b.add_argument("--out", help="directory for bench.json and bench.png")
     b.set_defaults(run=run_bench)
@@ -49,7 +50,8 @@ def run_bench(args):
         raise UsageError(f"--dtypes: unknown {', '.join(bad)}; choose from {', '.join(DTYPES)}")
     lengths = parse_list("--lengths", args.lengths, int)
     sizes = parse_list("--throughput-sizes", args.throughput_sizes, int)
-    for name in ("prompt_tokens", "new_tokens", "size", "latency_size", "length", "full_batch"):
+    for name in ("prompt_tokens", "new_tokens", "size", "latency_size", "length", "full_batch",
+                 "prefill_tokens"):
         check_positive("--" + name.replace("_", "-"), getattr(args, name))
     if "latency" in parts and min(lengths) < bench.shortest_latency_length():
         raise UsageError(f"--lengths must be at least {bench.shortest_latency_length()}: each is "
@@ -59,7 +61,8 @@ def run_bench(args):
     directory, cfg = model_config(args.model)
     longest = max([args.prompt_tokens + args.new_tokens + 8] +
                   ([max(lengths) + 64] if "latency" in parts else []) +
-                  ([args.length] if "throughput" in parts else []))
+                  ([args.length] if "throughput" in parts else []) +
+                  ([args.prefill_tokens] if "prefill" in parts else []))
     if longest > cfg.max_positions:
         raise UsageError(f"the benchmark needs {longest} positions, past the model's range of "
                          f"{cfg.max_positions}; use smaller --lengths/--length/--new-tokens")
@@ -72,16 +75,26 @@ def run_bench(args):
         report["speed"] = bench.speed(directory, dtypes, args.device, args.size,
                                       args.prompt_tokens, args.new_tokens,
                                       compiled=not args.no_compile, log=log)
+    if "prefill" in parts:
+        print(f"[msrnn bench] prefill: a {args.prefill_tokens}-token prompt, float32, batch 1",
+              file=log)
+        report["prefill"] = bench.prefill_speed(directory, args.prefill_tokens, args.size,
+                                                device, log)
     model = load(directory, dtype=torch.float32, device=device)
-    if args.compile_latency:
-        model.compile_step()
+    compiled = None if args.no_compile else load(directory, dtype=torch.float32,
+                                                 device=device).compile_step()
     if "latency" in parts:
         print("[msrnn bench] latency against sequence length, float32, batch 1", file=log)
-        report["latency"] = bench.latency(model, lengths, args.latency_size, log)
+        report["latency"] = bench.latency(compiled if args.compile_latency else model, lengths,
+                                          args.latency_size, log)
     if "throughput" in parts:
         print(f"[msrnn bench] throughput under a key-value budget of {args.full_batch} full "
               f"sequences of {args.length} tokens, float32", file=log)
-        report["throughput"] = bench.throughput(model, args.length, args.full_batch, sizes, log)
+        report["throughput"] = [
+            row for ragged in (False, True) for step, is_compiled in
+            [(model, False)] + ([(compiled, True)] if compiled is not None else [])
+            for row in bench.throughput(step, args.length, args.full_batch, sizes, log,
+                                        ragged=ragged, compiled=is_compiled)]
     if "ceiling" in parts:
         report["ceiling"] = bench.ceiling(model, device, dtypes)
         for row in report.get("speed", []):
@@ -113,18 +126,40 @@ def print_report(r):
         for s in r["latency"]:
             name = s["policy"] if s["size"] is None else f"{s['policy']}({s['size']})"
             print(f"| {name} | {s['length']} | {s['ms']:.1f} |")
-    if "throughput" in r:
-        print("\n| policy | batch | key-value budget MB | tok/s | vs full |")
+    if "prefill" in r:
+        print("\n| implementation | policy | prompt mode | prompt tok/s | vs transformers |")
         print("|---|---|---|---|---|")
+        for s in r["prefill"]:
+            print(f"| {s['impl']} | {s['policy']} | {s['mode']} | {s['tok_s']:.0f} | "
+                  f"{s['vs_transformers']:.2f}x |")
+    if "throughput" in r:
+        print("\n| policy | batch | rows | step | key-value budget MB | tok/s | vs full (same rows "
+              "and step) |")
+        print("|---|---|---|---|---|---|---|")
         for s in r["throughput"]:
             name = s["policy"] if s["size"] is None else f"{s['policy']}({s['size']})"
-            print(f"| {name} | {s['batch']} | {s['kv_budget_mb']:.0f} | {s['tok_s']:.1f} | "
-                  f"{s['vs_full']:.2f}x |")
+            print(f"| {name} | {s['batch']} | {'ragged' if s['ragged'] else 'equal'} | "
+                  f"{'compiled' if s['compiled'] else 'eager'} | {s['kv_budget_mb']:.0f} | "
+                  f"{s['tok_s']:.1f} | {s['vs_full']:.2f}x |")
+        print("\nfastest step per row: " + "; ".join(
+            f"{k[0] if k[1] is None else f'{k[0]}({k[1]})'} {'ragged' if k[2] else 'equal'}: "
+            f"{v['tok_s']:.1f} tok/s ({'compiled' if v['compiled'] else 'eager'})"
+            for k, v in fastest(r["throughput"]).items()))
     if "ceiling" in r:
         c = r["ceiling"]
         print(f"\nread bandwidth {c['read_gb_s']:.1f} GB/s; " + "; ".join(
             f"{d}: {v['weight_mb_per_token']:.0f} MB of weights per token -> at most "
             f"{v['max_tok_s']:.0f} tok/s" for d, v in c.items() if d != "read_gb_s"))
+
+
+def fastest(rows) -> dict:
+    """(policy, size, ragged) -> the throughput row of the faster step, eager or compiled."""
+    best = {}
+    for row in rows:
+        key = (row["policy"], row["size"], row["ragged"])
+        if key not in best or row["tok_s"] > best[key]["tok_s"]:
+            best[key] = row
+    return best
 
 
 def plot(latency_rows, throughput_rows, path):
@@ -138,10 +173,10 @@ def plot(latency_rows, throughput_rows, path):
     a.set_ylim(bottom=0)
     a.legend()
     a.grid(alpha=0.3)
-    labels = [r["policy"] if r["size"] is None else f"{r['policy']} {r['size']}\nbatch {r['batch']}"
-              for r in throughput_rows]
-    labels[0] += f"\nbatch {throughput_rows[0]['batch']}"
-    b.bar(labels, [r["tok_s"] for r in throughput_rows], color="tab:green")
+    equal = [r for (_, _, ragged), r in fastest(throughput_rows).items() if not ragged]
+    labels = [(r["policy"] if r["size"] is None else f"{r['policy']} {r['size']}") +
+              f"\nbatch {r['batch']}" for r in equal]
+    b.bar(labels, [r["tok_s"] for r in equal], color="tab:green")
     b.set_ylabel("tokens/s under one key-value budget")
     b.grid(alpha=0.3, axis="y")
     save_figure(fig, path)
