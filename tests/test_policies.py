@@ -118,6 +118,20 @@ def assert_same_run(positions, ref_positions, logits, ref_logits, tol=TOL, start
                                                   f" ref:   {ref_positions[i]}")
 
 
+def step_along(model, state, ref, ids, start=0):
+    """Step msrnn (from `state`) and the reference through ids [1, n] together; after every step
+    the kept positions must be equal and the logits within TOL. Returns the last positions."""
+    got_pos, got_logits, want_pos, want_logits = [], [], [], []
+    for t in range(ids.shape[1]):
+        out, state = model.step(ids[:, t], state)
+        got_logits.append(out[0])
+        got_pos.append(positions(state))
+        want_logits.append(ref.step(int(ids[0, t])))
+        want_pos.append([ref.kept(l) for l in range(ref.n_layers)])
+    assert_same_run(got_pos, want_pos, got_logits, want_logits, start=start)
+    return got_pos[-1]
+
+
 # ------------------------------------------------------------------- stepping vs the reference
 
 @pytest.mark.parametrize("name", BOUNDED)
@@ -239,14 +253,7 @@ def test_oneshot_then_steps_equal_reference(llama, hf_attentions, name):
             f"layer {l}"
     assert positions(state) == [ref.kept(l) for l in range(ref.n_layers)]
     more = MORE
-    got_pos, got_logits, want_pos, want_logits = [], [], [], []
-    for t in range(30):
-        out, state = model.step(more[:, t], state)
-        got_logits.append(out[0])
-        got_pos.append(positions(state))
-        want_logits.append(ref.step(int(more[0, t])))
-        want_pos.append([ref.kept(l) for l in range(ref.n_layers)])
-    assert_same_run(got_pos, want_pos, got_logits, want_logits, start=40)
+    step_along(model, state, ref, more, start=40)
 
 
 # ---------------------------------------------------------------------------------- sinks
@@ -453,15 +460,8 @@ def test_mistral_tova_equals_reference(tmp_path):
     ref = Reference(hf.double(), Rule.tova(K))
     state = model.init_state(1, TOVA(K))
     ids = tokens(1, 200, seed=5)
-    got_pos, got_logits, want_pos, want_logits = [], [], [], []
-    for t in range(200):
-        out, state = model.step(ids[:, t], state)
-        got_logits.append(out[0])
-        got_pos.append(positions(state))
-        want_logits.append(ref.step(int(ids[0, t])))
-        want_pos.append([ref.kept(l) for l in range(ref.n_layers)])
-    assert_same_run(got_pos, want_pos, got_logits, want_logits)
-    assert got_pos[-1][0][0] != list(range(200 - K, 200))
+    last = step_along(model, state, ref, ids)
+    assert last[0][0] != list(range(200 - K, 200))
 
 
 # ------------------------------------------------------------------------------ Qwen2, Qwen3
@@ -482,14 +482,7 @@ def test_qwen_families_run_every_policy_like_the_reference(qwen, name):
     policy, rule = make(name, size=8)
     state, ref = model.init_state(1, policy), Reference(hf, rule)
     ids = tokens(1, 80, seed=9)
-    got_pos, got_logits, want_pos, want_logits = [], [], [], []
-    for t in range(80):
-        out, state = model.step(ids[:, t], state)
-        got_logits.append(out[0])
-        got_pos.append(positions(state))
-        want_logits.append(ref.step(int(ids[0, t])))
-        want_pos.append([ref.kept(l) for l in range(ref.n_layers)])
-    assert_same_run(got_pos, want_pos, got_logits, want_logits)
+    step_along(model, state, ref, ids)
 
 
 def test_prefill_shared_equals_oneshot_for_each_policy(llama):

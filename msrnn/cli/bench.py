@@ -109,13 +109,18 @@ def run_bench(args):
     return 0
 
 
+def name(row) -> str:
+    """A row's policy as the tables print it: full, tova(512)."""
+    return row["policy"] if row["size"] is None else f"{row['policy']}({row['size']})"
+
+
 def print_report(r):
     if "speed" in r:
         print("\n| implementation | policy | dtype | decode tok/s | vs transformers (same dtype) "
               "| vs transformers fp32 | of ceiling | peak MB | multi-state MB |")
         print("|---|---|---|---|---|---|---|---|---|")
         for s in r["speed"]:
-            policy = s["policy"] if s["size"] is None else f"{s['policy']}({s['size']})"
+            policy = name(s)
             ceiling = f"{s['of_ceiling']:.0%}" if "of_ceiling" in s else "-"
             print(f"| {s['impl']} | {policy} | {s['dtype']} | {s['tok_s']:.1f} | "
                   f"{s['vs_transformers']:.2f}x | {s['vs_transformers_fp32']:.2f}x | {ceiling} | "
@@ -124,8 +129,7 @@ def print_report(r):
         print("\n| policy | length | ms/token |")
         print("|---|---|---|")
         for s in r["latency"]:
-            name = s["policy"] if s["size"] is None else f"{s['policy']}({s['size']})"
-            print(f"| {name} | {s['length']} | {s['ms']:.1f} |")
+            print(f"| {name(s)} | {s['length']} | {s['ms']:.1f} |")
     if "prefill" in r:
         print("\n| implementation | policy | prompt mode | prompt tok/s | vs transformers |")
         print("|---|---|---|---|---|")
@@ -137,14 +141,13 @@ def print_report(r):
               "and step) |")
         print("|---|---|---|---|---|---|---|")
         for s in r["throughput"]:
-            name = s["policy"] if s["size"] is None else f"{s['policy']}({s['size']})"
-            print(f"| {name} | {s['batch']} | {'ragged' if s['ragged'] else 'equal'} | "
+            print(f"| {name(s)} | {s['batch']} | {'ragged' if s['ragged'] else 'equal'} | "
                   f"{'compiled' if s['compiled'] else 'eager'} | {s['kv_budget_mb']:.0f} | "
                   f"{s['tok_s']:.1f} | {s['vs_full']:.2f}x |")
         print("\nfastest step per row: " + "; ".join(
-            f"{k[0] if k[1] is None else f'{k[0]}({k[1]})'} {'ragged' if k[2] else 'equal'}: "
-            f"{v['tok_s']:.1f} tok/s ({'compiled' if v['compiled'] else 'eager'})"
-            for k, v in fastest(r["throughput"]).items()))
+            f"{name(v)} {'ragged' if v['ragged'] else 'equal'}: {v['tok_s']:.1f} tok/s "
+            f"({'compiled' if v['compiled'] else 'eager'})"
+            for v in fastest(r["throughput"]).values()))
     if "ceiling" in r:
         c = r["ceiling"]
         print(f"\nread bandwidth {c['read_gb_s']:.1f} GB/s; " + "; ".join(
