@@ -51,15 +51,19 @@ class LayerState:
         """C = H_{t-1} ∪ {t}: write the new token's key and value [B, Hkv, D] into a free slot.
 
         The free slot is the first empty one (pos = -1 is the smallest position, and argmin
-        returns the first minimum). One always exists: a step evicts before it returns."""
-        slot = self.pos.argmin(-1, keepdim=True)                  # [B, Hkv, 1]
-        row = slot[..., None].expand(-1, -1, -1, k.shape[-1])     # [B, Hkv, 1, D]
-        self.keys.scatter_(2, row, k[:, :, None])
-        self.values.scatter_(2, row, v[:, :, None])
+        returns the first minimum). One always exists: a step evicts before it returns.
+        The writes are indexed assignments (index_put_), which torch.compile performs in place;
+        a scatter_ here made it copy every layer's whole key and value buffers each step."""
+        B, Hkv, _ = self.pos.shape
+        slot = self.pos.argmin(-1)                                # [B, Hkv]
+        rows = torch.arange(B, device=slot.device)[:, None].expand(B, Hkv)
+        heads = torch.arange(Hkv, device=slot.device).expand(B, Hkv)
+        self.keys[rows, heads, slot] = k
+        self.values[rows, heads, slot] = v
         t = torch.as_tensor(t, device=slot.device)
-        self.pos.scatter_(2, slot, t.expand_as(slot))
+        self.pos[rows, heads, slot] = t.reshape(-1, 1).expand(B, Hkv) if t.dim() else t
         for m in self.memory.values():
-            m.scatter_(2, slot, 0.0)
+            m[rows, heads, slot] = 0.0
 
     def evict(self, probs, t):
         """H_t = C \\ {e}: given this step's attention probs [B, Hkv, G, S] (G query heads per
@@ -74,8 +78,10 @@ class LayerState:
         lowest = key == key.amin(-1, keepdim=True)
         # Among the lowest, the oldest position leaves (empty slots, at -1, come first).
         oldest = torch.where(lowest, self.pos, torch.iinfo(torch.long).max)
-        victim = oldest.argmin(-1, keepdim=True)                  # [B, Hkv, 1]
-        self.pos.scatter_(2, victim, -1)
+        victim = oldest.argmin(-1)                                # [B, Hkv]
+        B, Hkv = victim.shape
+        rows = torch.arange(B, device=victim.device)[:, None].expand(B, Hkv)
+        self.pos[rows, torch.arange(Hkv, device=victim.device).expand(B, Hkv), victim] = -1
 
     def average(self, probs):
         """Attention per candidate, averaged over the query heads that share the eviction:
