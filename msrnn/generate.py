@@ -122,14 +122,22 @@ def stream(model: Transformer, prompts, policy: Policy, max_new_tokens=256, temp
                              f"tokens")
     if compile:
         model.compile_step()
-    B = len(rows)
+    state, logits = prefill(model, rows, policy, prompt_mode, max_new_tokens)
+    yield from decode(model, state, logits, max_new_tokens, temperature, top_k, top_p, seed,
+                      eos_ids)
+
+
+def decode(model: Transformer, state, logits, max_new_tokens=256, temperature=0.0, top_k=None,
+           top_p=None, seed=None, eos_ids=None):
+    """From a multi-state after its prompts and their last logits [B, V]: yield (new token ids
+    [B], multi-state) one step at a time, each token fed back, until max_new_tokens or every row
+    has produced one of eos_ids."""
+    device, B = logits.device, logits.shape[0]
     generators = None if seed is None else [torch.Generator(device).manual_seed(seed)
                                             for _ in range(B)]
     eos = torch.tensor(sorted(eos_ids or ()), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     live = torch.arange(B, device=device)            # the batch row of each multi-state row
-
-    state, logits = prefill(model, rows, policy, prompt_mode, max_new_tokens)
     for i in range(max_new_tokens):
         ids = torch.full((B,), int(eos[0]) if len(eos) else 0, device=device)
         ids[live] = sample(logits, temperature, top_k, top_p,

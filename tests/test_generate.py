@@ -98,5 +98,5 @@ def test_bad_sampling_parameters(pair, kwargs, message):
 
 def test_empty_prompt(pair):
     _, model = pair
-    with pytest.raises(ValueError, match="empty prompt"):
+    with pytest.raises(ValueError, match="prompt is empty"):
         msrnn.generate(model, torch.zeros(1, 0, dtype=torch.long), TOVA(8))

@@ -12,14 +12,14 @@ policies, token ids and plain values, and returns numbers; it never imports from
 import argparse
 import sys
 
-from . import bench, evaluate, generate
+from . import bench, evaluate, generate, needle
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="msrnn", description="Transformers as multi-state RNNs "
                                      "(Oren et al., 2024): TOVA and other compression policies.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (generate, evaluate, bench):
+    for module in (generate, evaluate, bench, needle):
         module.add_commands(commands)
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,270 @@
+"""`msrnn needle`: needle / passkey retrieval against prompt length, fact depth and multi-state
+size, as heat maps (the command line of msrnn/needle.py: arguments checked first, then the
+computation, then files, plots and the printed table)."""
+
+import json
+import os
+import sys
+import time
+
+from tqdm import tqdm
+
+from .common import (add_device_args, check_device, check_out_dir, check_positive, check_range,
+                     check_seed, load_model, model_config, parse_list, policy_help, UsageError)
+from .evaluate import text_digest
+from .output import Results, figure, save_figure
+
+FIELDS = ["policy", "size", "length", "depth", "accuracy", "samples", "correct", "seconds",
+          "tokens_per_s"]
+
+
+def add_commands(commands):
+    import argparse
+
+    from ..policies import NAMES
+
+    p = commands.add_parser("needle", help="needle / passkey retrieval: accuracy against "
+                            "length, depth and multi-state size, as heat maps",
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog=policy_help())
+    p.add_argument("model")
+    p.add_argument("--haystack", nargs="+", help="text files the haystack passages are cut "
+                   "from (--task needle)")
+    p.add_argument("--task", choices=("needle", "passkey"), default="needle",
+                   help="needle: a book passage; passkey: the classic repeated filler")
+    p.add_argument("--lengths", default="512,1024,2048,4096", help="prompt lengths in tokens")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="relative depths of the fact")
+    p.add_argument("--policies", default="full,sinks,h2o,tova",
+                   help=f"comma-separated, from: {', '.join(NAMES)}")
+    p.add_argument("--sizes", default="64,128,256,512", help="multi-state sizes k")
+    p.add_argument("--sinks", type=int, help="first tokens never evicted (sinks: default 4)")
+    p.add_argument("--samples", type=int, default=5, help="prompts per cell (one batch)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-mode", choices=("oneshot", "sequential"), default="oneshot")
+    p.add_argument("--max-new-tokens", type=int, default=24,
+                   help="answer tokens at most (a verbose answer needs about 20)")
+    p.add_argument("--no-chat", action="store_true", help="the raw prompt, no chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON list on stdout")
+    p.add_argument("--out", help="directory for results.json/.csv and the heat maps "
+                   "(resumable)")
+    add_device_args(p)
+    p.set_defaults(run=run_needle)
+
+
+def parse_depths(text: str) -> list[float]:
+    try:
+        depths = [float(x) for x in parse_list("--depths", text)]
+    except ValueError as e:
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f"--depths must be comma-separated numbers in [0, 1], got "
+                         f"{text!r}") from None
+    bad = [d for d in depths if not 0 <= d <= 1]
+    if bad:
+        raise UsageError(f"--depths must be in [0, 1] (0: the start of the haystack, 1: its end), "
+                         f"got {bad[0]:g}")
+    return depths
+
+
+def configurations(names, sizes, sinks, lengths):
+    """[(name, size or None, Policy)]; a size that is not smaller than any length is refused
+    (it would never evict)."""
+    from ..policies import from_name
+
+    out = []
+    for name in names:
+        if name == "full":
+            out.append(("full", None, from_name("full", sinks=sinks)))
+            continue
+        for size in sizes:
+            if size >= max(lengths):
+                raise UsageError(f"--sizes {size} is not smaller than --lengths {max(lengths)}: "
+                                 f"a multi-state that large never evicts; use smaller sizes")
+            out.append((name, size, from_name(name, size, sinks)))
+    return out
+
+
+def run_needle(args):
+    from .. import load_tokenizer, needle
+    from ..evaluate import read_text
+    from ..policies import NAMES
+
+    lengths = parse_list("--lengths", args.lengths, int)
+    if any(n < 1 for n in lengths):
+        raise UsageError(f"--lengths must be positive, got {args.lengths!r}")
+    lengths = sorted(set(lengths))
+    depths = sorted(set(parse_depths(args.depths)))
+    names = parse_list("--policies", args.policies)
+    unknown = [n for n in names if n not in NAMES]
+    if unknown:
+        raise UsageError(f"unknown policy {unknown[0]!r}; choose from {', '.join(NAMES)}")
+    sizes = parse_list("--sizes", args.sizes, int)
+    if any(s < 1 for s in sizes):
+        raise UsageError(f"--sizes must be positive, got {args.sizes!r}")
+    configs = configurations(names, sizes, args.sinks, lengths)
+    check_positive("--samples", args.samples)
+    check_positive("--max-new-tokens", args.max_new_tokens)
+    check_seed(args.seed)
+    check_device(args.device)
+    if args.task == "needle" and not args.haystack:
+        raise UsageError("--task needle needs --haystack FILE ... (text to hide the fact in); "
+                         "or use --task passkey")
+    texts = [read_text(path) for path in args.haystack or []]
+    check_out_dir(args.out)
+    directory, cfg = model_config(args.model)
+    check_range(cfg, f"--lengths {max(lengths)} plus {args.max_new_tokens} new tokens",
+                max(lengths) + args.max_new_tokens)
+    tok = load_tokenizer(directory)
+    _, _, chat = needle.template(tok, not args.no_chat)
+    short = min(lengths)
+    if short <= needle.overhead(tok, args.task, chat):
+        raise UsageError(f"--lengths {short} is too short: the template, fact and question alone "
+                         f"take {needle.overhead(tok, args.task, chat)} tokens")
+    if args.task == "needle":
+        haystacks = needle.haystack_ids(tok, texts)
+        for path, ids in zip(args.haystack, haystacks):
+            if len(ids) < max(lengths):
+                raise UsageError(f"--haystack {path} has {len(ids)} tokens, shorter than the "
+                                 f"longest --lengths {max(lengths)}; use a longer text or "
+                                 f"shorter lengths")
+    else:
+        haystacks = needle.filler_ids(tok, max(lengths))
+    log = sys.stderr
+    if not chat:
+        print(f"[msrnn needle] {os.path.basename(os.path.abspath(directory))} has no chat "
+              f"template{' (or --no-chat)' if args.no_chat else ''}: the raw prompt is used",
+              file=log)
+    setup = {"model": os.path.abspath(directory), "task": args.task,
+             "haystack": [os.path.basename(t) for t in args.haystack or []],
+             "digest": text_digest(args.haystack or []), "samples": args.samples,
+             "seed": args.seed, "prompt_mode": args.prompt_mode, "chat": chat,
+             "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "sinks": args.sinks}
+    results = Results(args.out, setup, key=("policy", "size", "length", "depth"), fields=FIELDS)
+    cells = [(n, d) for n in lengths for d in depths]
+    skipped = sorted({(name, size, n) for name, size, _ in configs for n in lengths
+                      if size is not None and size >= n})
+    for name, size, n in skipped:
+        print(f"[msrnn needle] {name} {size} at length {n}: the multi-state holds the whole "
+              f"prompt, skipped", file=log)
+    todo = [(n, d, [c for c in configs if (c[1] is None or c[1] < n) and
+                    results.get(c[0], c[1], n, d) is None]) for n, d in cells]
+    todo = [t for t in todo if t[2]]
+    print(f"[msrnn needle] {args.task}, {args.prompt_mode} prompts, {len(configs)} "
+          f"configurations x {len(cells)} (length, depth) cells x {args.samples} samples; "
+          f"{len(todo)} cells to run", file=log)
+    model = load_model(directory, args.dtype, args.device) if todo else None
+    if todo:             # the first steps of a process are slow: keep them out of the timings
+        from ..policies import Full
+        needle.answer(model, [haystacks[0][:8]], [Full()], "oneshot", 2)
+    started = time.perf_counter()
+    with tqdm(total=sum(len(c) for _, _, c in todo), desc="needle", unit="config", file=log) \
+            as bar:
+        for n, d, todo_configs in todo:
+            bar.set_postfix_str(f"length {n}, depth {d:g}")
+            rows = needle.retrieval(model, tok, haystacks, [p for _, _, p in todo_configs], n, d,
+                                    args.samples, args.seed, args.task, args.prompt_mode, chat,
+                                    args.max_new_tokens)
+            for (name, size, policy), r in zip(todo_configs, rows):
+                speed = args.samples * n / r["seconds"]
+                results.add({"policy": name, "size": size, "length": n, "depth": d,
+                             "accuracy": r["accuracy"], "samples": args.samples,
+                             "correct": r["correct"], "seconds": round(r["seconds"], 3),
+                             "tokens_per_s": round(speed, 1)})
+                tqdm.write(f"[msrnn needle] {policy} length {n} depth {d:g}: "
+                           f"{r['correct']}/{args.samples}, {speed:.0f} tok/s", file=log)
+                bar.update(1)
+    if todo:
+        print(f"[msrnn needle] {time.perf_counter() - started:.0f} s", file=log)
+    rows = [results.get(name, size, n, d) for name, size, _ in configs for n, d in cells
+            if size is None or size < n]
+    if args.out:
+        title = (f"{os.path.basename(os.path.abspath(directory))}, {args.task}, "
+                 f"{args.prompt_mode} prompt, {args.samples} samples")
+        plot_all(rows, args.out, title)
+    if args.json:
+        print(json.dumps([{k: r[k] for k in ("policy", "size", "length", "depth", "accuracy",
+                                             "samples")} for r in rows]))
+    else:
+        print(f"{'policy':>8} {'size':>6} {'length':>7} {'depth':>6} {'accuracy':>9}")
+        for r in rows:
+            print(f"{r['policy']:>8} {str(r['size'] or '-'):>6} {r['length']:7d} "
+                  f"{r['depth']:6g} {r['accuracy']:9.2f}")
+    return 0
+
+
+def label(policy: str, size) -> str:
+    return policy if size is None else f"{policy}({size})"
+
+
+def grid(rows, policy, size):
+    """(lengths, depths, accuracy matrix [depths][lengths], None where not run)."""
+    mine = [r for r in rows if r["policy"] == policy and r["size"] == size]
+    lengths = sorted({r["length"] for r in rows})
+    depths = sorted({r["depth"] for r in rows})
+    acc = {(r["length"], r["depth"]): r["accuracy"] for r in mine}
+    return lengths, depths, [[acc.get((n, d)) for n in lengths] for d in depths]
+
+
+def draw_heatmap(ax, rows, policy, size):
+    import numpy as np
+
+    lengths, depths, m = grid(rows, policy, size)
+    data = np.array([[np.nan if v is None else v for v in row] for row in m], dtype=float)
+    image = ax.imshow(data, origin="upper", aspect="auto", cmap="RdYlGn", vmin=0, vmax=1)
+    for i, row in enumerate(m):
+        for j, v in enumerate(row):
+            ax.text(j, i, "-" if v is None else f"{v:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("depth of the fact")
+    ax.set_title(label(policy, size), fontsize=9)
+    return image
+
+
+def plot_all(rows, out: str, title: str):
+    """One heat map per (policy, size) (needle-POLICY-SIZE.png), all of them on one page
+    (needle-grid.png), and accuracy against multi-state size (needle-sizes.png)."""
+    configs = list(dict.fromkeys((r["policy"], r["size"]) for r in rows))
+    for policy, size in configs:
+        fig, ax = figure(figsize=(5, 3.6))
+        fig.colorbar(draw_heatmap(ax, rows, policy, size), ax=ax, label="accuracy")
+        ax.set_title(f"{label(policy, size)}: {title}", fontsize=8)
+        save_figure(fig, os.path.join(out, f"needle-{policy}-{size or 'full'}.png"))
+    policies = list(dict.fromkeys(p for p, _ in configs))
+    sizes = sorted({s for _, s in configs if s is not None})
+    cols = max(len(sizes), 1)
+    fig, axes = figure(len(policies), cols, figsize=(3.3 * cols, 2.6 * len(policies)))
+    import numpy as np
+    axes = np.array(axes).reshape(len(policies), cols)
+    for i, policy in enumerate(policies):
+        for j in range(cols):
+            ax = axes[i, j]
+            size = None if policy == "full" else sizes[j] if sizes else None
+            if (policy == "full" and j) or (policy, size) not in configs:
+                ax.axis("off")
+                continue
+            draw_heatmap(ax, rows, policy, size)
+    fig.suptitle(title, fontsize=9)
+    save_figure(fig, os.path.join(out, "needle-grid.png"))
+
+    fig, ax = figure(figsize=(6.5, 4.2))
+    for policy in policies:
+        mean = {}
+        for r in rows:
+            if r["policy"] == policy:
+                mean.setdefault(r["size"], []).append(r["accuracy"])
+        if policy == "full" or None in mean:
+            value = sum(mean[None]) / len(mean[None])
+            ax.axhline(value, color="black", linestyle="--", label=f"{policy} ({value:.2f})")
+            continue
+        pts = sorted((s, sum(v) / len(v)) for s, v in mean.items())
+        ax.plot(*zip(*pts), marker="o", label=policy)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("multi-state size k (log2)")
+    ax.set_ylabel("retrieval accuracy (mean over lengths, depths)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, os.path.join(out, "needle-sizes.png"))

@@ -1,0 +1,192 @@
+"""Needle and passkey retrieval: where compression loses a fact (the heat maps of `msrnn needle`).
+
+A prompt of exactly `length` tokens holds a haystack (a book passage from a random offset, or the
+classic passkey filler), and at relative depth `depth` a fact with a random 5-digit number N,
+stated twice in one sentence pair; the question comes at the end, and the whole is wrapped in the
+model's chat template (the raw prompt if the tokenizer has none). The model answers greedily; an
+answer is right when the first 5-digit number in it is N.
+
+Layout of one prompt, in tokens (each piece encoded on its own, then concatenated, so that every
+prompt of a (length, depth) has exactly `length` tokens and they form one batch):
+
+    head (template up to the user's text) | haystack | fact | haystack | question | tail
+
+The fact starts at token index round(depth * length), held inside the haystack's span: at
+depth 0 it follows the head, at depth 1 it ends right before the question.
+
+Prompts depend only on (seed, task, length, depth, sample) and the texts: every policy, size and
+prompt mode sees the same ones, and a run that resumes draws the same ones again.
+
+Functions of models, policies, token ids and plain values; the command line is msrnn/cli/needle.py.
+"""
+
+import random
+import re
+import time
+
+import torch
+
+from .generate import decode
+
+NEEDLE = ("The secret number is {n}. Remember it: the secret number is {n}.",
+          "What is the secret number? Answer with the number only.")
+PASSKEY = ("The pass key is {n}. Remember it. {n} is the pass key.",
+           "What is the pass key? Answer with the number only.")
+TASKS = {"needle": NEEDLE, "passkey": PASSKEY}
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
+          "again. ")
+MAX_NEW_TOKENS = 24
+MARKER = "\u2063NEEDLE-CONTENT\u2063"        # where the user's text goes in the chat template
+
+
+def plain(tok, text: str) -> list[int]:
+    """Token ids of `text` without the special tokens the tokenizer adds to every encoding (a
+    BOS, say), so that pieces can be concatenated."""
+    ids, added = tok.encode(text), tok.encode("")
+    bos = added[:1] if added and added[0] == tok.bos_id else []
+    eos = added[len(bos):]
+    if bos and ids[:1] == bos:
+        ids = ids[1:]
+    if eos and ids[-len(eos):] == eos:
+        ids = ids[:-len(eos)]
+    return ids
+
+
+def template(tok, chat: bool = True):
+    """(head ids, tail ids, whether the chat template is used): what comes before and after the
+    user's text. Without a chat template (or chat=False) the raw prompt: the tokenizer's own
+    BOS, if it adds one, and nothing else."""
+    bos = [tok.bos_id] if tok.encode("")[:1] == [tok.bos_id] and tok.bos_id is not None else []
+    if chat:
+        try:
+            tok.chat_template()
+        except ValueError:
+            chat = False
+    if not chat:
+        return bos, [], False
+    text = tok.apply_chat_template([{"role": "user", "content": MARKER}])
+    head, tail = text.split(MARKER)
+    head = plain(tok, head) if head else []
+    return (head if head[:1] == bos else bos + head), plain(tok, tail), True
+
+
+def haystack_ids(tok, texts: list[str]) -> list[list[int]]:
+    """Each text's token ids (the haystacks prompts are cut from)."""
+    return [plain(tok, text) for text in texts]
+
+
+def filler_ids(tok, length: int) -> list[list[int]]:
+    """The passkey filler repeated to at least `length` tokens, as one haystack."""
+    one = plain(tok, FILLER)
+    return [one * (length // max(len(one), 1) + 2)]
+
+
+def overhead(tok, task: str = "needle", chat: bool = True) -> int:
+    """Tokens of a prompt that are not haystack: head, fact, question and tail."""
+    fact, question = TASKS[task]
+    head, tail, _ = template(tok, chat)
+    return (len(head) + len(plain(tok, " " + fact.format(n=99999))) +
+            len(plain(tok, "\n\n" + question)) + len(tail))
+
+
+def build_prompts(tok, haystacks: list[list[int]], length: int, depth: float, samples: int,
+                  seed: int, task: str = "needle", chat: bool = True):
+    """`samples` prompts of exactly `length` tokens: (ids LongTensor [samples, length], numbers
+    [samples], fact start indices [samples]). Drawn from random.Random(seed, task, length,
+    depth): the same arguments give the same prompts, whoever asks."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: use {' or '.join(TASKS)}")
+    if not 0 <= depth <= 1:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    fact_text, question = TASKS[task]
+    head, tail, _ = template(tok, chat)
+    q = plain(tok, "\n\n" + question)
+    rng = random.Random(f"{seed}/{task}/{length}/{float(depth)!r}")
+    rows, numbers, where = [], [], []
+    for _ in range(samples):
+        n = rng.randrange(10000, 100000)
+        fact = plain(tok, " " + fact_text.format(n=n))
+        hay = length - len(head) - len(fact) - len(q) - len(tail)
+        if hay < 0:
+            raise ValueError(f"length {length} is too short: the template, fact and question "
+                             f"alone take {length - hay} tokens")
+        usable = [h for h in haystacks if len(h) >= hay]
+        if not usable:
+            raise ValueError(f"every haystack is shorter than the {hay} tokens a {length}-token "
+                             f"prompt needs; give a longer text")
+        source = usable[rng.randrange(len(usable))]
+        offset = rng.randrange(len(source) - hay + 1)
+        passage = source[offset:offset + hay]
+        before = min(max(round(depth * length) - len(head), 0), hay)
+        rows.append(head + passage[:before] + fact + passage[before:] + q + tail)
+        numbers.append(n)
+        where.append(len(head) + before)
+    return torch.tensor(rows), numbers, where
+
+
+FIVE_DIGITS = re.compile(r"(?<!\d)\d{5}(?!\d)")
+
+
+def score(answer: str, number: int) -> bool:
+    """Whether the first 5-digit number in `answer` is `number`."""
+    m = FIVE_DIGITS.search(answer)
+    return m is not None and int(m.group()) == number
+
+
+def _prompt_pass(model, ids, policies, mode, max_new_tokens):
+    """The prompt into one empty multi-state per policy: ([states], [last logits [B, V]],
+    [seconds]). oneshot runs the parallel pass once for all of them (Transformer.prefill_shared,
+    when the model has it); its time is shared equally."""
+    B, T = ids.shape
+    states = [model.init_state(B, p, capacity=None if p.bounded else T + max_new_tokens)
+              for p in policies]
+    if mode == "oneshot":
+        start = time.perf_counter()
+        last = model.logits(model.prefill_shared(ids, states, logits=False)[:, -1])
+        share = (time.perf_counter() - start) / len(states)
+        return states, [last] * len(states), [share] * len(states)
+    lasts, seconds = [], []
+    for state in states:
+        start = time.perf_counter()
+        hidden, _ = model.prefill(ids, state, mode=mode, logits=False)
+        lasts.append(model.logits(hidden[:, -1]))
+        seconds.append(time.perf_counter() - start)
+    return states, lasts, seconds
+
+
+@torch.inference_mode()
+def answer(model, ids, policies, mode: str = "oneshot", max_new_tokens: int = MAX_NEW_TOKENS,
+           eos_ids=None):
+    """Greedy answers to prompts ids [B, T] under each policy: [(new ids [B, N], seconds)] in
+    the order of `policies`. Stops at max_new_tokens or when every row has ended (eos_ids)."""
+    ids = torch.as_tensor(ids, device=model.embed.weight.device)
+    if eos_ids is None:
+        eos = model.cfg.eos_id
+        eos_ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    states, lasts, seconds = _prompt_pass(model, ids, policies, mode, max_new_tokens)
+    out = []
+    for state, logits, spent in zip(states, lasts, seconds):
+        start = time.perf_counter()
+        new = [ids for ids, _ in decode(model, state, logits, max_new_tokens, eos_ids=eos_ids)]
+        out.append((torch.stack(new, 1).cpu(), spent + time.perf_counter() - start))
+    return out
+
+
+def accuracy(tok, new_ids, numbers) -> tuple[int, list[str]]:
+    """(how many answers retrieve their number, the answers' texts)."""
+    texts = [tok.decode(row.tolist(), skip_special_tokens=True) for row in new_ids]
+    return sum(score(t, n) for t, n in zip(texts, numbers)), texts
+
+
+def retrieval(model, tok, haystacks, policies, length: int, depth: float, samples: int,
+              seed: int = 0, task: str = "needle", mode: str = "oneshot", chat: bool = True,
+              max_new_tokens: int = MAX_NEW_TOKENS):
+    """One (length, depth) cell for several policies at once: [{accuracy, correct, seconds,
+    answers}] in the order of `policies` (the same prompts for all)."""
+    ids, numbers, _ = build_prompts(tok, haystacks, length, depth, samples, seed, task, chat)
+    rows = []
+    for new, seconds in answer(model, ids, policies, mode, max_new_tokens, tok.eos_ids or None):
+        correct, texts = accuracy(tok, new, numbers)
+        rows.append({"accuracy": correct / samples, "correct": correct, "seconds": seconds,
+                     "answers": texts, "numbers": numbers})
+    return rows
