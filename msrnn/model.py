@@ -79,23 +79,6 @@ def linear(x, w, b=None):
     return F.linear(x, w, b)
 
 
-SUM_PRODUCTS = True    # compiled on a CPU, small products are written as sums (see `matmul`)
-
-
-def matmul(a, b):
-    """a @ b for a batch of small products, a [..., M, K] and b [..., K, N].
-
-    A decode step's attention is B x Hkv products of a few rows (the G query heads of a group)
-    with a KV head's keys, and of the weights with its values. The library runs them one small
-    product at a time. Compiled on a CPU, we write them as a sum of products, which inductor
-    turns into one loop over every row, head and slot, streaming the keys and values once."""
-    if SUM_PRODUCTS and torch.compiler.is_compiling() and a.device.type == "cpu" and \
-            a.shape[-2] <= 8:
-        wide = torch.promote_types(a.dtype, torch.float32)
-        return (a[..., :, :, None].to(wide) * b[..., None, :, :].to(wide)).sum(-2).to(a.dtype)
-    return a @ b
-
-
 def rotate(x, cos, sin):
     x1, x2 = x.chunk(2, -1)
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], -1) * sin.to(x.dtype)
@@ -142,14 +125,14 @@ class Attention(nn.Module):
         keys. q [B, Hkv, G, T, D], keys [B, Hkv, S, D], mask broadcastable to the result.
         The G query heads of a group share one matrix product with their KV head's keys."""
         B, Hkv, G, T, D = q.shape
-        scores = matmul(q.reshape(B, Hkv, G * T, D), keys.transpose(-1, -2)) * D ** -0.5
+        scores = (q.reshape(B, Hkv, G * T, D) @ keys.transpose(-1, -2)) * D ** -0.5
         scores = scores.view(B, Hkv, G, T, -1).masked_fill(~mask, -torch.inf)
         return scores.softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32))
 
     def output(self, probs, values):
         """y = sum_j a(j) V_j, heads concatenated and projected: [B, Hkv, G, T, S] -> [B, T, E]."""
         B, Hkv, G, T, S = probs.shape
-        y = matmul(probs.to(values.dtype).view(B, Hkv, G * T, S), values)  # [B, Hkv, G*T, D]
+        y = probs.to(values.dtype).view(B, Hkv, G * T, S) @ values          # [B, Hkv, G*T, D]
         y = y.view(B, Hkv, G, T, -1).permute(0, 3, 1, 2, 4).reshape(B, T, -1)
         return linear(y, self.wo)
 
