@@ -241,7 +241,7 @@ class MultiState:
         """For benchmarks: make this multi-state look as it would at `position`, its slots filled
         with random keys and values (a step's cost depends only on the shapes). spread > 0: a
         ragged batch, row b that many tokens behind row 0 times b / B."""
-        self.reserve(position + 64 - self._length if not self.policy.bounded else 0)
+        self.reserve(position - self._length)
         for b in range(self.batch_size):
             at = position - spread * b // self.batch_size              # row b's position
             n = min(at, self.policy.size) if self.policy.bounded else at

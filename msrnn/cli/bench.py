@@ -60,7 +60,7 @@ def run_bench(args):
     check_out_dir(args.out)
     directory, cfg = model_config(args.model)
     longest = max([args.prompt_tokens + args.new_tokens + 8] +
-                  ([max(lengths) + 64] if "latency" in parts else []) +
+                  ([max(lengths)] if "latency" in parts else []) +
                   ([args.length] if "throughput" in parts else []) +
                   ([args.prefill_tokens] if "prefill" in parts else []))
     if longest > cfg.max_positions:
