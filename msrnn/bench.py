@@ -164,8 +164,11 @@ def step_seconds(model, state, steps: int = 12) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def latency(model, lengths, size: int, log=sys.stderr, steps: int = 12, rounds: int = 3):
-    """Per-token latency as the sequence grows, Full against TOVA(size).
+def latency(model, lengths, size: int, log=sys.stderr, steps: int = 12, rounds: int = 3,
+            compiled=None):
+    """Per-token latency as the sequence grows, Full against TOVA(size); with `compiled` (the
+    model with its step compiled) TOVA's rows run compiled too: its slots are the same at every
+    length, so one graph serves them all (Full's grow, and would compile once per length).
 
     Each (policy, length n) state is timed for `steps` steps in each of `rounds` rounds that go
     over all of them in turn, so that a slow spell of the machine hits every row alike; a row's
@@ -173,16 +176,21 @@ def latency(model, lengths, size: int, log=sys.stderr, steps: int = 12, rounds: 
     if min(lengths) < shortest_latency_length(steps, rounds):
         raise ValueError(f"--lengths must be at least {shortest_latency_length(steps, rounds)}: "
                          f"each is reached by {rounds} rounds of {steps + 2} timed steps")
-    rows = [{"policy": name, "size": policy.size, "length": n, "ms": float("inf"),
+    runs = [("full", Full(), model, False), ("tova", TOVA(size), model, False)]
+    if compiled is not None:
+        runs.append(("tova", TOVA(size), compiled, True))
+    rows = [{"policy": name, "size": policy.size, "length": n, "compiled": is_compiled,
+             "ms": float("inf"), "model": step,
              "state": fake_state(model, policy, 1, n - rounds * (steps + 2))}
-            for name, policy in (("full", Full()), ("tova", TOVA(size)))
-            for n in lengths]
+            for name, policy, step, is_compiled in runs for n in lengths]
     for _ in range(rounds):
         for row in rows:
-            row["ms"] = min(row["ms"], step_seconds(model, row["state"], steps) * 1e3)
+            row["ms"] = min(row["ms"], step_seconds(row["model"], row["state"], steps) * 1e3)
     for row in rows:
-        print(f"  {str(row.pop('state').policy):10s} length {row['length']:5d}: "
-              f"{row['ms']:6.1f} ms/token", file=log, flush=True)
+        del row["model"]
+        print(f"  {str(row.pop('state').policy):10s} length {row['length']:5d}"
+              f"{' compiled' if row['compiled'] else ''}: {row['ms']:6.1f} ms/token", file=log,
+              flush=True)
     return rows
 
 

@@ -50,6 +50,7 @@ class Tokenizer:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ValueError(f"{path} is damaged and cannot be read ({first[:120]}); copy the "
                              f"checkpoint's tokenizer files again") from None
+        if self.sp is not None:
             # Does sentencepiece put a "▁" before the text (its add_dummy_prefix option)?
             self.dummy_prefix = self.sp.encode("a", out_type=str)[0].startswith("\u2581")
         # Tokens a sentencepiece checkpoint added after training (by id), e.g. chat markers.

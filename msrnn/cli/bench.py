@@ -86,7 +86,7 @@ def run_bench(args):
     if "latency" in parts:
         print("[msrnn bench] latency against sequence length, float32, batch 1", file=log)
         report["latency"] = bench.latency(compiled if args.compile_latency else model, lengths,
-                                          args.latency_size, log)
+                                          args.latency_size, log, compiled=compiled)
     if "throughput" in parts:
         print(f"[msrnn bench] throughput under a key-value budget of {args.full_batch} full "
               f"sequences of {args.length} tokens, float32", file=log)
@@ -126,10 +126,11 @@ def print_report(r):
                   f"{s['vs_transformers']:.2f}x | {s['vs_transformers_fp32']:.2f}x | {ceiling} | "
                   f"{s['peak_mb']:.0f} | {s['state_mb']:.1f} |")
     if "latency" in r:
-        print("\n| policy | length | ms/token |")
-        print("|---|---|---|")
+        print("\n| policy | step | length | ms/token |")
+        print("|---|---|---|---|")
         for s in r["latency"]:
-            print(f"| {name(s)} | {s['length']} | {s['ms']:.1f} |")
+            print(f"| {name(s)} | {'compiled' if s['compiled'] else 'eager'} | {s['length']} | "
+                  f"{s['ms']:.1f} |")
     if "prefill" in r:
         print("\n| implementation | policy | prompt mode | prompt tok/s | vs transformers |")
         print("|---|---|---|---|---|")
@@ -167,10 +168,11 @@ def fastest(rows) -> dict:
 
 def plot(latency_rows, throughput_rows, path):
     fig, (a, b) = figure(1, 2, figsize=(10, 3.8))
-    for name in dict.fromkeys(r["policy"] for r in latency_rows):
-        pts = [(r["length"], r["ms"]) for r in latency_rows if r["policy"] == name]
-        size = next(r["size"] for r in latency_rows if r["policy"] == name)
-        a.plot(*zip(*pts), marker="o", label=name if size is None else f"{name} ({size})")
+    for key in dict.fromkeys((r["policy"], r["size"], r["compiled"]) for r in latency_rows):
+        pts = [(r["length"], r["ms"]) for r in latency_rows
+               if (r["policy"], r["size"], r["compiled"]) == key]
+        label = key[0] if key[1] is None else f"{key[0]} ({key[1]})"
+        a.plot(*zip(*pts), marker="o", label=label + (" compiled" if key[2] else ""))
     a.set_xlabel("sequence length (tokens)")
     a.set_ylabel("ms per token (batch 1)")
     a.set_ylim(bottom=0)
