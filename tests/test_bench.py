@@ -34,4 +34,4 @@ def test_bench_latency_throughput_ceiling(tmp_path, capsys):
     assert report["ceiling"]["float32"]["weight_mb_per_token"] == n_params * 4 / 2**20
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
-    assert "| tova(32) | 15 |" in printed and "| full | 128 |" in printed
+    assert "| tova(32) | 15 |" in printed and "| full | eager | 128 |" in printed
