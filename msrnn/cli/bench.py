@@ -25,7 +25,8 @@ def add_commands(commands):
                    help="latency: sequence lengths")
     b.add_argument("--latency-size", type=int, default=512)
     b.add_argument("--compile-latency", action="store_true",
-                   help="time latency and throughput with the compiled step")
+                   help="latency: time Full's rows compiled too (one compile per length; TOVA's "
+                        "rows are timed compiled anyway)")
     b.add_argument("--length", type=int, default=4096, help="throughput: sequence length")
     b.add_argument("--full-batch", type=int, default=8, help="throughput: full-cache batch")
     b.add_argument("--throughput-sizes", default="512,256")
