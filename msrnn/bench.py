@@ -27,6 +27,7 @@ import torch
 
 from . import load, policies
 from .policies import Full, TOVA
+from .prompt import prefill
 
 
 def now(device):
@@ -56,11 +57,11 @@ def msrnn_speed(model, prompt, policy, new_tokens: int, compiled: bool, warmup: 
     compiled, the compilation) are run before timing on a copy of the same setup."""
     device = prompt.device
     if compiled:
-        model.compile_step()
+        model = model.compile_step()
     for timed in (False, True):
         capacity = None if policy.bounded else prompt.shape[1] + new_tokens + warmup
         state = model.init_state(1, policy, capacity=capacity)
-        logits, state = model.prefill(prompt, state, mode="oneshot")
+        logits, state = prefill(model, prompt, state, mode="oneshot")
         tok = logits[:, -1].argmax(-1)
         n = new_tokens if timed else warmup
         start = now(device)
@@ -272,8 +273,8 @@ def prefill_speed(model_dir: str, tokens: int, size: int, device, log=sys.stderr
     for name, policy, mode in (("full", Full(), "-"), ("tova", TOVA(size), "oneshot"),
                                ("tova", TOVA(size), "sequential")):
         rows.append({"impl": "msrnn", "policy": name if name == "full" else f"tova({size})",
-                     "mode": mode, "tok_s": best(lambda: model.prefill(
-                         ids, model.init_state(1, policy, capacity=tokens),
+                     "mode": mode, "tok_s": best(lambda: prefill(
+                         model, ids, model.init_state(1, policy, capacity=tokens),
                          mode="oneshot" if mode == "-" else mode, logits=False),
                          repeats=1 if mode == "sequential" else repeats)})
     for row in rows:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import policies
+from .prompt import prefill
 
 # ----------------------------------------------------------------------------- data
 
@@ -71,26 +72,20 @@ def token_nll(model, hidden, targets, piece: int = 256):
 @torch.inference_mode()
 def chunk_nll(model, ids, policy) -> torch.Tensor:
     """-log p(x_t | x_<t) for t = 1..T-1 of chunks ids [B, T], each from an empty multi-state,
-    run as the `sequential` prompt of docs/design.md (Transformer.prefill decides what runs in
-    parallel and what steps)."""
+    run as the `sequential` prompt of docs/design.md (msrnn.prompt decides what runs in parallel
+    and what steps). `model`: any backend (msrnn's decoder, msrnn.hf.Backend)."""
     B, T = ids.shape
     state = model.init_state(B, policy, capacity=None if policy.bounded else T)
-    hidden, _ = model.prefill(ids, state, mode="sequential", logits=False)
+    hidden, _ = prefill(model, ids, state, mode="sequential", logits=False)
     return token_nll(model, hidden[:, :-1], ids[:, 1:])
 
 
 def perplexity(model, chunks, policy, batch_size: int = 8, progress=None):
-    """(ppl, predicted tokens) of `policy` over chunks [N, T], batch_size chunks at a time.
-    `model`: msrnn's decoder, or a transformers model (run with msrnn.hf's cache)."""
-    from .model import Transformer
-    if isinstance(model, Transformer):
-        nll_of = chunk_nll
-    else:
-        from .hf import chunk_nll as nll_of
-    device = next(model.parameters()).device
+    """(ppl, predicted tokens) of `policy` over chunks [N, T], batch_size chunks at a time, on
+    any backend."""
     total, count = 0.0, 0
     for i in range(0, len(chunks), batch_size):
-        nll = nll_of(model, chunks[i:i + batch_size].to(device), policy)
+        nll = chunk_nll(model, chunks[i:i + batch_size].to(model.shape.device), policy)
         total += nll.double().sum().item()
         count += nll.numel()
         if progress is not None:
@@ -99,19 +94,11 @@ def perplexity(model, chunks, policy, batch_size: int = 8, progress=None):
 
 
 def configurations(names, sizes, sinks: int | None, context: int):
-    """[(name, size or None, Policy)] for every policy name and size; Full once."""
-    out = []
-    for name in names:
-        if name == "full":
-            out.append(("full", None, policies.Full()))
-            continue
-        for size in sizes:
-            if size >= context:
-                raise ValueError(f"size {size} is not smaller than the context {context}: a "
-                                 f"multi-state that large never evicts; use smaller --sizes")
-            out.append((name, size, policies.from_name(name, size, sinks)))
-    if not out:
-        raise ValueError("no configuration to run: give --policies (and --sizes)")
+    """[(name, size or None, Policy)] for every policy name and size (policies.grid), each
+    smaller than the context."""
+    out = policies.grid(names, sizes, sinks)
+    for _, _, policy in out:
+        policies.check_fits(policy, context, f"the context {context}", name="size")
     return out
 
 
@@ -164,7 +151,8 @@ def _worker_run(policy, chunks, batch_size):
 @torch.inference_mode()
 def retention(model, chunks, size: int, batch_size: int = 8, horizon: int | None = None,
               record: list[int] | None = None):
-    """Follow TOVA(size) over chunks [N, T] and measure, per layer, which states it keeps.
+    """Follow TOVA(size) over chunks [N, T] on any backend and measure, per layer, which states
+    it keeps.
 
     Returns a dict of tensors:
       lifetime [L, N, T - horizon]  steps each token stayed in layer l's multi-state after it
@@ -178,7 +166,7 @@ def retention(model, chunks, size: int, batch_size: int = 8, horizon: int | None
                                     for the first chunk, [p, t] = position p is in H^l_t (the
                                     matrix msrnn.cli.evaluate.plot_multistate draws)."""
     N, T = chunks.shape
-    L, horizon = model.cfg.n_layers, horizon or T // 2
+    L, horizon = model.shape.layers, horizon or T // 2
     lifetime = torch.zeros(L, N, T, dtype=torch.long)
     first_kept = torch.ones(L, N, dtype=torch.bool)
     recent = torch.zeros(L, dtype=torch.float64)
@@ -188,10 +176,10 @@ def retention(model, chunks, size: int, batch_size: int = 8, horizon: int | None
         kept[l][:size, :size] = torch.ones(size, size, dtype=torch.bool).tril().T
     for i in tqdm(range(0, N, batch_size), desc=f"retention TOVA({size})", unit="batch",
                   file=sys.stderr, leave=False):
-        ids = chunks[i:i + batch_size].to(model.embed.weight.device)
+        ids = chunks[i:i + batch_size].to(model.shape.device)
         B = len(ids)
         state = model.init_state(B, policies.TOVA(size))
-        model.prefill(ids[:, :size], state, logits=False)   # the first `size`: nothing leaves
+        prefill(model, ids[:, :size], state, logits=False)   # the first `size`: nothing leaves
         lifetime[:, i:i + B, :size] += size - torch.arange(size)
         for t in range(size, T):
             model.step(ids[:, t], state)

@@ -1,15 +1,16 @@
-"""Decoding: run the prompts into the multi-state, then step the MSRNN one new token at a time.
+"""Decoding: run the prompts into the multi-state, then step the MSRNN one new token at a time,
+on either backend (msrnn's decoder, or a transformers model through msrnn.hf.Backend).
 
 Prompts of different lengths (a ragged batch) share one multi-state: each row has its own
-positions, so each prompt runs on its own into its row (MultiState.set_row), and then all rows
-step together; padding never exists, so it never enters a multi-state. A row that has finished
+positions, so each prompt runs on its own into its row (prompt.fill), and then all rows step
+together; padding never exists, so it never enters a multi-state. A row that has finished
 repeats its EOS, and once half of the rows still in the batch have finished they leave it
 (MultiState.select), so they stop costing work."""
 
 import torch
 
-from .model import Transformer
 from .policies import Policy
+from .prompt import Backend, Mode, fill
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None):
@@ -81,28 +82,7 @@ def as_rows(prompts, device) -> list:
     return out
 
 
-def prefill(model: Transformer, rows, policy: Policy, mode: str, max_new_tokens: int):
-    """A new multi-state with every prompt in it: (state, logits [B, V] after each prompt).
-
-    Prompts of one length run as one batch; a ragged batch runs each prompt alone, as batch-1
-    `generate` would, and copies it into its row."""
-    lengths = [len(r) for r in rows]
-    # Full allocates the whole sequence once; a bounded policy holds k + 1 slots regardless.
-    capacity = None if policy.bounded else max(lengths) + max_new_tokens
-    state = model.init_state(len(rows), policy, capacity=capacity)
-    if len(set(lengths)) == 1:
-        hidden, state = model.prefill(torch.stack(rows), state, mode=mode, logits=False)
-        return state, model.logits(hidden[:, -1])
-    last = []
-    for b, row in enumerate(rows):
-        alone = model.init_state(1, policy, capacity=None if policy.bounded else len(row))
-        hidden, alone = model.prefill(row[None], alone, mode=mode, logits=False)
-        state.set_row(b, alone)
-        last.append(model.logits(hidden[0, -1]))
-    return state, torch.stack(last)
-
-
-def stream(model: Transformer, prompts, policy: Policy, max_new_tokens=256, temperature=0.0,
+def stream(model: Backend, prompts, policy: Policy, max_new_tokens=256, temperature=0.0,
            top_k=None, top_p=None, seed=None, prompt_mode="oneshot", compile=False,
            eos_ids=None):
     """Yield (new token ids [B], multi-state) one step at a time; arguments as in `generate`."""
@@ -110,24 +90,26 @@ def stream(model: Transformer, prompts, policy: Policy, max_new_tokens=256, temp
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
             max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    device = model.embed.weight.device
-    rows = as_rows(prompts, device)
+    mode, limit = Mode.of(prompt_mode), model.shape.positions
+    rows = as_rows(prompts, model.shape.device)
     for i, row in enumerate(rows):                               # checked before any work
-        if len(row) + max(max_new_tokens - 1, 0) > model.cfg.max_positions:
+        if len(row) + max(max_new_tokens - 1, 0) > limit:
             where = f"prompt {i} ({len(row)} tokens)" if len(rows) > 1 else \
                 f"a {len(row)}-token prompt"
             raise ValueError(f"{where} and {max_new_tokens} new tokens need "
                              f"{len(row) + max_new_tokens - 1} positions, past the model's range "
-                             f"of {model.cfg.max_positions}; use a shorter prompt or fewer new "
-                             f"tokens")
+                             f"of {limit}; use a shorter prompt or fewer new tokens")
     if compile:
-        model.compile_step()
-    state, logits = prefill(model, rows, policy, prompt_mode, max_new_tokens)
+        if not hasattr(model, "compile_step"):
+            raise ValueError("compile=True compiles msrnn's own decode step; this backend has "
+                             "none (use msrnn.load, or compile=False)")
+        model = model.compile_step()
+    state, logits = fill(model, rows, policy, mode, max_new_tokens)
     yield from decode(model, state, logits, max_new_tokens, temperature, top_k, top_p, seed,
                       eos_ids)
 
 
-def decode(model: Transformer, state, logits, max_new_tokens=256, temperature=0.0, top_k=None,
+def decode(model: Backend, state, logits, max_new_tokens=256, temperature=0.0, top_k=None,
            top_p=None, seed=None, eos_ids=None):
     """From a multi-state after its prompts and their last logits [B, V]: yield (new token ids
     [B], multi-state) one step at a time, each token fed back, until max_new_tokens or every row
@@ -155,20 +137,19 @@ def decode(model: Transformer, state, logits, max_new_tokens=256, temperature=0.
 
 
 @torch.inference_mode()
-def generate(model: Transformer, prompts, policy: Policy, max_new_tokens=256, temperature=0.0,
+def generate(model: Backend, prompts, policy: Policy, max_new_tokens=256, temperature=0.0,
              top_k=None, top_p=None, seed=None, prompt_mode="oneshot", compile=False,
              eos_ids=None):
     """prompt_ids [B, T] -> new token ids [B, N], N <= max_new_tokens; or a list of prompts of
     any lengths (lists of ints or 1-D tensors) -> a list of 1-D LongTensors, row i what
     generate gives for prompts[i] alone (up to and including its EOS).
 
-    The prompt enters the multi-state (`prompt_mode`, see Transformer.prefill), then each step
+    The prompt enters the multi-state (`prompt_mode`, see msrnn.prompt), then each step
     feeds the last token back: (x_t, H_{t-1}) -> (y_t, H_t). Stops after max_new_tokens or when
     every row has produced one of `eos_ids` (default: the model config's eos_token_id). With a
-    seed, each row draws from its own generator seeded with it."""
-    if eos_ids is None:
-        eos = model.cfg.eos_id
-        eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    seed, each row draws from its own generator seeded with it. `model`: msrnn's decoder, or any
+    Backend (msrnn.hf.Backend(transformers_model))."""
+    eos_ids = set(model.eos_ids if eos_ids is None else eos_ids)
     out = [ids for ids, _ in stream(model, prompts, policy, max_new_tokens, temperature,
                                     top_k, top_p, seed, prompt_mode, compile, eos_ids)]
     B = len(as_rows(prompts, "cpu"))

@@ -52,22 +52,22 @@ def _recipe(cfg: Config) -> dict:
     recipe = {"embed.weight": ([("model.embed_tokens.weight", (V, C))], keep),
               "norm.weight": ([("model.norm.weight", (C,))], keep)}
     if not cfg.tie_embeddings:
-        recipe["lm_head"] = ([("lm_head.weight", (V, C))], keep)
+        recipe["lm_head.weight"] = ([("lm_head.weight", (V, C))], keep)
     for i in range(cfg.n_layers):
         hf = f"model.layers.{i}."
         recipe |= {
             f"blocks.{i}.attn_norm.weight": ([(hf + "input_layernorm.weight", (C,))], keep),
             f"blocks.{i}.mlp_norm.weight": ([(hf + "post_attention_layernorm.weight", (C,))], keep),
-            f"blocks.{i}.attn.wqkv": ([(hf + "self_attn.q_proj.weight", (H * D, C)),
+            f"blocks.{i}.attn.wqkv.weight": ([(hf + "self_attn.q_proj.weight", (H * D, C)),
                                        (hf + "self_attn.k_proj.weight", (H_kv * D, C)),
                                        (hf + "self_attn.v_proj.weight", (H_kv * D, C))], stack),
-            f"blocks.{i}.attn.wo": ([(hf + "self_attn.o_proj.weight", (C, H * D))], keep),
-            f"blocks.{i}.mlp.w13": ([(hf + "mlp.gate_proj.weight", (I, C)),
+            f"blocks.{i}.attn.wo.weight": ([(hf + "self_attn.o_proj.weight", (C, H * D))], keep),
+            f"blocks.{i}.mlp.w13.weight": ([(hf + "mlp.gate_proj.weight", (I, C)),
                                      (hf + "mlp.up_proj.weight", (I, C))], stack),
-            f"blocks.{i}.mlp.w2": ([(hf + "mlp.down_proj.weight", (C, I))], keep),
+            f"blocks.{i}.mlp.w2.weight": ([(hf + "mlp.down_proj.weight", (C, I))], keep),
         }
         if cfg.qkv_bias:                                   # Qwen2
-            recipe[f"blocks.{i}.attn.bqkv"] = ([(hf + "self_attn.q_proj.bias", (H * D,)),
+            recipe[f"blocks.{i}.attn.wqkv.bias"] = ([(hf + "self_attn.q_proj.bias", (H * D,)),
                                                 (hf + "self_attn.k_proj.bias", (H_kv * D,)),
                                                 (hf + "self_attn.v_proj.bias", (H_kv * D,))],
                                                stack)

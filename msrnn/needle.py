@@ -27,6 +27,7 @@ import time
 import torch
 
 from .generate import decode
+from .prompt import prefill, prefill_shared
 
 NEEDLE = ("The secret number is {n}. Remember it: the secret number is {n}.",
           "What is the secret number? Answer with the number only.")
@@ -135,20 +136,20 @@ def score(answer: str, number: int) -> bool:
 
 def _prompt_pass(model, ids, policies, mode, max_new_tokens):
     """The prompt into one empty multi-state per policy: ([states], [last logits [B, V]],
-    [seconds]). oneshot runs the parallel pass once for all of them (Transformer.prefill_shared,
-    when the model has it); its time is shared equally."""
+    [seconds]). oneshot runs the parallel pass once for all of them (prompt.prefill_shared,
+    where the backend can share it); its time is shared equally."""
     B, T = ids.shape
     states = [model.init_state(B, p, capacity=None if p.bounded else T + max_new_tokens)
               for p in policies]
     if mode == "oneshot":
         start = time.perf_counter()
-        last = model.logits(model.prefill_shared(ids, states, logits=False)[:, -1])
+        last = model.logits(prefill_shared(model, ids, states, logits=False)[:, -1])
         share = (time.perf_counter() - start) / len(states)
         return states, [last] * len(states), [share] * len(states)
     lasts, seconds = [], []
     for state in states:
         start = time.perf_counter()
-        hidden, _ = model.prefill(ids, state, mode=mode, logits=False)
+        hidden, _ = prefill(model, ids, state, mode=mode, logits=False)
         lasts.append(model.logits(hidden[:, -1]))
         seconds.append(time.perf_counter() - start)
     return states, lasts, seconds
@@ -159,10 +160,8 @@ def answer(model, ids, policies, mode: str = "oneshot", max_new_tokens: int = MA
            eos_ids=None):
     """Greedy answers to prompts ids [B, T] under each policy: [(new ids [B, N], seconds)] in
     the order of `policies`. Stops at max_new_tokens or when every row has ended (eos_ids)."""
-    ids = torch.as_tensor(ids, device=model.embed.weight.device)
-    if eos_ids is None:
-        eos = model.cfg.eos_id
-        eos_ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    ids = torch.as_tensor(ids, device=model.shape.device)
+    eos_ids = model.eos_ids if eos_ids is None else eos_ids
     states, lasts, seconds = _prompt_pass(model, ids, policies, mode, max_new_tokens)
     out = []
     for state, logits, spent in zip(states, lasts, seconds):

@@ -14,11 +14,13 @@ A policy that needs memory of its own (H2O's accumulated attention) names per-st
 `memory`; the multi-state keeps one value per state in each, starts it at 0 when the state
 enters, and hands them to `observe` (update them) and `score` (read them) at every step.
 
-To add a policy, subclass `Policy` and write `score` (and, if it remembers, `memory` and
-`observe`); register a command-line name in REGISTRY. See docs/policies.md.
+To add a policy, write a frozen dataclass that subclasses `Policy` with a `score` (and, if it
+remembers, `memory` and `observe`), and give it a command-line name with `@register`. See
+docs/policies.md.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 
@@ -48,15 +50,39 @@ class Candidates:
     memory: dict
 
 
+# One registry of command-line names, filled by the policies' own definitions (`register`);
+# the CLI, its help, the scripts and the tests read it. name -> (class, fixed arguments, text).
+REGISTRY: dict = {}
+
+
+def register(name: str, text: str, **fixed):
+    """Class decorator: `name` on the command line makes cls(size, sinks=..., **fixed)."""
+    def add(cls):
+        REGISTRY[name] = (cls, fixed, text)
+        return cls
+    return add
+
+
+@dataclass(frozen=True, repr=False)
 class Policy:
-    """Evict the candidate with the lowest score once the multi-state holds more than `size`."""
+    """Evict the candidate with the lowest score once the multi-state holds more than `size`.
 
-    size: int | None = None   # k, the multi-state size (None: unbounded)
-    sinks: int = 0            # positions < sinks are never evicted ("Window+i", TOVA+i)
-    per_head = False          # True: each KV head evicts on its own; False: one choice per layer
-    memory: tuple = ()        # names of per-state buffers the multi-state keeps for this policy
+    A policy is data: a frozen dataclass, checked when it is made. What it reads is declared, so
+    that the prompt pass computes only that (`reads`): "row", this step's attention row (a
+    oneshot prompt: its last query's); "sums", attention summed over the queries (a oneshot
+    prompt: its column sums); "keys", the candidates' keys. A policy that reads nothing decides
+    from positions alone and says which keys a query still sees (`visible`)."""
 
-    def __init__(self, size: int, sinks: int = 0):
+    size: int | None                     # k, the multi-state size (None: unbounded)
+    sinks: int = 0                       # positions < sinks are never evicted (Window+i, TOVA+i)
+    per_head: ClassVar[bool] = False     # True: each KV head evicts on its own; False: per layer
+    reads: ClassVar[frozenset] = frozenset({"row"})
+    memory: ClassVar[tuple] = ()         # names of per-state buffers the multi-state keeps for it
+
+    def __post_init__(self):
+        if not self.bounded:
+            return
+        size, sinks = self.size, self.sinks
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"multi-state size must be a positive integer, got {size!r}")
         if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
@@ -64,7 +90,6 @@ class Policy:
         if sinks >= size:
             raise ValueError(f"size {size} must be larger than sinks {sinks}: the first {sinks} "
                              f"tokens are always kept, so use --size > {sinks} or fewer sinks")
-        self.size, self.sinks = size, sinks
 
     @property
     def bounded(self) -> bool:
@@ -80,32 +105,38 @@ class Policy:
         raise NotImplementedError
 
     def visible(self, q_pos, k_pos):
-        """Which keys a query at q_pos still sees, if the policy decides that from positions
-        alone (Window, Sinks): then a whole prompt can run as one masked parallel pass. None for
-        policies that must look at attention."""
-        return None
+        """For a policy that reads nothing: which keys a query at q_pos still sees, so that a
+        whole prompt can run as one masked parallel pass."""
+        raise NotImplementedError(f"{type(self).__name__} reads {set(self.reads)}")
 
     def __repr__(self):
-        args = [str(self.size)] + ([f"sinks={self.sinks}"] if self.sinks else [])
+        """Name(size, sinks if any, the other arguments that differ from their defaults)."""
+        args = [] if self.size is None else [str(self.size)]
+        args += [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)[1:]
+                 if getattr(self, f.name) != (0 if f.name == "sinks" else f.default)]
         return f"{type(self).__name__}({', '.join(args)})"
 
 
+@register("full", "no eviction: the unbounded transformer")
+@dataclass(frozen=True, repr=False)
 class Full(Policy):
     """The topline: nothing is evicted; the multi-state grows with the sequence (a transformer)."""
 
-    def __init__(self):
-        pass
-
-    def __repr__(self):
-        return "Full()"
+    size: None = None
+    reads: ClassVar[frozenset] = frozenset()
 
 
+@register("window", "the last k tokens")
+@dataclass(frozen=True, repr=False)
 class Window(Policy):
     """Evict the oldest position (a sliding window over the last k tokens).
 
     score(j) = pos_j. Window(k) attends to the current token and the k before it, so it equals a
     Mistral sliding window of k + 1. With sinks = i the first i positions stay ("Window+i").
     """
+
+    size: int
+    reads: ClassVar[frozenset] = frozenset()
 
     def score(self, c):
         return c.pos
@@ -116,13 +147,17 @@ class Window(Policy):
         return (k_pos < self.sinks) | (k_pos >= q_pos - (self.size - self.sinks))
 
 
+@register("sinks", "Window+i: the first i tokens (--sinks, default 4) and the last k - i")
+@dataclass(frozen=True, repr=False)
 class Sinks(Window):
     """Window+i (StreamingLLM): keep the first `sinks` tokens and a window over the rest."""
 
-    def __init__(self, size: int, sinks: int = 4):
-        super().__init__(size, sinks)
+    sinks: int = 4
 
 
+@register("h2o-layer", "H2O, one choice per layer", per_head=False)     # (decorators apply
+@register("h2o", "H2O, per KV head: recent half + heavy hitters")       # bottom-up: h2o first)
+@dataclass(frozen=True, repr=False)
 class H2O(Policy):
     """Heavy-Hitter Oracle (Zhang et al., 2023): keep the k//2 most recent candidates, and evict
     among the others the one with the lowest accumulated attention
@@ -133,11 +168,10 @@ class H2O(Policy):
     the layer (per_head=False: "H2O-layer", one choice shared by the layer). A_j is the policy's
     own memory, "acc": 0 when j enters, this step's attention added at every step."""
 
-    memory = ("acc",)
-
-    def __init__(self, size: int, per_head: bool = True):
-        super().__init__(size)
-        self.per_head = per_head
+    size: int
+    per_head: bool = field(default=True, kw_only=True)
+    reads: ClassVar[frozenset] = frozenset({"sums"})
+    memory: ClassVar[tuple] = ("acc",)
 
     def observe(self, c):
         c.memory["acc"] += c.a_sum
@@ -146,55 +180,37 @@ class H2O(Policy):
         recent = c.pos > c.t - self.size // 2         # the new token is one of the k//2 recent
         return c.memory["acc"].masked_fill(recent, torch.inf)
 
-    def __repr__(self):
-        return f"H2O({self.size}{'' if self.per_head else ', per_head=False'})"
 
-
+@register("tova-head", "TOVA per KV head", per_head=True)
+@register("tova", "TOVA, one choice per layer (the paper's); --sinks gives TOVA+i")
+@dataclass(frozen=True, repr=False)
 class TOVA(Policy):
     """Token Omission Via Attention (the paper's policy): evict the candidate the current query
     attends to least,  e = argmin_j mean_h a_h(j),  averaged over all query heads (one choice per
     layer, the paper's best variant) or, with per_head=True, per KV head over its query group."""
 
-    def __init__(self, size: int, per_head: bool = False, sinks: int = 0):
-        super().__init__(size, sinks)
-        self.per_head = per_head
+    size: int
+    per_head: bool = field(default=False, kw_only=True)
 
     def score(self, c):
         return c.a
 
-    def __repr__(self):
-        extra = (", per_head=True" if self.per_head else "") + (
-            f", sinks={self.sinks}" if self.sinks else "")
-        return f"TOVA({self.size}{extra})"
 
-
+@register("keynorm", "evict the largest key norm (Devoto et al., 2024)")
+@dataclass(frozen=True, repr=False)
 class KeyNorm(Policy):
     """Key-norm eviction (Devoto et al., 2024): keys with a small L2 norm draw attention, so evict
     the candidate whose key has the largest norm,  e = argmax_j ||K_j||,  per KV head (each
     head has its own keys). It never looks at attention."""
 
-    per_head = True
+    size: int
+    per_head: ClassVar[bool] = True
+    reads: ClassVar[frozenset] = frozenset({"keys"})
 
     def score(self, c):
         return -c.keys.to(torch.promote_types(c.keys.dtype, torch.float32)).norm(dim=-1)
 
 
-# One registry of command-line names: the CLI, its help, the scripts and the tests read it.
-# name -> (make(size, sinks), description); `sinks` is None unless the user gave --sinks.
-REGISTRY = {
-    "full": (lambda size, sinks: Full(), "no eviction: the unbounded transformer"),
-    "window": (lambda size, sinks: Window(size, sinks or 0), "the last k tokens"),
-    "sinks": (lambda size, sinks: Sinks(size, 4 if sinks is None else sinks),
-              "Window+i: the first i tokens (--sinks, default 4) and the last k - i"),
-    "h2o": (lambda size, sinks: H2O(size), "H2O, per KV head: recent half + heavy hitters"),
-    "h2o-layer": (lambda size, sinks: H2O(size, per_head=False), "H2O, one choice per layer"),
-    "tova": (lambda size, sinks: TOVA(size, sinks=sinks or 0),
-             "TOVA, one choice per layer (the paper's); --sinks gives TOVA+i"),
-    "tova-head": (lambda size, sinks: TOVA(size, per_head=True, sinks=sinks or 0),
-                  "TOVA per KV head"),
-    "keynorm": (lambda size, sinks: KeyNorm(size, sinks or 0),
-                "evict the largest key norm (Devoto et al., 2024)"),
-}
 NAMES = tuple(REGISTRY)
 
 
@@ -203,18 +219,41 @@ def from_name(name: str, size: int | None = None, sinks: int | None = None) -> P
     (the sinks policy's i, default 4; TOVA+i; Window+i)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(NAMES)}")
+    cls, fixed, _ = REGISTRY[name]
     if name == "full":
         if sinks:
             raise ValueError("the full policy keeps every token; --sinks means nothing to it")
         return Full()
     if size is None:
         raise ValueError(f"policy {name!r} needs a multi-state size (--size)")
-    if sinks is not None and name.startswith("h2o"):
+    if sinks is not None and cls is H2O:
         raise ValueError(f"policy {name!r} has no sinks (it keeps the recent half and heavy "
                          f"hitters); drop --sinks or use sinks, tova or window")
-    return REGISTRY[name][0](size, sinks)
+    return cls(size, **fixed) if sinks is None else cls(size, sinks, **fixed)
+
+
+def grid(names, sizes, sinks: int | None = None) -> list:
+    """[(name, size or None, Policy)] for every policy name and size, Full once: the
+    configurations every sweep (ppl, needle) runs."""
+    out = []
+    for name in names:
+        if name == "full":
+            out.append(("full", None, from_name("full", sinks=sinks)))
+        else:
+            out += [(name, size, from_name(name, size, sinks)) for size in sizes]
+    if not out:
+        raise ValueError("no configuration to run: give --policies (and --sizes)")
+    return out
+
+
+def check_fits(policy: Policy, limit: int, what: str, name: str = "multi-state size"):
+    """A bounded multi-state must be smaller than the sequences it reads (`limit`: the model's
+    range, a context, a prompt length), or it would never evict."""
+    if policy.bounded and policy.size >= limit:
+        raise ValueError(f"{name} {policy.size} is not smaller than {what}: it would never "
+                         f"evict; use a smaller size or the full policy")
 
 
 def describe() -> str:
     """The registry as help text: 'name: description' lines."""
-    return "\n".join(f"  {name:10s} {text}" for name, (_, text) in REGISTRY.items())
+    return "\n".join(f"  {name:10s} {REGISTRY[name][2]}" for name in NAMES)

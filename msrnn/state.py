@@ -17,9 +17,11 @@ Positions `t` may be one for the whole batch (a 0-dim tensor or an int) or one p
 ([B, 1, 1]); the latter lets rows of one batch sit at different positions (msrnn.hf, padding).
 """
 
+from dataclasses import dataclass, fields
+
 import torch
 
-from .policies import Candidates, Policy
+from .policies import Candidates, Policy, check_fits
 
 
 def static(*buffers):
@@ -74,7 +76,7 @@ class LayerState:
         c = Candidates(a, a, self.pos, torch.as_tensor(t, device=a.device), self.keys,
                        self.values, self.memory)
         self.policy.observe(c)
-        key = self.priority(c)
+        key = self.priority(c, a.dtype)
         lowest = key == key.amin(-1, keepdim=True)
         # Among the lowest, the oldest position leaves (empty slots, at -1, come first).
         oldest = torch.where(lowest, self.pos, torch.iinfo(torch.long).max)
@@ -90,28 +92,29 @@ class LayerState:
             return probs.mean(2)
         return probs.mean((1, 2)).unsqueeze(1)
 
-    def priority(self, c: Candidates):
+    def priority(self, c: Candidates, dtype):
         """The policy's scores [B, Hkv, S], with the rules every policy shares: positions below
         `sinks` are never evicted, and an empty slot is always the first to be 'evicted'."""
-        score = self.policy.score(c).to(c.a.dtype).expand(c.pos.shape)
+        score = self.policy.score(c).to(dtype).expand(c.pos.shape)
         score = score.masked_fill(c.pos < self.policy.sinks, torch.inf)
         return score.masked_fill(c.pos < 0, -torch.inf)
 
-    def keep_best(self, keys, values, pos, last, total=None):
+    def keep_best(self, keys, values, pos, last=None, total=None):
         """Compress a whole prompt at once (docs/design.md, `oneshot`): from T candidates with
-        keys and values [B, Hkv, T, D] at positions pos ([T], or [B, 1, T] with -1 for padding),
-        keep the min(T, size) ranked best by the policy from the last query's attention
-        last [B, Hkv, G, T] (and, for a policy with memory, the column sums of the prompt's
-        attention total [B, Hkv, G, T]), in slots 0, 1, ... by position."""
+        keys and values [B, Hkv, T, D] at positions pos [B, 1, T] (-1: padding), keep the
+        min(T, size) ranked best by the policy from what it reads: the last query's attention
+        last [B, Hkv, G, T] and the column sums of the prompt's attention total [B, Hkv, G, T]
+        (None where the policy does not read them), in slots 0, 1, ... by position."""
         B, n_kv, T, D = keys.shape
         pos = pos.expand(B, n_kv, T)
-        a = self.average(last.float() if last.dtype in (torch.float16, torch.bfloat16) else last)
-        a_sum = self.average(total.to(a.dtype)) if total is not None else a
+        wide = torch.promote_types(keys.dtype, torch.float32)
+        a = self.average(last.to(wide)) if last is not None else None
+        a_sum = self.average(total.to(wide)) if total is not None else a
         memory = {name: torch.zeros(B, n_kv, T, dtype=m.dtype, device=m.device)
                   for name, m in self.memory.items()}
         c = Candidates(a, a_sum, pos, pos.amax(-1, keepdim=True), keys, values, memory)
         self.policy.observe(c)
-        key = self.priority(c)
+        key = self.priority(c, wide)
         # Best first: highest score, then (ties) the newest; two stable sorts give that order.
         by_age = pos.argsort(dim=-1, descending=True, stable=True)
         order = by_age.gather(-1, key.gather(-1, by_age).argsort(dim=-1, descending=True,
@@ -124,13 +127,13 @@ class LayerState:
         for name, m in self.memory.items():
             m[:, :, :n] = memory[name].gather(-1, kept)
 
-    def append(self, keys, values, start: int):
-        """Full's multi-state grows in order: write T new states [B, Hkv, T, D] at slots
-        start .. start+T-1 (= their positions, since nothing was ever evicted)."""
+    def append(self, keys, values, pos, start: int):
+        """Full's multi-state grows in order: write T new states [B, Hkv, T, D] at positions
+        pos [B, T] (-1: padding) into slots start .. start+T-1, which nothing has used yet."""
         T = keys.shape[2]
         self.keys[:, :, start:start + T] = keys
         self.values[:, :, start:start + T] = values
-        self.pos[:, :, start:start + T] = torch.arange(start, start + T, device=keys.device)
+        self.pos[:, :, start:start + T] = pos[:, None]
 
     def grow(self, slots: int):
         """Reallocate with more slots, keeping the states (Full only)."""
@@ -143,6 +146,28 @@ class LayerState:
             setattr(self, name, new)
         static(self.keys, self.values, self.pos)
 
+    def select(self, rows):
+        """Keep the given rows (a LongTensor of row indices, repeats allowed: beam search)."""
+        self.keys, self.values, self.pos = self.keys[rows], self.values[rows], self.pos[rows]
+        self.memory = {name: m[rows] for name, m in self.memory.items()}
+        static(self.keys, self.values, self.pos, *self.memory.values())
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a multi-state is made for, and what a model must match to use it."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    positions: int            # the model's range (max_position_embeddings)
+    dtype: torch.dtype
+    device: torch.device
+
+    def differences(self, other: "Shape") -> str:
+        return ", ".join(f"{f.name} {getattr(self, f.name)} (this model: {getattr(other, f.name)})"
+                         for f in fields(self) if getattr(self, f.name) != getattr(other, f.name))
+
 
 class MultiState:
     """H_t for the whole model: one LayerState per layer, plus the position of the next token.
@@ -152,28 +177,25 @@ class MultiState:
     tokens would not fit, up to the model's range; pass the final length as `capacity` to
     allocate once (msrnn.generate does).
 
-    A multi-state belongs to the model that made it (`model.init_state`): `owner` records the
-    shape, dtype, device and range it was made for, and the model refuses any other."""
+    A multi-state belongs to the model that made it (`model.init_state`, or a transformers
+    model's MultiStateCache): `shape` records what it was made for, and `check` (below) refuses
+    any other model, and token ids that model cannot read."""
 
-    def __init__(self, cfg, policy: Policy, batch_size: int, dtype, device, capacity=None):
+    def __init__(self, shape: Shape, policy: Policy, batch_size: int, capacity=None):
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must be an msrnn.policies.Policy, got {policy!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if policy.bounded and policy.size >= cfg.max_positions:
-            raise ValueError(f"multi-state size {policy.size} is not smaller than the model's "
-                             f"range of {cfg.max_positions} positions: it would never evict; use "
-                             f"a smaller size or the full policy")
-        self.cfg, self.policy, self.batch_size = cfg, policy, batch_size
-        self.owner = owner_of(cfg, dtype, device)
+        check_fits(policy, shape.positions, f"the model's range of {shape.positions} positions")
+        self.shape, self.policy, self.batch_size = shape, policy, batch_size
         # Tokens seen = the position of the next token: per row in `t` (rows of a ragged batch
         # differ), and the most of any row in `_length` (for ranges and Full's slots).
         self._length = 0
-        self.t = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.t = torch.zeros(batch_size, dtype=torch.long, device=shape.device)
         static(self.t)
-        slots = policy.size + 1 if policy.bounded else min(capacity or 256, cfg.max_positions)
-        self.layers = [LayerState(policy, batch_size, cfg.n_kv_heads, slots, cfg.head_dim,
-                                  dtype, device) for _ in range(cfg.n_layers)]
+        slots = policy.size + 1 if policy.bounded else min(capacity or 256, shape.positions)
+        self.layers = [LayerState(policy, batch_size, shape.kv_heads, slots, shape.head_dim,
+                                  shape.dtype, shape.device) for _ in range(shape.layers)]
 
     @property
     def length(self) -> int:
@@ -186,14 +208,15 @@ class MultiState:
         self.t += n
 
     def reserve(self, n: int):
-        """Make room for n more tokens: check the positions exist and, for Full, grow the slots."""
+        """Make room for n more tokens: check the positions exist and, for Full, grow the slots
+        (the one place Full's multi-state grows, for either backend)."""
         end = self._length + n
-        if end > self.cfg.max_positions:
+        if end > self.shape.positions:
             raise ValueError(f"position {end - 1} is past the model's range: it was trained for "
-                             f"{self.cfg.max_positions} positions (max_position_embeddings); "
+                             f"{self.shape.positions} positions (max_position_embeddings); "
                              f"use a shorter prompt or fewer new tokens")
         if not self.policy.bounded and end > self.slots:
-            slots = min(max(2 * self.slots, end), self.cfg.max_positions)
+            slots = min(max(2 * self.slots, end), self.shape.positions)
             for layer in self.layers:
                 layer.grow(slots)
 
@@ -203,10 +226,10 @@ class MultiState:
 
     def positions(self, layer: int) -> torch.Tensor:
         """The absolute positions layer `layer` keeps: LongTensor [B, Hkv, n], ascending. In a
-        ragged batch a row that keeps fewer than n states starts with -1s."""
-        pos = self.layers[layer].pos
-        n = min(self._length, self.policy.size) if self.policy.bounded else self._length
-        return pos.sort(-1).values[..., pos.shape[-1] - n:]
+        ragged (or padded) batch a row that keeps fewer than n states starts with -1s."""
+        pos = self.layers[layer].pos.sort(-1).values
+        n = int((pos >= 0).sum(-1).max()) if pos.numel() else 0
+        return pos[..., pos.shape[-1] - n:]
 
     def set_row(self, b: int, other: "MultiState"):
         """Make row b of this multi-state a copy of the batch-1 multi-state `other` (a prompt
@@ -225,13 +248,11 @@ class MultiState:
 
     def select(self, rows):
         """Keep only the given rows (a LongTensor of row indices): rows that finished stop
-        costing work. The buffers are new tensors (a compiled step compiles once more)."""
+        costing work; with repeats, beams follow their parents. The buffers are new tensors (a
+        compiled step compiles once more)."""
         rows = torch.as_tensor(rows, device=self.t.device)
         for layer in self.layers:
-            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
-            layer.pos = layer.pos[rows]
-            layer.memory = {name: m[rows] for name, m in layer.memory.items()}
-            static(layer.keys, layer.values, layer.pos, *layer.memory.values())
+            layer.select(rows)
         self.t = self.t[rows]
         static(self.t)
         self.batch_size = len(rows)
@@ -263,7 +284,30 @@ class MultiState:
                 f"slots={self.slots}, t={self._length})")
 
 
-def owner_of(cfg, dtype, device) -> dict:
-    """What a multi-state must match to be used by a model."""
-    return {"layers": cfg.n_layers, "kv heads": cfg.n_kv_heads, "head dim": cfg.head_dim,
-            "range": cfg.max_positions, "dtype": dtype, "device": torch.device(device)}
+def check(state, token_ids, dims: int, shape: Shape, vocab_size: int):
+    """Clear errors for token ids of the wrong shape, type or range (a step: [B]; a prompt:
+    [B, T], T >= 1), and for a multi-state made for another model or batch: what every backend
+    checks before a step or a prompt pass."""
+    what = "[B]" if dims == 1 else "[B, T]"
+    if not torch.is_tensor(token_ids) or token_ids.dim() != dims:
+        got = tuple(token_ids.shape) if torch.is_tensor(token_ids) else type(token_ids).__name__
+        raise ValueError(f"token_ids must be a LongTensor of shape {what}, got {got}")
+    if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or \
+            token_ids.dtype == torch.bool:
+        raise ValueError(f"token_ids must hold integer token ids, got dtype {token_ids.dtype}")
+    if dims == 2 and token_ids.shape[1] == 0:
+        raise ValueError("empty prompt: give at least one token")
+    if token_ids.numel() and not (0 <= int(token_ids.min()) and
+                                  int(token_ids.max()) < vocab_size):
+        raise ValueError(f"token ids must be in 0..{vocab_size - 1} (the model's "
+                         f"vocabulary), got {int(token_ids.min())}..{int(token_ids.max())}")
+    if not isinstance(state, MultiState):
+        raise TypeError(f"state must be a MultiState from model.init_state, got "
+                        f"{type(state).__name__}")
+    if state.shape != shape:
+        raise ValueError(f"this multi-state was made by another model: "
+                         f"{state.shape.differences(shape)}; make it with this model's "
+                         f"init_state")
+    if token_ids.shape[0] != state.batch_size:
+        raise ValueError(f"token_ids has batch size {token_ids.shape[0]}, but the multi-state "
+                         f"was made for {state.batch_size} (model.init_state(batch_size=...))")

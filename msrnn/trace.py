@@ -3,11 +3,11 @@ by the library itself, so that the page cannot drift from the code.
 
 One layer, one KV head, one query head, head dimension D = 16. The attention logits
 q_t · K_p / sqrt(D) are set by hand (LOGITS[t][p]): the key of position p is the unit vector
-e_p and the query of step t is sqrt(D) times row t of LOGITS, so `Attention.attend` computes
-exactly softmax(LOGITS[t][p] for the candidates p). Everything else is the real code: `LayerState.insert`
-writes the new token into the free slot, `Attention.attend` masks the empty slots
-(`visible`), `LayerState.evict` asks the policy (`TOVA`, `Window`, `Sinks`, `H2O`) and empties the
-slot of the lowest score, oldest on ties.
+e_p and the query of step t is sqrt(D) times row t of LOGITS, so the attention is exactly
+softmax(LOGITS[t][p] for the candidates p). Everything else is the real step, `attention.step`:
+`LayerState.insert` writes the new token into the free slot, `attention.probabilities` masks
+the empty slots (`visible`), `LayerState.evict` asks the policy (`TOVA`, `Window`, `Sinks`,
+`H2O`) and empties the slot of the lowest score, oldest on ties.
 
     python -m msrnn.trace        # prints the two tables docs/msrnn.md shows (tests/test_teaching.py
                                  # checks that the page holds them verbatim)
@@ -15,7 +15,7 @@ slot of the lowest score, oldest on ties.
 
 import torch
 
-from .model import Attention, visible
+from . import attention as multistate
 from .policies import H2O, TOVA, Policy, Sinks, Window
 from .state import LayerState
 
@@ -42,16 +42,14 @@ def run(policy: Policy, logits=LOGITS):
                        dtype=torch.float32, device="cpu")
     steps = []
     for t, row in enumerate(logits):
-        key = torch.zeros(1, 1, D)
+        key = torch.zeros(1, 1, 1, D)
         key[..., t] = 1.0                                          # K_t = e_t
-        state.insert(key, key.clone(), t)                          # C = H_{t-1} ∪ {t}
         q = torch.zeros(1, 1, 1, 1, D)
         q[..., : t + 1] = torch.tensor(row) * D ** 0.5             # q_t · K_p / sqrt(D) = row[p]
-        mask = visible(torch.tensor(t), state.pos, None)[:, :, None, None]
-        probs = Attention.attend(q, state.keys, mask)[:, :, :, 0]   # [1, 1, 1, S]
         slots = state.pos[0, 0].tolist()
-        attention = probs[0, 0, 0].tolist()
-        state.evict(probs, torch.tensor(t))                        # H_t = C \ {e}
+        slots[slots.index(-1)] = t                                 # where insert puts t
+        _, probs = multistate.step(state, q, key, key.clone(), torch.tensor([[[t]]]), D ** -0.5)
+        attention = probs[0, 0, 0, 0].tolist()                     # [S]: a over C, per slot
         after = state.pos[0, 0].tolist()
         gone = [p for p, q_ in zip(slots, after) if p >= 0 and q_ != p]
         # H2O's A per slot, after this step's attention was added (an evicted state's slot

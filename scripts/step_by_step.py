@@ -24,21 +24,29 @@ can keep different tokens for the same prompt.
 
 import argparse
 import sys
+from dataclasses import dataclass, field
 
 import torch
 
 import msrnn
 from msrnn.policies import Policy
+from msrnn.prompt import prefill
 
 
+@dataclass(frozen=True, repr=False)
 class Watch(Policy):
     """A policy that scores exactly as `inner` does and remembers what it said: the candidates'
     positions and scores for each layer of the last step (layers call it in order)."""
 
-    def __init__(self, inner: Policy):
-        self.inner, self.calls = inner, []
-        self.size, self.sinks = inner.size, inner.sinks
-        self.per_head, self.memory = inner.per_head, inner.memory
+    inner: Policy = None
+    calls: list = field(default_factory=list)
+    per_head = property(lambda self: self.inner.per_head)
+    reads = property(lambda self: self.inner.reads)
+    memory = property(lambda self: self.inner.memory)
+
+    @classmethod
+    def of(cls, inner: Policy) -> "Watch":
+        return cls(inner.size, inner.sinks, inner=inner)
 
     def observe(self, c):
         self.inner.observe(c)
@@ -83,7 +91,7 @@ def main(argv=None):
     if not 0 <= layer < model.cfg.n_layers:
         ap.error(f"--layer must be in 0..{model.cfg.n_layers - 1}")
     try:
-        policy = Watch(msrnn.policies.from_name(args.policy, args.size, args.sinks))
+        policy = Watch.of(msrnn.policies.from_name(args.policy, args.size, args.sinks))
     except ValueError as e:
         ap.error(str(e))
     if not policy.bounded:
@@ -121,7 +129,7 @@ def main(argv=None):
     with torch.inference_mode():
         if args.prompt_mode == "oneshot":         # the whole prompt at once, as generate does
             policy.calls.clear()
-            logits, state = model.prefill(torch.tensor([ids]), state, mode="oneshot")
+            logits, state = prefill(model, torch.tensor([ids]), state, mode="oneshot")
             produced = int(logits[0, -1].argmax())
             ids.append(produced)
             kept = state.positions(layer)[0, 0].tolist()

@@ -14,6 +14,7 @@ import torch
 
 import msrnn
 from msrnn import convert
+from msrnn.prompt import prefill
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = REPO / "weights" / "SmolLM2-135M-Instruct"
@@ -85,7 +86,7 @@ def test_msrnn_runs_the_converted_checkpoint_like_transformers(converted, prompt
                                                                reference_logits):
     model = msrnn.load(converted, dtype=torch.float32)
     with torch.no_grad():
-        logits, state = model.prefill(prompt, model.init_state(1, msrnn.policies.Full()))
+        logits, state = prefill(model, prompt, model.init_state(1, msrnn.policies.Full()))
     torch.testing.assert_close(logits, reference_logits, atol=1e-3, rtol=0)
 
 

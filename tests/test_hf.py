@@ -20,6 +20,7 @@ import msrnn
 import msrnn.hf
 from msrnn.hf import MultiStateCache
 from msrnn.policies import H2O, REGISTRY, TOVA, Full, from_name
+from msrnn.prompt import prefill
 from reference import Reference, Rule
 from tiny import save, tiny_hf
 
@@ -171,7 +172,7 @@ def test_sequential_equals_msrnn_prefill(llama, name):
     hf, model = llama
     policy = from_name(name, K)
     ids = IDS[:, :40]
-    theirs, state = model.prefill(ids, model.init_state(1, policy), mode="sequential")
+    theirs, state = prefill(model, ids, model.init_state(1, policy), mode="sequential")
     cache = MultiStateCache(hf, policy)
     n = min(40, K + 1) if policy.bounded else 40
     ours = [hf(ids[:, :n], cache=cache).logits]
@@ -206,7 +207,7 @@ def test_oneshot_equals_msrnn(llama, name):
     hf, model = llama
     policy = from_name(name, K, 4 if name == "sinks" else None)
     ids = IDS[:, :50]
-    theirs, state = model.prefill(ids[:, :40], model.init_state(1, policy), mode="oneshot")
+    theirs, state = prefill(model, ids[:, :40], model.init_state(1, policy), mode="oneshot")
     cache = MultiStateCache(hf, policy)
     ours = hf(ids[:, :40], past_key_values=cache).logits
     assert (ours - theirs).abs().max() <= TOL and kept(cache, 2) == kept(state, 2)

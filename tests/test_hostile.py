@@ -13,6 +13,7 @@ import torch
 import msrnn
 from msrnn import cli
 from msrnn.policies import TOVA
+from msrnn.prompt import prefill
 from tiny import save, save_char_tokenizer, tiny_hf
 
 RANGE = 512                      # the tiny model's max_position_embeddings
@@ -190,7 +191,7 @@ def test_a_state_belongs_to_its_model(models):
     small.float()
     with pytest.raises(ValueError, match=r"made by another model: dtype torch.float64 \(this "
                                          r"model: torch.float32\)"):
-        small.prefill(ids[None], doubled)
+        prefill(small, ids[None], doubled)
     with pytest.raises(ValueError, match="token ids must be in 0..127"):
         small.step(torch.tensor([5, 128]), small.init_state(2, TOVA(8)))
     with pytest.raises(ValueError, match="integer token ids, got dtype torch.float32"):
@@ -208,12 +209,13 @@ def test_a_state_belongs_to_its_model(models):
 PEAK = """
 import resource, sys, torch, msrnn
 from msrnn.policies import TOVA, H2O, Full
+from msrnn.prompt import prefill
 model = msrnn.load(sys.argv[1])
 ids = torch.randint(0, 128, (1, 4096), generator=torch.Generator().manual_seed(0))
 policy = {"full": Full(), "tova": TOVA(64), "h2o": H2O(64)}[sys.argv[2]]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 with torch.inference_mode():
-    model.prefill(ids, model.init_state(1, policy), mode="oneshot", logits=False)
+    prefill(model, ids, model.init_state(1, policy), mode="oneshot", logits=False)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 """
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import msrnn
 from msrnn.policies import Full, Window
+from msrnn.prompt import Mode, parallel_prefix, prefill
 from tiny import save, tiny_hf
 
 TOL = 1e-4
@@ -59,7 +60,7 @@ def tokens(batch=2, length=T, vocab=128, seed=1):
 def test_prefill_equals_transformers(pair):
     hf, model = pair
     ids = tokens()                                     # two rows with different tokens
-    logits, state = model.prefill(ids, model.init_state(2, Full()))
+    logits, state = prefill(model, ids, model.init_state(2, Full()))
     assert logits.shape == (2, T, hf.config.vocab_size)
     assert (logits - hf_logits(hf, ids)).abs().max() <= TOL
     assert state.length == T and state.positions(0).shape == (2, hf.config.num_key_value_heads, T)
@@ -80,9 +81,9 @@ def test_prefill_then_steps(pair):
     hf, model = pair
     ids = tokens()
     state = model.init_state(2, Full())
-    a, _ = model.prefill(ids[:, :20], state)
+    a, _ = prefill(model, ids[:, :20], state)
     b = torch.stack([model.step(ids[:, t], state)[0] for t in range(20, 30)], 1)
-    c, _ = model.prefill(ids[:, 30:], state)
+    c, _ = prefill(model, ids[:, 30:], state)
     assert (torch.cat([a, b, c], 1) - hf_logits(hf, ids)).abs().max() <= TOL
 
 
@@ -103,8 +104,8 @@ def test_window_equals_mistral_sliding_window(tmp_path):
     assert (stepped - expected).abs().max() <= TOL
     # A sequential prompt of Window runs as one masked parallel pass (Policy.visible).
     empty = model.init_state(2, Window(k))
-    assert model.parallel_prefix(4 * k, empty, "sequential") == 4 * k
-    prefilled, state = model.prefill(ids, empty)
+    assert parallel_prefix(4 * k, empty, Mode.SEQUENTIAL) == (4 * k, True)
+    prefilled, state = prefill(model, ids, empty)
     assert (prefilled - expected).abs().max() <= TOL
     pos = state.positions(0)
     assert torch.equal(pos, torch.arange(3 * k, 4 * k).expand_as(pos))
@@ -128,7 +129,7 @@ def test_bfloat16_load_is_close(tmp_path):
     model = msrnn.load(save(hf, tmp_path), dtype=torch.bfloat16)
     assert model.embed.weight.dtype == torch.bfloat16
     ids = tokens()
-    logits, _ = model.prefill(ids, model.init_state(2, Full()))
+    logits, _ = prefill(model, ids, model.init_state(2, Full()))
     assert (logits.float() - hf_logits(hf, ids)).abs().max() < 0.1
 
 
@@ -204,21 +205,21 @@ def test_unreachable_hub_says_where_to_put_files(monkeypatch):
 def test_position_past_the_model_range(tmp_path):
     model = msrnn.load(save(tiny_hf("llama", max_position_embeddings=8), tmp_path))
     state = model.init_state(1, Full())
-    model.prefill(tokens(1, 8), state)
+    prefill(model, tokens(1, 8), state)
     with pytest.raises(ValueError, match="position 8 is past the model's range"):
         model.step(torch.tensor([3]), state)
     with pytest.raises(ValueError, match="past the model's range"):
-        model.prefill(tokens(1, 9), model.init_state(1, Window(4)))
+        prefill(model, tokens(1, 9), model.init_state(1, Window(4)))
 
 
 def test_bad_token_ids(checkpoint):
     model = msrnn.load(checkpoint)
     state = model.init_state(2, Full())
     with pytest.raises(ValueError, match="empty prompt"):
-        model.prefill(torch.zeros(2, 0, dtype=torch.long), state)
+        prefill(model, torch.zeros(2, 0, dtype=torch.long), state)
     with pytest.raises(ValueError, match="batch size 3, but the multi-state was made for 2"):
         model.step(torch.tensor([1, 2, 3]), state)
     with pytest.raises(ValueError, match=r"shape \[B\]"):
         model.step(torch.tensor([[1, 2]]), state)
     with pytest.raises(ValueError, match="unknown prompt mode"):
-        model.prefill(tokens(2, 4), state, mode="parallel")
+        prefill(model, tokens(2, 4), state, mode="parallel")

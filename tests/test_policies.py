@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import msrnn
 from msrnn.policies import REGISTRY, TOVA, Sinks, Window, from_name
+from msrnn.prompt import prefill, prefill_shared
 from reference import Reference, Rule, oneshot_keep
 from tiny import save, tiny_hf
 
@@ -165,7 +166,7 @@ def test_sequential_prefill_equals_stepping(llama, runs, name, prompt):
     _, model, _ = llama
     run = runs(name)
     policy, _ = make(name)
-    logits, state = model.prefill(IDS[:, :prompt], model.init_state(1, policy), mode="sequential")
+    logits, state = prefill(model, IDS[:, :prompt], model.init_state(1, policy), mode="sequential")
     assert logits.shape == (1, prompt, VOCAB)
     assert positions(state) == run.positions[prompt - 1]
     err = (logits[0] - torch.stack(run.logits[:prompt])).abs().max().item()
@@ -203,7 +204,7 @@ def test_oneshot_tova_keeps_top_k_of_hf_last_row(llama, hf_attentions):
     last prompt token, averaged over all query heads, as Hugging Face computes that attention."""
     _, model, _ = llama
     attentions, hf_logits, _ = hf_attentions
-    logits, state = model.prefill(PROMPT, model.init_state(1, TOVA(K)), mode="oneshot")
+    logits, state = prefill(model, PROMPT, model.init_state(1, TOVA(K)), mode="oneshot")
     assert (logits[0] - hf_logits).abs().max() <= TOL     # the prompt ran with full attention
     for l, att in enumerate(attentions):
         row = att[:, -1, :].mean(0)                        # [T]: mean over all heads
@@ -225,7 +226,7 @@ def test_oneshot_keeps_what_design_says(llama, hf_attentions, name):
     _, model, _ = llama
     attentions, _, norms = hf_attentions
     policy, rule = make(name)
-    _, state = model.prefill(PROMPT, model.init_state(1, policy), mode="oneshot")
+    _, state = prefill(model, PROMPT, model.init_state(1, policy), mode="oneshot")
     n_kv = model.cfg.n_kv_heads
     for l, att in enumerate(attentions):
         expected = oneshot_keep(att, rule, n_kv, norms[l])
@@ -244,7 +245,7 @@ def test_oneshot_then_steps_equal_reference(llama, hf_attentions, name):
     hf, model, _ = llama
     attentions, _, norms = hf_attentions
     policy, rule = make(name)
-    logits, state = model.prefill(PROMPT, model.init_state(1, policy), mode="oneshot")
+    logits, state = prefill(model, PROMPT, model.init_state(1, policy), mode="oneshot")
     ref = Reference(hf, rule)
     ref_logits = ref.oneshot(PROMPT[0].tolist())
     assert (logits[0] - ref_logits).abs().max() <= TOL
@@ -311,7 +312,7 @@ def test_ties_break_toward_the_oldest(uniform, name):
             window = list(range(min(i, t + 1))) + list(range(max(i, t + 1 - (k - i)), t + 1))
             assert all(head == window for layer in got for head in layer), f"t={t}: {got}"
     if name.startswith("tova"):
-        _, state = model.prefill(ids, model.init_state(1, policy), mode="oneshot")
+        _, state = prefill(model, ids, model.init_state(1, policy), mode="oneshot")
         i = 2 if name == "tova-sinks" else 0
         expected = list(range(i)) + list(range(steps - (k - i), steps))
         assert all(head == expected for layer in positions(state) for head in layer)
@@ -360,7 +361,7 @@ def run_msrnn(model, policy, ids, prompt, on_step=None):
     state = model.init_state(ids.shape[0], policy)
     outs = []
     if prompt:
-        logits, state = model.prefill(ids[:, :prompt], state, mode="sequential")
+        logits, state = prefill(model, ids[:, :prompt], state, mode="sequential")
         outs.extend(logits.unbind(1))
         if on_step:
             on_step(state, prompt)
@@ -492,9 +493,9 @@ def test_prefill_shared_equals_oneshot_for_each_policy(llama):
     names = list(RULES)
     shared = [model.init_state(2, make(name)[0]) for name in names]
     ids = tokens(2, 40, seed=11)
-    logits = model.prefill_shared(ids, shared)
+    logits = prefill_shared(model, ids, shared)
     for name, state in zip(names, shared):
-        alone, own = model.prefill(ids, model.init_state(2, make(name)[0]), mode="oneshot")
+        alone, own = prefill(model, ids, model.init_state(2, make(name)[0]), mode="oneshot")
         assert (logits - alone).abs().max() <= EXACT, name
         for l in range(model.cfg.n_layers):
             assert torch.equal(state.positions(l), own.positions(l)), (name, l)

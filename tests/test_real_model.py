@@ -11,6 +11,7 @@ import torch
 
 import msrnn
 from msrnn.policies import TOVA, Full
+from msrnn.prompt import prefill
 from test_convert import book_pages, default_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,7 +57,7 @@ def test_tova_keeps_the_first_token_throughout(smol):
     state = model.init_state(1, TOVA(32))
     kept_throughout = [True] * model.cfg.n_layers
     with torch.inference_mode():
-        model.prefill(ids[:, :33], state)             # 33 candidates, one eviction: one step
+        prefill(model, ids[:, :33], state)             # 33 candidates, one eviction: one step
         for t in range(33, ids.shape[1]):
             model.step(ids[:, t], state)
             for layer in range(model.cfg.n_layers):

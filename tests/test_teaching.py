@@ -13,6 +13,7 @@ import torch
 import msrnn
 from msrnn import cli, evaluate, trace
 from msrnn.policies import TOVA
+from msrnn.prompt import prefill
 from tiny import save, save_char_tokenizer, tiny_hf
 
 REPO = Path(__file__).resolve().parent.parent
@@ -186,7 +187,7 @@ def test_step_by_step_oneshot(tiny, capsys):
     model, tok = msrnn.load(model_dir), msrnn.load_tokenizer(model_dir)
     state = model.init_state(1, TOVA(6))
     with torch.inference_mode():
-        model.prefill(torch.tensor([tok.encode(prompt)]), state, mode="oneshot")
+        prefill(model, torch.tensor([tok.encode(prompt)]), state, mode="oneshot")
     kept = " ".join(map(str, state.positions(1)[0, 0].tolist()))
     assert steps[0].endswith(f"| kept {kept}")
     assert "| evicted [" in steps[0]            # 26 prompt tokens, 6 kept: the rest are listed

@@ -92,9 +92,18 @@ def check_range(cfg, what: str, n: int):
                          f"{cfg.max_positions} (max_position_embeddings); use smaller values")
 
 
-def load_model(directory: str, dtype: str, device: str):
+def add_backend_arg(parser):
+    parser.add_argument("--backend", choices=("msrnn", "transformers"), default="msrnn",
+                        help="msrnn's own decoder, or the policy inside transformers (msrnn.hf)")
+
+
+def load_model(directory: str, dtype: str, device: str, backend: str = "msrnn"):
+    """The backend a command runs on: msrnn's decoder, or a transformers model (msrnn.hf)."""
     import torch
 
+    if backend == "transformers":
+        from .. import hf
+        return hf.Backend(hf.load(directory, dtype=getattr(torch, dtype), device=device))
     from .. import load
     return load(directory, dtype=getattr(torch, dtype), device=device)
 

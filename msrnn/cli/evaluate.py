@@ -9,9 +9,9 @@ import sys
 
 from tqdm import tqdm
 
-from .common import (UsageError, add_device_args, add_policy_args, check_device, check_out_dir,
-                     check_positive, check_range, load_model, model_config, parse_list,
-                     policy_help)
+from .common import (UsageError, add_backend_arg, add_device_args, add_policy_args,
+                     check_device, check_out_dir, check_positive, check_range, load_model,
+                     model_config, parse_list, policy_help)
 from .output import Results, figure, save_figure, write_atomic
 
 
@@ -31,8 +31,7 @@ def add_commands(commands):
                    "own process (2 is fastest on a 2-core CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--out", help="directory for results.json/.csv and ppl.png (resumable)")
-    p.add_argument("--backend", choices=("msrnn", "transformers"), default="msrnn",
-                   help="msrnn's own decoder, or the policy inside transformers (msrnn.hf)")
+    add_backend_arg(p)
     add_device_args(p)
     p.set_defaults(run=run_ppl)
 
@@ -49,21 +48,12 @@ def add_commands(commands):
                    "each step of the first chunk (x: step, y: position) into this PNG file")
     r.add_argument("--layers", help="layers to draw with --plot, comma-separated (default: the "
                    "first, the middle and the last)")
+    add_backend_arg(r)
     add_device_args(r)
     r.set_defaults(run=run_retention)
 
 
 # ----------------------------------------------------------------------------- ppl
-
-
-def load_for(backend: str, directory: str, dtype: str, device: str):
-    """The model a sweep evaluates: msrnn's decoder, or transformers' (run with msrnn.hf)."""
-    if backend == "transformers":
-        import torch
-
-        from .. import hf
-        return hf.load(directory, dtype=getattr(torch, dtype), device=device)
-    return load_model(directory, dtype, device)
 
 
 def run_ppl(args):
@@ -95,7 +85,7 @@ def run_ppl(args):
     todo = [c for c in configs if results.get(c[0], c[1]) is None]
     print(f"[msrnn ppl] {len(chunks)} chunks x {args.context} tokens, {len(configs)} "
           f"configurations, {len(configs) - len(todo)} done before", file=log)
-    load = functools.partial(load_for, args.backend, directory, args.dtype, args.device)
+    load = functools.partial(load_model, directory, args.dtype, args.device, args.backend)
     for name, size, policy, ppl, tokens, seconds in evaluate.sweep(load, chunks, todo,
                                                                     args.batch, args.jobs, log):
         results.add({"policy": name, "size": size, "ppl": ppl, "tokens": tokens,
@@ -242,13 +232,14 @@ def run_retention(args):
     layers = plot_layers(args, cfg.n_layers)
     tok = load_tokenizer(directory)
     chunks = evaluate.load_chunks(tok, args.text, args.context, args.max_chunks)
-    model = load_model(directory, args.dtype, args.device)
+    model = load_model(directory, args.dtype, args.device, args.backend)
     r = evaluate.retention(model, chunks, args.size, args.batch, record=layers)
     if args.plot:
         plot_multistate(r["kept"], args.plot,
                         f"TOVA({args.size}), {os.path.basename(directory)}, first chunk of "
                         f"{args.context} tokens")
     summary = {"size": args.size, "context": args.context, "chunks": len(chunks),
+               "backend": args.backend,
                **evaluate.summarize_retention(r, chunks, tok)}
     if args.out:
         write_atomic(os.path.join(args.out, "retention.json"), json.dumps(summary, indent=1))

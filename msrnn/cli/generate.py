@@ -6,9 +6,9 @@ import os
 import sys
 import time
 
-from .common import (DEFAULT_MODEL, UsageError, add_device_args, add_policy_args, check_device,
-                     check_out_dir, check_range, check_seed, load_model, model_config,
-                     policy_help)
+from .common import (DEFAULT_MODEL, UsageError, add_backend_arg, add_device_args,
+                     add_policy_args, check_device, check_out_dir, check_range, check_seed,
+                     load_model, model_config, policy_help)
 
 
 def add_commands(commands):
@@ -32,8 +32,7 @@ def add_commands(commands):
     g.add_argument("--prompt-mode", choices=("oneshot", "sequential"), default="oneshot")
     add_device_args(g)
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    g.add_argument("--backend", choices=("msrnn", "transformers"), default="msrnn",
-                   help="msrnn's own decoder, or the policy inside transformers (msrnn.hf)")
+    add_backend_arg(g)
     g.set_defaults(run=run_generate)
 
     d = commands.add_parser("download", help="download a checkpoint from the Hugging Face Hub")
@@ -87,10 +86,12 @@ def run_generate(args):
         raise UsageError("--out goes with --prompt-file (one file per row)")
     check_out_dir(args.out)
     policy = policies.from_name(args.policy, args.size, args.sinks)
+    if args.compile and args.backend == "transformers":
+        raise UsageError("--compile compiles msrnn's own decode step; drop it with --backend "
+                         "transformers")
     directory, cfg = model_config(args.model)
-    if policy.bounded and policy.size >= cfg.max_positions:
-        raise UsageError(f"--size {policy.size} is not smaller than the model's range of "
-                         f"{cfg.max_positions} positions: it would never evict")
+    policies.check_fits(policy, cfg.max_positions,
+                        f"the model's range of {cfg.max_positions} positions", name="--size")
     tok = load_tokenizer(directory)
     rows = [torch.tensor(tok.encode(tok.apply_chat_template([{"role": "user", "content": t}])
                                     if args.chat else t)) for t in texts]
@@ -98,12 +99,7 @@ def run_generate(args):
         what = (f"a {len(row)}-token prompt" if len(rows) == 1 else
                 f"prompt {i} ({len(row)} tokens)") + f" and {args.max_new_tokens} new tokens"
         check_range(cfg, what, len(row) + max(args.max_new_tokens - 1, 0))
-    if args.backend == "transformers":
-        if len(rows) > 1:
-            raise UsageError("--prompt-file runs on msrnn's own decoder; with --backend "
-                             "transformers give one --prompt")
-        return generate_transformers(args, directory, tok, rows[0][None], policy)
-    model = load_model(directory, args.dtype, args.device)
+    model = load_model(directory, args.dtype, args.device, args.backend)
 
     writers = [Row(tok, None if args.prompt_file is None else i,
                    None if args.out is None else os.path.join(args.out, f"row-{i}.txt"))
@@ -164,26 +160,6 @@ class Row:
             print(text[len(self.shown):])
         else:
             print(f"[{self.index}] " + text.replace("\n", "\\n"), flush=True)
-
-
-def generate_transformers(args, directory, tok, prompt, policy):
-    """`msrnn generate --backend transformers`: the same policy inside transformers' generate."""
-    import torch
-
-    from .. import hf
-    model = hf.load(directory, dtype=getattr(torch, args.dtype), device=args.device)
-    start = time.perf_counter()
-    ids = hf.generate(model, prompt.to(args.device), policy, args.max_new_tokens,
-                      prompt_mode=args.prompt_mode, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=tok.eos_ids)
-    seconds = time.perf_counter() - start
-    new = [i for i in ids[0].tolist()]
-    if new and new[-1] in tok.eos_ids:
-        new = new[:-1]
-    print(tok.decode(new))
-    print(f"[msrnn] {len(new)} new tokens in {seconds:.1f} s (transformers backend) | "
-          f"multi-state: {policy}", file=sys.stderr)
-    return 0
 
 
 def run_download(args):

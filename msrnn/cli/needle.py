@@ -9,8 +9,9 @@ import time
 
 from tqdm import tqdm
 
-from .common import (add_device_args, check_device, check_out_dir, check_positive, check_range,
-                     check_seed, load_model, model_config, parse_list, policy_help, UsageError)
+from .common import (add_backend_arg, add_device_args, check_device, check_out_dir,
+                     check_positive, check_range, check_seed, load_model, model_config,
+                     parse_list, policy_help, UsageError)
 from .evaluate import text_digest
 from .output import Results, figure, save_figure
 
@@ -47,6 +48,7 @@ def add_commands(commands):
     p.add_argument("--json", action="store_true", help="print one JSON list on stdout")
     p.add_argument("--out", help="directory for results.json/.csv and the heat maps "
                    "(resumable)")
+    add_backend_arg(p)
     add_device_args(p)
     p.set_defaults(run=run_needle)
 
@@ -67,20 +69,13 @@ def parse_depths(text: str) -> list[float]:
 
 
 def configurations(names, sizes, sinks, lengths):
-    """[(name, size or None, Policy)]; a size that is not smaller than any length is refused
-    (it would never evict)."""
-    from ..policies import from_name
+    """[(name, size or None, Policy)] (policies.grid); a size that is not smaller than any
+    length is refused (it would never evict)."""
+    from ..policies import check_fits, grid
 
-    out = []
-    for name in names:
-        if name == "full":
-            out.append(("full", None, from_name("full", sinks=sinks)))
-            continue
-        for size in sizes:
-            if size >= max(lengths):
-                raise UsageError(f"--sizes {size} is not smaller than --lengths {max(lengths)}: "
-                                 f"a multi-state that large never evicts; use smaller sizes")
-            out.append((name, size, from_name(name, size, sinks)))
+    out = grid(names, sizes, sinks)
+    for _, _, policy in out:
+        check_fits(policy, max(lengths), f"--lengths {max(lengths)}", name="--sizes")
     return out
 
 
@@ -138,7 +133,8 @@ def run_needle(args):
              "haystack": [os.path.basename(t) for t in args.haystack or []],
              "digest": text_digest(args.haystack or []), "samples": args.samples,
              "seed": args.seed, "prompt_mode": args.prompt_mode, "chat": chat,
-             "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "sinks": args.sinks}
+             "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "sinks": args.sinks,
+             "backend": args.backend}
     results = Results(args.out, setup, key=("policy", "size", "length", "depth"), fields=FIELDS)
     cells = [(n, d) for n in lengths for d in depths]
     skipped = sorted({(name, size, n) for name, size, _ in configs for n in lengths
@@ -152,7 +148,7 @@ def run_needle(args):
     print(f"[msrnn needle] {args.task}, {args.prompt_mode} prompts, {len(configs)} "
           f"configurations x {len(cells)} (length, depth) cells x {args.samples} samples; "
           f"{len(todo)} cells to run", file=log)
-    model = load_model(directory, args.dtype, args.device) if todo else None
+    model = load_model(directory, args.dtype, args.device, args.backend) if todo else None
     if todo:             # the first steps of a process are slow: keep them out of the timings
         from ..policies import Full
         needle.answer(model, [haystacks[0][:8]], [Full()], "oneshot", 2)

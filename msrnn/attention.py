@@ -1,0 +1,134 @@
+"""The step of a multi-state, written once: attention over the states a layer keeps, one decode
+step (insert, attend, evict) and the prompt pass (Oren et al., 2024, Eq. 4-9).
+
+Both backends call these functions with the same tensors: msrnn's decoder (model.Attention) and
+transformers' attention modules (msrnn.hf), after each has made and rotated its own q, k and v.
+Neither holds a copy of the semantics, so a rule changes in one place for both.
+
+Shapes: B batch, Hkv KV heads, G query heads per KV head, T tokens of this call, S slots, D head
+dim. Queries come grouped by KV head, q [B, Hkv, G, T, D], so that the G query heads of a group
+share one matrix product with their KV head's keys (GQA). Positions are per row: t [B, 1, 1] for
+a step, pos [B, T] for a prompt, -1 marks a pad (a token that is neither a state nor attended).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .state import LayerState
+
+
+def visible(q_pos, k_pos, window: int | None = None):
+    """Which keys each query may attend to: a filled slot (pos >= 0), not in the future, and,
+    for checkpoints with a sliding window (Mistral), fewer than `window` positions back."""
+    ok = (k_pos >= 0) & (k_pos <= q_pos)
+    if window is not None:
+        ok = ok & (q_pos - k_pos < window)
+    return ok
+
+
+def probabilities(q, keys, mask, scale: float, softcap: float | None = None):
+    """a = softmax(q · K * scale) over the visible keys (Eq. 4), [B, Hkv, G, T, S], in at least
+    float32; Gemma2's soft-cap, cap * tanh(score / cap), where a model has one. q [B, Hkv, G, T,
+    D], keys [B, Hkv, S, D], mask broadcastable to the result. A row that sees nothing (a pad's)
+    is all zeros."""
+    B, Hkv, G, T, D = q.shape
+    scores = (q.reshape(B, Hkv, G * T, D) @ keys.transpose(-1, -2)).view(B, Hkv, G, T, -1)
+    scores = scores * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, -torch.inf)
+    return scores.softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32)).nan_to_num(0.0)
+
+
+def weighted(probs, values):
+    """o = sum_j a(j) V_j (Eq. 7 before W_o): probs [B, Hkv, G, T, S], values [B, Hkv, S, D] ->
+    [B, Hkv, G, T, D]."""
+    B, Hkv, G, T, S = probs.shape
+    y = probs.to(values.dtype).view(B, Hkv, G * T, S) @ values
+    return y.view(B, Hkv, G, T, -1)
+
+
+def step(state: LayerState, q, k, v, t, scale: float, softcap=None, window=None):
+    """One token per row against layer l's multi-state, (x_t, H^l_{t-1}) -> (o_t, H^l_t):
+
+        C = H^l_{t-1} ∪ {t}                       (Eq. 6)   state.insert
+        a_h = softmax(q_h · K_C * scale)          (Eq. 4)   probabilities
+        o = sum_j a_h(j) V_j                      (Eq. 7)   weighted
+        H^l_t = C \\ {e}  if |C| > k               (Eq. 9)   state.evict (the policy scores)
+
+    q [B, Hkv, G, 1, D]; k and v [B, Hkv, 1, D]; t [B, 1, 1], each row's position (-1: a pad,
+    which never becomes a state). Returns o [B, Hkv, G, 1, D] and the attention a over the
+    candidates, [B, Hkv, G, 1, S] (what the policy saw; msrnn.trace prints it)."""
+    state.insert(k[:, :, 0], v[:, :, 0], t)
+    mask = visible(t[..., None, None], state.pos[:, :, None, None], window)   # [B, Hkv, 1, 1, S]
+    probs = probabilities(q, state.keys, mask, scale, softcap)              # [B, Hkv, G, 1, S]
+    out = weighted(probs, state.values)
+    state.evict(probs[:, :, :, 0], t)
+    return out, probs
+
+
+def prompt(states: list, q, k, v, pos, start: int, scale: float, softcap=None, window=None,
+           restrict: bool = False):
+    """T tokens of a prompt in one parallel pass, at positions pos [B, T] (-1: padding), after
+    `start` tokens already seen. q [B, Hkv, G, T, D]; k and v [B, Hkv, T, D]. Returns the
+    attention output [B, Hkv, G, T, D].
+
+    Full appends the tokens to its multi-state and attends over all of it. A bounded multi-state
+    must be empty: the prompt attends to itself (causal), then the policy keeps the best k,
+    ranked from what it reads (the last query's row, the column sums, the keys). Neither builds
+    the [T, T] attention matrix: the output comes from the fused kernel, and only what a ranking
+    reads is computed, so memory grows as O(T). `restrict`: a policy that decides by position
+    (Window, Sinks) runs a `sequential` prompt as one pass, each query masked to the keys the
+    policy would still hold. Several empty multi-states may share one pass (one per policy)."""
+    B, Hkv, G, T, D = q.shape
+    q_pos = pos[:, None, None, :, None]                                    # [B, 1, 1, T, 1]
+    keys, values, k_pos, own = k, v, pos[:, None, None, None, :], torch.eye(T, dtype=torch.bool,
+                                                                             device=q.device)
+    rank = {}
+    for state in states:
+        if not state.policy.bounded:          # slots start .. start+T-1 take the new tokens
+            state.append(k, v, pos, start)
+            n = start + T
+            keys, values, k_pos = state.keys[:, :, :n], state.values[:, :, :n], \
+                state.pos[:, :1, None, None, :n]
+            own = torch.arange(n, device=q.device) == start + torch.arange(T, device=q.device)[:,
+                                                                                             None]
+            continue
+        if start:
+            raise ValueError("a bounded multi-state takes a whole prompt at once only when it is "
+                             "empty; continue a non-empty one token by token (sequential)")
+        rank[state] = state.policy.reads
+    # A pad query sees only itself (its output is never used; this keeps the kernel finite).
+    mask = visible(q_pos, k_pos, window) | (own & (q_pos < 0))                   # [B, 1, 1, T, S]
+    if restrict:
+        mask = mask & states[0].policy.visible(q_pos, k_pos)
+    last = sums = None
+    for state, reads in rank.items():
+        if "row" in reads and last is None:
+            last = probabilities(q[:, :, :, -1:], k, mask[:, :, :, -1:], scale, softcap)[:, :, :, 0]
+        if "sums" in reads and sums is None:
+            sums = column_sums(q, k, mask, q_pos >= 0, scale, softcap)
+        state.keep_best(k, v, pos[:, None], last, sums)
+    return fused(q, keys, values, mask, scale, softcap)
+
+
+def column_sums(q, keys, mask, real, scale: float, softcap=None, block: int = 64):
+    """sum_i a_i(j) over the real (not padding) queries i: [B, Hkv, G, S], a block of queries at
+    a time, so that at most [block, S] attention weights exist at once."""
+    total = 0
+    for i in range(0, q.shape[3], block):
+        a = probabilities(q[:, :, :, i:i + block], keys, mask[:, :, :, i:i + block], scale, softcap)
+        total = total + (a * real[:, :, :, i:i + block]).sum(3)
+    return total
+
+
+def fused(q, keys, values, mask, scale: float, softcap=None):
+    """What weighted(probabilities(q, keys, mask), values) computes, by PyTorch's fused attention
+    kernel, which never holds the [T, S] attention matrix (a soft-capped model, which the kernel
+    cannot do, takes the plain route). mask [B, 1, 1, T, S]. Returns [B, Hkv, G, T, D]."""
+    B, Hkv, G, T, D = q.shape
+    if softcap is not None:
+        return weighted(probabilities(q, keys, mask, scale, softcap), values)
+    y = F.scaled_dot_product_attention(q.reshape(B, Hkv * G, T, D), keys, values,
+                                       attn_mask=mask[:, 0], scale=scale, enable_gqa=True)
+    return y.view(B, Hkv, G, T, D)

@@ -1,0 +1,133 @@
+"""How a prompt enters a multi-state: the schedule every command shares, on either backend.
+
+A backend is what computes; this module decides what it computes. Two backends exist, msrnn's
+own decoder (`model.Transformer`, or its `Compiled` step) and a transformers model with a
+MultiStateCache (`msrnn.hf.Backend`). Each has the four methods of `Backend` below, and every
+loop (generate, perplexity, retention, needle) runs on either through them.
+
+The two prompt modes (docs/design.md, "Prompts"):
+- `sequential`: exactly T steps, the MSRNN definition (what perplexity uses). `parallel_prefix`
+  says which of them run as one parallel pass, which computes the same.
+- `oneshot`: the paper's authors' code: full causal attention over the whole prompt, then each
+  layer keeps the k states its policy ranks best from the last prompt token's attention row (H2O:
+  the column sums; KeyNorm: the key norms), and decoding continues step by step.
+"""
+
+from enum import Enum
+from typing import Protocol
+
+import torch
+from tqdm import tqdm
+
+from .policies import Policy
+from .state import Shape, check
+
+
+class Backend(Protocol):
+    """What a model must do for the schedule (prompt.py) and the loops (generate.py, ...)."""
+
+    eos_ids: list                 # stop tokens from the model's config
+    shape: Shape                  # what its multi-states are made for
+    vocab_size: int
+
+    def init_state(self, batch_size: int, policy: Policy, capacity: int | None = None):
+        """H_0: an empty multi-state (a `state.MultiState`, or what carries one)."""
+
+    def parallel(self, token_ids, states: list, restrict: bool = False):
+        """token_ids [B, T] in one parallel pass into the multi-states -> hidden [B, T, ...]."""
+
+    def step(self, token_ids, state, head: bool = True):
+        """(x_t, H_{t-1}) -> (y_t, H_t): token_ids [B] -> (logits [B, V] or hidden, state)."""
+
+    def logits(self, hidden):
+        """Hidden states from `parallel` or `step(head=False)` -> logits [..., V]."""
+
+
+class Mode(str, Enum):
+    """How a prompt enters the multi-state (a str: "oneshot" == Mode.ONESHOT)."""
+
+    SEQUENTIAL = "sequential"
+    ONESHOT = "oneshot"
+
+    @classmethod
+    def of(cls, mode) -> "Mode":
+        try:
+            return cls(mode)
+        except ValueError:
+            raise ValueError(f"unknown prompt mode {mode!r}: use 'sequential' or "
+                             f"'oneshot'") from None
+
+
+def parallel_prefix(T: int, state, mode: Mode) -> tuple[int, bool]:
+    """(how many of a prompt's T tokens run as one parallel pass, whether that pass is masked to
+    what a positional policy still holds); the rest are steps.
+
+    Full: all T (nothing is ever evicted, so a step is a row of causal attention).
+    A bounded multi-state that is not empty: none (`sequential` only; oneshot is refused).
+    An empty one, oneshot: all T, by definition. An empty one, sequential:
+      - all T, masked, if the policy decides from positions alone (it reads nothing: Window,
+        Sinks): each query sees the keys the policy would still hold (`Policy.visible`);
+      - else the first min(T, k+1): nothing is evicted before the multi-state holds k + 1
+        candidates, and the (k+1)-th token's step sees exactly those, so ranking them by its
+        attention row (`oneshot` of k + 1 tokens) makes the same one eviction."""
+    policy = state.policy
+    if not policy.bounded:
+        return T, False
+    if state.length > 0:
+        if mode is Mode.ONESHOT:
+            raise ValueError("oneshot compresses a whole prompt into an empty multi-state; "
+                             "continue a non-empty one with mode='sequential'")
+        return 0, False
+    if mode is Mode.ONESHOT:
+        return T, False
+    if not policy.reads:
+        return T, True
+    return min(T, policy.size + 1), False
+
+
+def prefill(model: Backend, token_ids, state, mode="sequential", logits: bool = True):
+    """Run a prompt token_ids [B, T] into `state` -> (logits [B, T, V], state); logits=False:
+    the hidden states [B, T, ...] instead (a long prompt's logits may not fit in memory)."""
+    mode = Mode.of(mode)
+    check(state, token_ids, 2, model.shape, model.vocab_size)
+    T = token_ids.shape[1]
+    n, restrict = parallel_prefix(T, state, mode)
+    out = []
+    if n:
+        hidden = model.parallel(token_ids[:, :n], [state], restrict)
+        out.append(model.logits(hidden) if logits else hidden)
+    for i in tqdm(range(n, T), "prompt steps", leave=False, disable=T - n < 512):
+        out.append(model.step(token_ids[:, i], state, head=logits)[0][:, None])
+    return torch.cat(out, 1), state
+
+
+def prefill_shared(model: Backend, token_ids, states: list, logits: bool = True):
+    """The `oneshot` prompt token_ids [B, T] for several empty multi-states at once (one per
+    policy, say) -> logits [B, T, V] (logits=False: hidden states). Full causal attention over
+    the prompt is the same whatever the policy, so the pass runs once where the backend can
+    share it; each multi-state then keeps what its own policy ranks best, exactly as
+    prefill(..., mode="oneshot") would."""
+    if any(state.length for state in states):
+        raise ValueError("prefill_shared compresses a prompt into empty multi-states")
+    hidden = model.parallel(token_ids, states)
+    return model.logits(hidden) if logits else hidden
+
+
+def fill(model: Backend, rows: list, policy: Policy, mode, extra: int = 0):
+    """A new multi-state with every prompt (1-D LongTensors) in its row: (state, logits [B, V]
+    after each prompt). Prompts of one length run as one batch; a ragged batch runs each prompt
+    alone, as batch-1 generation would, and copies it into its row (MultiState.set_row), so
+    padding never enters a multi-state. `extra`: tokens to come, so that Full allocates once."""
+    lengths = [len(r) for r in rows]
+    capacity = None if policy.bounded else max(lengths) + extra
+    state = model.init_state(len(rows), policy, capacity=capacity)
+    if len(set(lengths)) == 1:
+        hidden, state = prefill(model, torch.stack(rows), state, mode, logits=False)
+        return state, model.logits(hidden[:, -1])
+    last = []
+    for b, row in enumerate(rows):
+        alone = model.init_state(1, policy, capacity=None if policy.bounded else len(row))
+        hidden, alone = prefill(model, row[None], alone, mode, logits=False)
+        state.set_row(b, alone)
+        last.append(model.logits(hidden[0, -1]))
+    return state, torch.stack(last)
