@@ -95,8 +95,9 @@ def prompt(states: list, q, k, v, pos, start: int, scale: float, softcap=None, w
                                                                                              None]
             continue
         if start:
-            raise ValueError("a bounded multi-state takes a whole prompt at once only when it is "
-                             "empty; continue a non-empty one token by token (sequential)")
+            raise ValueError(f"a bounded multi-state takes several tokens at once only into an "
+                             f"empty cache or state (a oneshot prompt); it has seen {start} "
+                             f"tokens, so feed the next ones one at a time, or start a new one")
         rank[state] = state.policy.reads
     # A pad query sees only itself (its output is never used; this keeps the kernel finite).
     mask = visible(q_pos, k_pos, window) | (own & (q_pos < 0))                   # [B, 1, 1, T, S]

@@ -17,6 +17,7 @@ from transformers import (BertConfig, BertModel, DynamicCache, Gemma2Config, Gem
                           Qwen3Config, Qwen3ForCausalLM)
 
 import msrnn
+import msrnn.evaluate
 import msrnn.hf
 from msrnn.hf import MultiStateCache
 from msrnn.policies import H2O, REGISTRY, TOVA, Full, from_name
@@ -141,8 +142,8 @@ def test_family_full_equals_dynamic_cache(kind):
         a = ours(ids[:, t:t + 1], cache=cache).logits
         b = theirs(ids[:, t:t + 1], cache=dyn, use_cache=True).logits
         assert (a - b).abs().max() <= 1e-5, f"{kind} step {t}"
-    assert ours.config._attn_implementation == "msrnn"
-    assert theirs.config._attn_implementation != "msrnn"          # the other model untouched
+    assert ours.config._attn_implementation.startswith("msrnn_")
+    assert not theirs.config._attn_implementation.startswith("msrnn")   # the other untouched
 
 
 @torch.inference_mode()
@@ -180,7 +181,7 @@ def test_sequential_equals_msrnn_prefill(llama, name):
     ours = torch.cat(ours, 1)
     assert (ours - theirs).abs().max() <= TOL
     assert kept(cache, 2) == kept(state, 2)
-    nll = msrnn.hf.chunk_nll(hf, ids, policy)
+    nll = msrnn.evaluate.chunk_nll(msrnn.hf.Backend(hf), ids, policy)
     expect = torch.nn.functional.cross_entropy(theirs[0, :-1].float(), ids[0, 1:],
                                                reduction="none")
     assert nll.shape == (1, 39) and (nll[0] - expect).abs().max() <= 1e-4
@@ -189,11 +190,12 @@ def test_sequential_equals_msrnn_prefill(llama, name):
 @torch.inference_mode()
 @pytest.mark.parametrize("mode", ["oneshot", "sequential"])
 def test_generate_equals_msrnn_generate(llama, mode):
-    """msrnn.hf.generate in both prompt modes gives msrnn.generate's greedy tokens."""
+    """msrnn.generate on the transformers backend, in both prompt modes, gives msrnn.generate's
+    greedy tokens on msrnn's decoder."""
     hf, model = llama
     prompt = IDS[:, :30]
-    ours = msrnn.hf.generate(hf, prompt, TOVA(K), max_new_tokens=20, prompt_mode=mode,
-                             eos_ids=[])
+    ours = msrnn.generate(msrnn.hf.Backend(hf), prompt, TOVA(K), max_new_tokens=20,
+                          prompt_mode=mode, eos_ids=[])
     theirs = msrnn.generate(model, prompt, TOVA(K), max_new_tokens=20, prompt_mode=mode,
                             eos_ids=[])
     assert ours.shape == (1, 20) and ours.tolist() == theirs.tolist()
@@ -245,8 +247,8 @@ def test_left_padded_batch_equals_rows(llama, name):
 
 @torch.inference_mode()
 def test_generate_real_model_oneshot_paris():
-    """TOVA(32) on the default model: msrnn.hf.generate (model.generate, oneshot) gives msrnn's
-    greedy tokens, and answers Paris."""
+    """TOVA(32) on the default model: transformers' own generate with a MultiStateCache (the
+    oneshot prompt) gives msrnn's greedy tokens, and answers Paris."""
     from test_convert import default_model_dir
 
     directory = default_model_dir()
@@ -255,7 +257,10 @@ def test_generate_real_model_oneshot_paris():
         [{"role": "user", "content": "What is the capital of France?"}]))])
     hf = msrnn.hf.load(directory, dtype=torch.float32)
     eos = [tok.eos_id]
-    ours = msrnn.hf.generate(hf, prompt, TOVA(32), max_new_tokens=12, eos_ids=eos)
+    with MultiStateCache(hf, TOVA(32)) as cache:
+        ours = hf.generate(prompt, attention_mask=torch.ones_like(prompt), cache=cache,
+                           max_new_tokens=12, do_sample=False,
+                           eos_token_id=eos)[:, prompt.shape[1]:]
     model = msrnn.load(directory, dtype=torch.float32)
     theirs = msrnn.generate(model, prompt, TOVA(32), max_new_tokens=12, prompt_mode="oneshot",
                             eos_ids=eos)
@@ -307,4 +312,4 @@ def test_prepared_model_still_runs_without_the_cache(llama):
     a = hf.generate(ids[:1], max_new_tokens=5, do_sample=False, pad_token_id=0)
     b = plain.generate(ids[:1], max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert a.tolist() == b.tolist()
-    assert plain.config._attn_implementation != "msrnn"
+    assert not plain.config._attn_implementation.startswith("msrnn")
