@@ -72,3 +72,28 @@ def test_no_import_cycle():
 def test_the_graph_was_read():
     assert "msrnn.state" in GRAPH["msrnn.model"]
     assert "msrnn.evaluate" in GRAPH["msrnn.cli.evaluate"]
+
+
+def test_no_library_class_is_over_150_lines():
+    """One class per concept, each short enough to read at a sitting."""
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 150:
+                long.append(f"{module_name(path)}.{node.name}: "
+                            f"{node.end_lineno - node.lineno + 1} lines")
+    assert not long, long
+
+
+def test_the_step_is_written_once():
+    """Only msrnn.attention drives the multi-state's step (insert, evict, keep_best): both
+    backends call it, and neither holds a copy."""
+    drivers = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("insert", "evict", "keep_best") \
+                    and isinstance(getattr(node, "ctx", None), ast.Load):
+                if module_name(path) != "msrnn.state":
+                    drivers.add(module_name(path))
+    assert drivers == {"msrnn.attention"}, drivers
+    assert "msrnn.attention" in GRAPH["msrnn.model"] and "msrnn.attention" in GRAPH["msrnn.hf"]
