@@ -313,3 +313,90 @@ def test_prepared_model_still_runs_without_the_cache(llama):
     b = plain.generate(ids[:1], max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert a.tolist() == b.tolist()
     assert not plain.config._attn_implementation.startswith("msrnn")
+
+
+# ------------------------------------------------------- scoped: threads, restore, beams
+
+@torch.inference_mode()
+def test_two_threads_two_models_never_cross():
+    """Two threads, each with its own model and MultiStateCache, generate at the same time;
+    each gives what it gives alone (the layer reaches the attention function through the
+    forward's own arguments, never through shared state)."""
+    import threading
+
+    models = [tiny_hf("llama", seed=s, vocab_size=VOCAB).double() for s in (0, 5)]
+    prompts = [IDS[:, :30], IDS[:, 40:70]]
+    kw = dict(max_new_tokens=40, do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def run(i, out):
+        with MultiStateCache(models[i], TOVA(K)) as cache:
+            out[i] = models[i].generate(prompts[i], attention_mask=torch.ones_like(prompts[i]),
+                                        cache=cache, **kw)
+
+    alone = {}
+    for i in range(2):
+        run(i, alone)
+    together = {}
+    threads = [threading.Thread(target=run, args=(i, together)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert alone[0].tolist() != alone[1].tolist()
+    for i in range(2):
+        assert together[i].tolist() == alone[i].tolist(), f"thread {i}"
+
+
+@torch.inference_mode()
+def test_the_model_is_left_as_it_was_found():
+    """After `with MultiStateCache(...)`, the model's attention implementation is its own again,
+    and its plain forward equals an untouched copy's, padding included."""
+    hf = tiny_hf("llama", seed=0, vocab_size=VOCAB).double()
+    plain = copy.deepcopy(hf)
+    before = hf.config._attn_implementation
+    with MultiStateCache(hf, H2O(K)) as cache:
+        assert hf.config._attn_implementation == "msrnn_" + before
+        hf.generate(IDS[:, :20], attention_mask=torch.ones(1, 20, dtype=torch.long),
+                    cache=cache, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert hf.config._attn_implementation == before
+    ids = IDS[:, :20].repeat(2, 1)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    assert torch.equal(hf(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits)
+
+
+BEAMS = dict(num_beams=3, num_return_sequences=3, max_new_tokens=12, do_sample=False,
+             pad_token_id=0, eos_token_id=None, length_penalty=0.0, early_stopping=False)
+
+
+@torch.inference_mode()
+def test_beam_search_with_full_equals_transformers(llama):
+    hf, _ = llama
+    prompt = IDS[:, :20]
+    mask = torch.ones_like(prompt)
+    theirs = hf.generate(prompt, attention_mask=mask, **BEAMS)
+    with MultiStateCache(hf, Full()) as cache:
+        ours = hf.generate(prompt, attention_mask=mask, cache=cache, **BEAMS)
+    assert ours.tolist() == theirs.tolist()
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("name", ["tova", "h2o"])
+def test_beam_search_each_beam_keeps_its_own_multi_state(llama, name):
+    """Bounded beam search: each returned beam's score (the sum of its tokens' log-probabilities,
+    length_penalty 0) is what a fresh multi-state fed that beam's tokens gives, so every beam's
+    multi-state followed its own history through the reorderings."""
+    hf, _ = llama
+    prompt = IDS[:, :40]
+    with MultiStateCache(hf, from_name(name, K)) as cache:
+        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), cache=cache,
+                          output_scores=True, return_dict_in_generate=True, **BEAMS)
+    assert len({tuple(s) for s in out.sequences.tolist()}) == 3
+    for seq, score in zip(out.sequences, out.sequences_scores):
+        with MultiStateCache(hf, from_name(name, K)) as fresh:
+            logits = hf(seq[None, :40], cache=fresh).logits[0, -1]
+            total = 0.0
+            for t in range(40, len(seq)):
+                total += torch.log_softmax(logits, -1)[seq[t]].item()
+                logits = hf(seq[None, t:t + 1], cache=fresh).logits[0, -1]
+        assert abs(total - score.item()) <= 1e-4, (total, score.item())   # scores: float32
