@@ -237,3 +237,20 @@ def test_transformers_backend_gives_the_same_perplexity(tiny, capsys):
         [(r["policy"], r["size"], r["tokens"]) for r in theirs]
     for a, b in zip(ours, theirs):
         assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-6), (a, b)
+
+
+def test_transformers_backend_gives_the_same_retention(tiny, capsys):
+    """`msrnn retention --backend transformers` follows TOVA inside transformers: the same
+    numbers as msrnn's decoder (float64)."""
+    _, model, texts = tiny
+    argv = ["retention", model, "--text", *texts, "--context", str(CONTEXT), "--size", "10",
+            "--dtype", "float64", "--json"]
+    summaries = []
+    for backend in ("msrnn", "transformers"):
+        code = cli.main(argv + ["--backend", backend])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        summaries.append(json.loads(out))
+    ours, theirs = summaries
+    assert (ours.pop("backend"), theirs.pop("backend")) == ("msrnn", "transformers")
+    assert ours == theirs

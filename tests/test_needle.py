@@ -172,3 +172,24 @@ def test_default_model_full_retrieves_and_a_short_window_cannot(default):
     window, = needle.retrieval(model, tok, haystacks, [Window(32)], 1024, 0.5, samples=2,
                                seed=0)
     assert window["correct"] == 0, window["answers"]
+
+
+def test_transformers_backend_gives_the_same_answers(tiny, capsys, tmp_path):
+    """`msrnn needle --backend transformers` runs every policy inside transformers (msrnn.hf):
+    the same rows as msrnn's decoder, in both prompt modes (float64)."""
+    model, text = tiny
+    for mode in ("oneshot", "sequential"):
+        argv = ["needle", model, "--haystack", text, "--lengths", "200", "--depths", "0.5,1",
+                "--policies", "full,tova,h2o,sinks", "--sizes", "32", "--samples", "2",
+                "--max-new-tokens", "4", "--dtype", "float64", "--prompt-mode", mode, "--json"]
+        rows = []
+        for backend in ("msrnn", "transformers"):
+            code, out, err = run(capsys, *argv, "--backend", backend,
+                                 "--out", str(tmp_path / f"{mode}-{backend}"))
+            assert code == 0, err
+            rows.append(json.loads(out))
+        assert rows[0] == rows[1]
+        answers = [[r["answers"] for r in json.load(open(tmp_path / f"{mode}-{b}" /
+                                                          "results.json"))["results"]]
+                   for b in ("msrnn", "transformers")]
+        assert answers[0] == answers[1]

@@ -165,7 +165,7 @@ def run_needle(args):
                 results.add({"policy": name, "size": size, "length": n, "depth": d,
                              "accuracy": r["accuracy"], "samples": args.samples,
                              "correct": r["correct"], "seconds": round(r["seconds"], 3),
-                             "tokens_per_s": round(speed, 1)})
+                             "tokens_per_s": round(speed, 1), "answers": r["answers"]})
                 tqdm.write(f"[msrnn needle] {policy} length {n} depth {d:g}: "
                            f"{r['correct']}/{args.samples}, {speed:.0f} tok/s", file=log)
                 bar.update(1)
