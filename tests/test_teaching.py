@@ -66,9 +66,11 @@ def resolve(name: str):
         obj, rest = msrnn, parts[1:]
     else:
         first = INSTANCES.get(parts[0], parts[0])
-        modules = ["msrnn.model", "msrnn.state", "msrnn.policies", "msrnn.generate",
-                   "msrnn.evaluate", "msrnn.trace", "msrnn.loading", "msrnn.config", "msrnn"]
-        if parts[0] in {"model", "state", "policies", "generate", "evaluate", "trace"} and \
+        modules = ["msrnn.model", "msrnn.state", "msrnn.attention", "msrnn.prompt",
+                   "msrnn.policies", "msrnn.generate", "msrnn.evaluate", "msrnn.trace",
+                   "msrnn.loading", "msrnn.config", "msrnn"]
+        if parts[0] in {"model", "state", "attention", "prompt", "policies", "generate",
+                        "evaluate", "trace"} and \
                 len(parts) > 1 and parts[0] not in INSTANCES:
             modules = [f"msrnn.{parts[0]}"]
             first, parts = None, parts[1:]
@@ -122,7 +124,8 @@ def test_doc_names_only_functions_that_exist():
     # The page must cite the functions the issue asked about, by their current names.
     for needed in ["Attention.qkv", "RoPE.forward", "LayerState.priority", "LayerState.evict",
                    "Policy.score", "Policy.observe", "MultiState.advance",
-                   "Transformer.parallel_prefix", "Attention.prefill", "Attention.column_sums",
+                   "prompt.parallel_prefix", "Attention.prefill", "attention.column_sums",
+                   "attention.step", "attention.prompt",
                    "H2O.observe", "msrnn.trace.run", "msrnn.generate"]:
         assert needed in names, needed
     missing = sorted(n for n in names if resolve(n) is MISSING)
