@@ -67,15 +67,24 @@ class RoPE(nn.Module):
         return angles.cos(), angles.sin()
 
 
-class Linear(nn.Module):
+def linear(x, w, b=None):
     """y = x W^T + b for x [..., in], W [out, in] (Hugging Face's layout) and an optional b [out].
 
     Decoding one sequence multiplies one row by every matrix: a matrix-vector product, bound by
     how fast the weights stream from memory. Compiled on a CPU, we write it as a sum of
     products, which inductor turns into one vectorized loop that reads each weight once, about
     twice as fast here as the library's matrix multiply (docs/performance.md). Several rows (a
-    prompt, a batch) reuse each weight, which the library's matrix multiply does best. A module
-    of its own, so that another way to store or split a projection replaces the module."""
+    prompt, a batch) reuse each weight, which the library's matrix multiply does best."""
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and x[..., 0].numel() == 1:
+        wide = torch.promote_types(x.dtype, torch.float32)     # bfloat16 sums in float32
+        y = (x[..., None, :].to(wide) * w.to(wide)).sum(-1).to(x.dtype)
+        return y if b is None else y + b
+    return F.linear(x, w, b)
+
+
+class Linear(nn.Module):
+    """A projection, y = linear(x, W, b): a module of its own, so that another way to store or
+    split a projection (quantized, sharded) replaces the module, not the model."""
 
     def __init__(self, n_in: int, n_out: int, bias: bool = False):
         super().__init__()
@@ -83,12 +92,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(n_out)) if bias else None
 
     def forward(self, x):
-        w, b = self.weight, self.bias
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and x[..., 0].numel() == 1:
-            wide = torch.promote_types(x.dtype, torch.float32)     # bfloat16 sums in float32
-            y = (x[..., None, :].to(wide) * w.to(wide)).sum(-1).to(x.dtype)
-            return y if b is None else y + b
-        return F.linear(x, w, b)
+        return linear(x, self.weight, self.bias)
 
 
 def rotate(x, cos, sin):
@@ -211,7 +215,7 @@ class Transformer(nn.Module):
     def logits(self, x):
         """Final norm and the LM head: [..., E] -> [..., V]."""
         x = self.norm(x)
-        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
+        return self.lm_head(x) if self.lm_head is not None else linear(x, self.embed.weight)
 
     def init_state(self, batch_size: int, policy: Policy, capacity: int | None = None):
         """H_0: an empty multi-state for `batch_size` sequences, bounded by `policy`."""
