@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import policies
-from .prompt import prefill
+from .prompt import Mode, prefill
 
 # ----------------------------------------------------------------------------- data
 
@@ -76,7 +76,7 @@ def chunk_nll(model, ids, policy) -> torch.Tensor:
     and what steps). `model`: any backend (msrnn's decoder, msrnn.hf.Backend)."""
     B, T = ids.shape
     state = model.init_state(B, policy, capacity=None if policy.bounded else T)
-    hidden, _ = prefill(model, ids, state, mode="sequential", logits=False)
+    hidden, _ = prefill(model, ids, state, mode=Mode.SEQUENTIAL, logits=False)
     return token_nll(model, hidden[:, :-1], ids[:, 1:])
 
 

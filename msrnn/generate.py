@@ -83,7 +83,7 @@ def as_rows(prompts, device) -> list:
 
 
 def stream(model: Backend, prompts, policy: Policy, max_new_tokens=256, temperature=0.0,
-           top_k=None, top_p=None, seed=None, prompt_mode="oneshot", compile=False,
+           top_k=None, top_p=None, seed=None, prompt_mode=Mode.ONESHOT, compile=False,
            eos_ids=None):
     """Yield (new token ids [B], multi-state) one step at a time; arguments as in `generate`."""
     check_sampling(temperature, top_k, top_p)
@@ -138,7 +138,7 @@ def decode(model: Backend, state, logits, max_new_tokens=256, temperature=0.0, t
 
 @torch.inference_mode()
 def generate(model: Backend, prompts, policy: Policy, max_new_tokens=256, temperature=0.0,
-             top_k=None, top_p=None, seed=None, prompt_mode="oneshot", compile=False,
+             top_k=None, top_p=None, seed=None, prompt_mode=Mode.ONESHOT, compile=False,
              eos_ids=None):
     """prompt_ids [B, T] -> new token ids [B, N], N <= max_new_tokens; or a list of prompts of
     any lengths (lists of ints or 1-D tensors) -> a list of 1-D LongTensors, row i what

@@ -27,7 +27,7 @@ import time
 import torch
 
 from .generate import decode
-from .prompt import prefill, prefill_shared
+from .prompt import Mode, prefill, prefill_shared
 
 NEEDLE = ("The secret number is {n}. Remember it: the secret number is {n}.",
           "What is the secret number? Answer with the number only.")
@@ -141,7 +141,7 @@ def _prompt_pass(model, ids, policies, mode, max_new_tokens):
     B, T = ids.shape
     states = [model.init_state(B, p, capacity=None if p.bounded else T + max_new_tokens)
               for p in policies]
-    if mode == "oneshot":
+    if Mode.of(mode) is Mode.ONESHOT:
         start = time.perf_counter()
         last = model.logits(prefill_shared(model, ids, states, logits=False)[:, -1])
         share = (time.perf_counter() - start) / len(states)
@@ -156,7 +156,7 @@ def _prompt_pass(model, ids, policies, mode, max_new_tokens):
 
 
 @torch.inference_mode()
-def answer(model, ids, policies, mode: str = "oneshot", max_new_tokens: int = MAX_NEW_TOKENS,
+def answer(model, ids, policies, mode: Mode = Mode.ONESHOT, max_new_tokens: int = MAX_NEW_TOKENS,
            eos_ids=None):
     """Greedy answers to prompts ids [B, T] under each policy: [(new ids [B, N], seconds)] in
     the order of `policies`. Stops at max_new_tokens or when every row has ended (eos_ids)."""
@@ -178,7 +178,7 @@ def accuracy(tok, new_ids, numbers) -> tuple[int, list[str]]:
 
 
 def retrieval(model, tok, haystacks, policies, length: int, depth: float, samples: int,
-              seed: int = 0, task: str = "needle", mode: str = "oneshot", chat: bool = True,
+              seed: int = 0, task: str = "needle", mode: Mode = Mode.ONESHOT, chat: bool = True,
               max_new_tokens: int = MAX_NEW_TOKENS):
     """One (length, depth) cell for several policies at once: [{accuracy, correct, seconds,
     answers}] in the order of `policies` (the same prompts for all)."""

@@ -93,6 +93,15 @@ def check_range(cfg, what: str, n: int):
                          f"{cfg.max_positions} (max_position_embeddings); use smaller values")
 
 
+def add_prompt_mode_arg(parser):
+    from ..prompt import Mode
+    parser.add_argument("--prompt-mode", choices=[m.value for m in Mode],
+                        default=Mode.ONESHOT.value,
+                        help="oneshot: the prompt in one pass, then the best k kept (the paper "
+                        "authors' code); sequential: every prompt token a step (the MSRNN "
+                        "definition)")
+
+
 def add_backend_arg(parser):
     parser.add_argument("--backend", choices=("msrnn", "transformers"), default="msrnn",
                         help="msrnn's own decoder, or the policy inside transformers (msrnn.hf)")

@@ -7,8 +7,8 @@ import sys
 import time
 
 from .common import (DEFAULT_MODEL, UsageError, add_backend_arg, add_device_args,
-                     add_policy_args, check_device, check_out_dir, check_range, check_seed,
-                     load_model, model_config, policy_help)
+                     add_policy_args, add_prompt_mode_arg, check_device, check_out_dir,
+                     check_range, check_seed, load_model, model_config, policy_help)
 
 
 def add_commands(commands):
@@ -30,7 +30,7 @@ def add_commands(commands):
     g.add_argument("--top-k", type=int)
     g.add_argument("--seed", type=int)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    g.add_argument("--prompt-mode", choices=("oneshot", "sequential"), default="oneshot")
+    add_prompt_mode_arg(g)
     add_device_args(g)
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     add_backend_arg(g)

@@ -9,9 +9,9 @@ import time
 
 from tqdm import tqdm
 
-from .common import (add_backend_arg, add_device_args, check_device, check_out_dir,
-                     check_positive, check_range, check_seed, load_model, model_config,
-                     parse_list, policy_help, UsageError)
+from .common import (add_backend_arg, add_device_args, add_prompt_mode_arg, check_device,
+                     check_out_dir, check_positive, check_range, check_seed, load_model,
+                     model_config, parse_list, policy_help, UsageError)
 from .evaluate import text_digest
 from .output import Results, figure, save_figure
 
@@ -41,7 +41,7 @@ def add_commands(commands):
     p.add_argument("--sinks", type=int, help="first tokens never evicted (sinks: default 4)")
     p.add_argument("--samples", type=int, default=5, help="prompts per cell (one batch)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt-mode", choices=("oneshot", "sequential"), default="oneshot")
+    add_prompt_mode_arg(p)
     p.add_argument("--max-new-tokens", type=int, default=24,
                    help="answer tokens at most (a verbose answer needs about 20)")
     p.add_argument("--no-chat", action="store_true", help="the raw prompt, no chat template")
@@ -151,7 +151,7 @@ def run_needle(args):
     model = load_model(directory, args.dtype, args.device, args.backend) if todo else None
     if todo:             # the first steps of a process are slow: keep them out of the timings
         from ..policies import Full
-        needle.answer(model, [haystacks[0][:8]], [Full()], "oneshot", 2)
+        needle.answer(model, [haystacks[0][:8]], [Full()], max_new_tokens=2)
     started = time.perf_counter()
     with tqdm(total=sum(len(c) for _, _, c in todo), desc="needle", unit="config", file=log) \
             as bar:
