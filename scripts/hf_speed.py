@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 import msrnn
+import msrnn.data
 import msrnn.hf
 from msrnn.policies import TOVA, Full
 
@@ -32,7 +33,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     tok = msrnn.load_tokenizer(args.model)
-    text = (REPO / "tests" / "data" / "news-from-nowhere.txt").read_text()[:20000]
+    text = Path(msrnn.data.BOOKS[0]).read_text()[:20000]          # news-from-nowhere.txt
     ids = torch.tensor([tok.encode(text)[:args.prompt]])
     kw = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
               attention_mask=torch.ones_like(ids), pad_token_id=0)
