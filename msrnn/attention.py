@@ -80,34 +80,28 @@ def prompt(states: list, q, k, v, pos, start: int, scale: float, softcap=None, w
     reads is computed, so memory grows as O(T). `restrict`: a policy that decides by position
     (Window, Sinks) runs a `sequential` prompt as one pass, each query masked to the keys the
     policy would still hold. Several empty multi-states may share one pass (one per policy)."""
-    B, Hkv, G, T, D = q.shape
-    q_pos = pos[:, None, None, :, None]                                    # [B, 1, 1, T, 1]
-    keys, values, k_pos, own = k, v, pos[:, None, None, None, :], torch.eye(T, dtype=torch.bool,
-                                                                             device=q.device)
-    rank = {}
+    T = q.shape[3]
+    keys, values, k_pos = k, v, pos[:, None, None, None, :]                 # [B, 1, 1, 1, T]
     for state in states:
-        if not state.policy.bounded:          # slots start .. start+T-1 take the new tokens
+        if not state.policy.bounded:          # Full: slots start .. start+T-1 take the new tokens
             state.append(k, v, pos, start)
-            n = start + T
-            keys, values, k_pos = state.keys[:, :, :n], state.values[:, :, :n], \
-                state.pos[:, :1, None, None, :n]
-            own = torch.arange(n, device=q.device) == start + torch.arange(T, device=q.device)[:,
-                                                                                             None]
-            continue
-        if start:
+            keys, values = state.keys[:, :, :start + T], state.values[:, :, :start + T]
+            k_pos = state.pos[:, :1, None, None, :start + T]                # [B, 1, 1, 1, S]
+        elif start:
             raise ValueError(f"a bounded multi-state takes several tokens at once only into an "
                              f"empty cache or state (a oneshot prompt); it has seen {start} "
                              f"tokens, so feed the next ones one at a time, or start a new one")
-        rank[state] = state.policy.reads
+    q_pos, S = pos[:, None, None, :, None], keys.shape[2]                   # [B, 1, 1, T, 1]
     # A pad query sees only itself (its output is never used; this keeps the kernel finite).
-    mask = visible(q_pos, k_pos, window) | (own & (q_pos < 0))                   # [B, 1, 1, T, S]
+    own = torch.arange(S, device=q.device) == S - T + torch.arange(T, device=q.device)[:, None]
+    mask = visible(q_pos, k_pos, window) | (own & (q_pos < 0))              # [B, 1, 1, T, S]
     if restrict:
         mask = mask & states[0].policy.visible(q_pos, k_pos)
     last = sums = None
-    for state, reads in rank.items():
-        if "row" in reads and last is None:
+    for state in (s for s in states if s.policy.bounded):    # empty: the pass's keys are k
+        if "row" in state.policy.reads and last is None:
             last = probabilities(q[:, :, :, -1:], k, mask[:, :, :, -1:], scale, softcap)[:, :, :, 0]
-        if "sums" in reads and sums is None:
+        if "sums" in state.policy.reads and sums is None:
             sums = column_sums(q, k, mask, q_pos >= 0, scale, softcap)
         state.keep_best(k, v, pos[:, None], last, sums)
     return fused(q, keys, values, mask, scale, softcap)
