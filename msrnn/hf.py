@@ -112,13 +112,16 @@ class MultiStateCache(Cache):
     The constructor prepares `model`; pass the cache to `model.generate(..., cache=cache)` or
     `model(ids, cache=cache)`, best inside `with cache:`, which restores the model's own
     attention on the way out. One cache serves one model and one batch (beam search included);
-    make a new one for the next sequence. `state`: a MultiState to continue (msrnn.hf.Backend)."""
+    make a new one for the next sequence. `state`: a MultiState to continue, and `modules`: the
+    model's attention modules, already checked (msrnn.hf.Backend, which makes a cache per
+    forward and so checks the model once, not at every step)."""
 
-    def __init__(self, model, policy: Policy, state: MultiState | None = None):
+    def __init__(self, model, policy: Policy, state: MultiState | None = None, *,
+                 modules: list | None = None):
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must be an msrnn.policies.Policy (e.g. "
                             f"msrnn.policies.TOVA(64)), got {policy!r}")
-        modules = attention_modules(model)
+        modules = attention_modules(model) if modules is None else modules
         self.model, self.policy, self.state = model, policy, state
         self.shape = shape_of(model)
         check_fits(policy, self.shape.positions,
@@ -292,7 +295,7 @@ class Backend:
     msrnn MultiStates; each forward wraps one in a MultiStateCache."""
 
     def __init__(self, model):
-        attention_modules(model)
+        self.modules = attention_modules(model)
         prepare(model)
         self.model = model.eval()
         self.body = model.get_decoder()                 # hidden states after the final norm
@@ -310,7 +313,7 @@ class Backend:
         """token_ids [B, T] at each row's next positions through the model -> hidden [B, T, E]."""
         T = token_ids.shape[1]
         positions = state.t[:, None] + torch.arange(T, device=state.t.device)
-        cache = MultiStateCache(self.model, state.policy, state)
+        cache = MultiStateCache(self.model, state.policy, state, modules=self.modules)
         cache.restrict = restrict
         return self.body(input_ids=token_ids, cache=cache, position_ids=positions,
                          use_cache=True).last_hidden_state
