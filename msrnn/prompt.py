@@ -31,7 +31,7 @@ class Backend(Protocol):
     vocab_size: int
 
     def init_state(self, batch_size: int, policy: Policy, capacity: int | None = None):
-        """H_0: an empty multi-state (a `state.MultiState`, or what carries one)."""
+        """H_0: an empty `state.MultiState` (both backends keep their states in one)."""
 
     def parallel(self, token_ids, states: list, restrict: bool = False):
         """token_ids [B, T] in one parallel pass into the multi-states -> hidden [B, T, ...]."""
