@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import policies
+from . import policies, positions
 from .config import Config
 from .loading import download, load
 from .model import Transformer
@@ -16,4 +16,4 @@ except PackageNotFoundError:              # a source tree that was never install
     __version__ = "0+unknown"
 
 __all__ = ["Config", "MultiState", "Transformer", "download", "generate", "load", "load_tokenizer",
-           "policies"]
+           "policies", "positions"]

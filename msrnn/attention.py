@@ -56,12 +56,22 @@ def step(state: LayerState, q, k, v, t, scale: float, softcap=None, window=None)
         o = sum_j a_h(j) V_j                      (Eq. 7)   weighted
         H^l_t = C \\ {e}  if |C| > k               (Eq. 9)   state.evict (the policy scores)
 
-    q [B, Hkv, G, 1, D]; k and v [B, Hkv, 1, D]; t [B, 1, 1], each row's position (-1: a pad,
-    which never becomes a state). Returns o [B, Hkv, G, 1, D] and the attention a over the
-    candidates, [B, Hkv, G, 1, S] (what the policy saw; msrnn.trace prints it)."""
+    q [B, Hkv, G, 1, D] and k [B, Hkv, 1, D] rotated by RoPE at t; v [B, Hkv, 1, D]; t [B, 1, 1],
+    each row's position (-1: a pad, which never becomes a state). A renumbered multi-state
+    (positions.py) stores k un-rotated and turns the candidates' keys and the query to the
+    scheme's positions. Returns o [B, Hkv, G, 1, D] and the attention a over the candidates,
+    [B, Hkv, G, 1, S] (what the policy saw; msrnn.trace prints it)."""
+    rotation = state.rotation
+    if rotation is not None:
+        k = rotation.back(k, t)                                             # to position 0
     state.insert(k[:, :, 0], v[:, :, 0], t)
+    keys = state.keys
+    if rotation is not None:                  # keys and query at the scheme's positions
+        at, query_at = rotation.positions(state.pos)                       # [B, Hkv, S], [B, Hkv]
+        keys = rotation.to(keys, at)
+        q = rotation.to(rotation.back(q, t[..., None]), query_at[:, :, None, None])
     mask = visible(t[..., None, None], state.pos[:, :, None, None], window)   # [B, Hkv, 1, 1, S]
-    probs = probabilities(q, state.keys, mask, scale, softcap)              # [B, Hkv, G, 1, S]
+    probs = probabilities(q, keys, mask, scale, softcap)                    # [B, Hkv, G, 1, S]
     out = weighted(probs, state.values)
     state.evict(probs[:, :, :, 0], t)
     return out, probs
@@ -77,7 +87,9 @@ def prompt(states: list, q, k, v, pos, start: int, scale: float, softcap=None, w
     must be empty: the prompt attends to itself (causal), then the policy keeps the best k,
     ranked from what it reads (the last query's row, the column sums, the keys). Neither builds
     the [T, T] attention matrix: the output comes from the fused kernel, and only what a ranking
-    reads is computed, so memory grows as O(T). `restrict`: a policy that decides by position
+    reads is computed, so memory grows as O(T). Within the pass every scheme numbers the tokens
+    by their absolute positions (nothing has left yet); a renumbered multi-state keeps its
+    states' keys un-rotated. `restrict`: a policy that decides by position
     (Window, Sinks) runs a `sequential` prompt as one pass, each query masked to the keys the
     policy would still hold. Several empty multi-states may share one pass (one per policy)."""
     T = q.shape[3]
@@ -103,7 +115,8 @@ def prompt(states: list, q, k, v, pos, start: int, scale: float, softcap=None, w
             last = probabilities(q[:, :, :, -1:], k, mask[:, :, :, -1:], scale, softcap)[:, :, :, 0]
         if "sums" in state.policy.reads and sums is None:
             sums = column_sums(q, k, mask, q_pos >= 0, scale, softcap)
-        state.keep_best(k, v, pos[:, None], last, sums)
+        kept = k if state.rotation is None else state.rotation.back(k, pos[:, None])
+        state.keep_best(kept, v, pos[:, None], last, sums)
     return fused(q, keys, values, mask, scale, softcap)
 
 

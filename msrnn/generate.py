@@ -10,6 +10,7 @@ repeats its EOS, and once half of the rows still in the batch have finished they
 import torch
 
 from .policies import Policy
+from .positions import check_range
 from .prompt import Backend, Mode, fill
 
 
@@ -84,27 +85,27 @@ def as_rows(prompts, device) -> list:
 
 def stream(model: Backend, prompts, policy: Policy, max_new_tokens=256, temperature=0.0,
            top_k=None, top_p=None, seed=None, prompt_mode=Mode.ONESHOT, compile=False,
-           eos_ids=None):
+           eos_ids=None, positions="original", allow_past_range=False):
     """Yield (new token ids [B], multi-state) one step at a time; arguments as in `generate`."""
     check_sampling(temperature, top_k, top_p)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
             max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    mode, limit = Mode.of(prompt_mode), model.shape.positions
+    mode = Mode.of(prompt_mode)
     rows = as_rows(prompts, model.shape.device)
     for i, row in enumerate(rows):                               # checked before any work
-        if len(row) + max(max_new_tokens - 1, 0) > limit:
-            where = f"prompt {i} ({len(row)} tokens)" if len(rows) > 1 else \
-                f"a {len(row)}-token prompt"
-            raise ValueError(f"{where} and {max_new_tokens} new tokens need "
-                             f"{len(row) + max_new_tokens - 1} positions, past the model's range "
-                             f"of {limit}; use a shorter prompt or fewer new tokens")
+        where = f"prompt {i} ({len(row)} tokens)" if len(rows) > 1 else \
+            f"a {len(row)}-token prompt"
+        check_range(policy, positions, model.shape.positions,
+                    len(row) + max(max_new_tokens - 1, 0),
+                    len(row) if mode is Mode.ONESHOT else 0, allow_past_range,
+                    f"{where} and {max_new_tokens} new tokens")
     if compile:
         if not hasattr(model, "compile_step"):
             raise ValueError("compile=True compiles msrnn's own decode step; this backend has "
                              "none (use msrnn.load, or compile=False)")
         model = model.compile_step()
-    state, logits = fill(model, rows, policy, mode, max_new_tokens)
+    state, logits = fill(model, rows, policy, mode, max_new_tokens, positions, allow_past_range)
     yield from decode(model, state, logits, max_new_tokens, temperature, top_k, top_p, seed,
                       eos_ids)
 
@@ -139,7 +140,7 @@ def decode(model: Backend, state, logits, max_new_tokens=256, temperature=0.0, t
 @torch.inference_mode()
 def generate(model: Backend, prompts, policy: Policy, max_new_tokens=256, temperature=0.0,
              top_k=None, top_p=None, seed=None, prompt_mode=Mode.ONESHOT, compile=False,
-             eos_ids=None):
+             eos_ids=None, positions="original", allow_past_range=False):
     """prompt_ids [B, T] -> new token ids [B, N], N <= max_new_tokens; or a list of prompts of
     any lengths (lists of ints or 1-D tensors) -> a list of 1-D LongTensors, row i what
     generate gives for prompts[i] alone (up to and including its EOS).
@@ -148,10 +149,14 @@ def generate(model: Backend, prompts, policy: Policy, max_new_tokens=256, temper
     feeds the last token back: (x_t, H_{t-1}) -> (y_t, H_t). Stops after max_new_tokens or when
     every row has produced one of `eos_ids` (default: the model config's eos_token_id). With a
     seed, each row draws from its own generator seeded with it. `model`: msrnn's decoder, or any
-    Backend (msrnn.hf.Backend(transformers_model))."""
+    Backend (msrnn.hf.Backend(transformers_model)). `positions`: "original", "cache" or
+    "compressed", how the kept states are numbered for RoPE (msrnn.positions; a bounded policy
+    with "cache" or "compressed" runs past the model's range); `allow_past_range`: run absolute
+    positions past the range anyway."""
     eos_ids = set(model.eos_ids if eos_ids is None else eos_ids)
     out = [ids for ids, _ in stream(model, prompts, policy, max_new_tokens, temperature,
-                                    top_k, top_p, seed, prompt_mode, compile, eos_ids)]
+                                    top_k, top_p, seed, prompt_mode, compile, eos_ids,
+                                    positions, allow_past_range)]
     B = len(as_rows(prompts, "cpu"))
     ids = torch.stack(out, 1) if out else torch.zeros(B, 0, dtype=torch.long)
     if torch.is_tensor(prompts) or (prompts and all(isinstance(x, int) for x in prompts)):

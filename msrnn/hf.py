@@ -37,6 +37,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import attention
 from .policies import Policy, check_fits
+from .positions import Scheme
 from .state import MultiState, Shape, check
 
 PREFIX = "msrnn_"
@@ -112,12 +113,15 @@ class MultiStateCache(Cache):
     The constructor prepares `model`; pass the cache to `model.generate(..., cache=cache)` or
     `model(ids, cache=cache)`, best inside `with cache:`, which restores the model's own
     attention on the way out. One cache serves one model and one batch (beam search included);
-    make a new one for the next sequence. `state`: a MultiState to continue, and `modules`: the
-    model's attention modules, already checked (msrnn.hf.Backend, which makes a cache per
+    make a new one for the next sequence. `positions`: how the kept states are numbered for
+    RoPE ("original", "cache", "compressed": msrnn.positions), `allow_past_range`: run absolute
+    positions past the model's range anyway. `state`: a MultiState to continue, and `modules`:
+    the model's attention modules, already checked (msrnn.hf.Backend, which makes a cache per
     forward and so checks the model once, not at every step)."""
 
     def __init__(self, model, policy: Policy, state: MultiState | None = None, *,
-                 modules: list | None = None):
+                 modules: list | None = None, positions="original",
+                 allow_past_range: bool = False):
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must be an msrnn.policies.Policy (e.g. "
                             f"msrnn.policies.TOVA(64)), got {policy!r}")
@@ -126,6 +130,9 @@ class MultiStateCache(Cache):
         self.shape = shape_of(model)
         check_fits(policy, self.shape.positions,
                    f"the model's range of {self.shape.positions} positions")
+        self.scheme, self.allow_past_range = Scheme.of(positions), allow_past_range
+        self.rope = rope_of(model) if self.scheme is not Scheme.ORIGINAL and state is None \
+            else None
         self.modules = {id(m) for m in modules}
         self.restrict, self.waiting = False, None    # see Backend.parallel; update -> attend
         super().__init__(layers=[MultiStateLayer(self) for _ in modules])
@@ -161,14 +168,15 @@ class MultiStateCache(Cache):
                              f"MultiStateCache cannot run it")
         B, Hkv, T, D = key_states.shape
         if self.state is None:
-            self.state = MultiState(self.shape, self.policy, B)
+            self.state = MultiState(self.shape, self.policy, B, None, self.scheme,
+                                    self.allow_past_range, self.rope)
         if (B, Hkv, D) != (self.state.batch_size, self.shape.kv_heads, self.shape.head_dim):
             raise ValueError(f"this MultiStateCache holds batch {self.state.batch_size} with "
                              f"{self.shape.kv_heads} KV heads of dim {self.shape.head_dim}, but "
                              f"got batch {B}, {Hkv} KV heads of dim {D}; make a new "
                              f"MultiStateCache for each batch")
         if layer_idx == 0:
-            self.state.reserve(T)
+            self.state.reserve(T, parallel=T > 1)
         forward_kwargs[LAYER] = (self, layer_idx)
         self.waiting = layer_idx
         return key_states, value_states
@@ -278,6 +286,27 @@ def attention_modules(model):
     return modules
 
 
+def rope_of(model):
+    """The model's own RoPE as positions -> (cos, sin) [*positions.shape, D], what the position
+    schemes rotate by (msrnn.positions), or a clear error for a rotary rule that a rotation by
+    a difference of positions cannot reproduce (an attention factor, a length-dependent rule)."""
+    rotary = getattr(model.get_decoder(), "rotary_emb", None)
+    kind = getattr(rotary, "rope_type", None)
+    if rotary is None or kind not in ("default", "linear", "llama3") or \
+            getattr(rotary, "attention_scaling", 1.0) != 1.0:
+        raise ValueError(f"{type(model).__name__}'s rotary embedding ({kind or 'not found'}) "
+                         f"does not compose exactly (R(a) R(b) = R(a + b) holds for the default, "
+                         f"linear and llama3 rules without an attention factor), so its states "
+                         f"cannot be renumbered; use positions 'original'")
+    like = torch.empty(0, dtype=next(model.parameters()).dtype,
+                       device=next(model.parameters()).device)
+
+    def rope(positions):
+        return rotary(like, positions)
+
+    return rope
+
+
 def shape_of(model) -> Shape:
     """What a transformers model's multi-states are made for (state.Shape)."""
     cfg, p = model.config.get_text_config(), next(model.parameters())
@@ -296,6 +325,7 @@ class Backend:
 
     def __init__(self, model):
         self.modules = attention_modules(model)
+        self.rope = None                                 # rope_of(model), when a scheme needs it
         prepare(model)
         self.model = model.eval()
         self.body = model.get_decoder()                 # hidden states after the final norm
@@ -306,8 +336,12 @@ class Backend:
         eos = model.generation_config.eos_token_id
         self.eos_ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
 
-    def init_state(self, batch_size: int, policy: Policy, capacity: int | None = None):
-        return MultiState(self.shape, policy, batch_size, capacity)
+    def init_state(self, batch_size: int, policy: Policy, capacity: int | None = None,
+                   positions="original", allow_past_range: bool = False):
+        if Scheme.of(positions) is not Scheme.ORIGINAL and self.rope is None:
+            self.rope = rope_of(self.model)
+        return MultiState(self.shape, policy, batch_size, capacity, positions, allow_past_range,
+                          self.rope)
 
     def forward(self, token_ids, state: MultiState, restrict: bool = False):
         """token_ids [B, T] at each row's next positions through the model -> hidden [B, T, E]."""

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from . import attention
 from .config import Config, rope_frequencies
 from .policies import Full, Policy
+from .positions import rotate
 from .state import LayerState, MultiState, Shape, check
 
 
@@ -93,11 +94,6 @@ class Linear(nn.Module):
 
     def forward(self, x):
         return linear(x, self.weight, self.bias)
-
-
-def rotate(x, cos, sin):
-    x1, x2 = x.chunk(2, -1)
-    return x * cos.to(x.dtype) + torch.cat([-x2, x1], -1) * sin.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -217,9 +213,12 @@ class Transformer(nn.Module):
         x = self.norm(x)
         return self.lm_head(x) if self.lm_head is not None else linear(x, self.embed.weight)
 
-    def init_state(self, batch_size: int, policy: Policy, capacity: int | None = None):
-        """H_0: an empty multi-state for `batch_size` sequences, bounded by `policy`."""
-        return MultiState(self.shape, policy, batch_size, capacity)
+    def init_state(self, batch_size: int, policy: Policy, capacity: int | None = None,
+                   positions="original", allow_past_range: bool = False):
+        """H_0: an empty multi-state for `batch_size` sequences, bounded by `policy`, its states
+        numbered for RoPE by the scheme `positions` (msrnn.positions)."""
+        return MultiState(self.shape, policy, batch_size, capacity, positions, allow_past_range,
+                          self.rope)
 
     def step(self, token_ids, state: MultiState, head: bool = True):
         """(x_t, H_{t-1}) -> (y_t, H_t): token_ids [B] at position t = state.length -> logits
@@ -249,7 +248,7 @@ class Transformer(nn.Module):
         T, start = token_ids.shape[1], states[0].length
         for state in states:
             check(state, token_ids, 2, self.shape, self.vocab_size)
-            state.reserve(T)
+            state.reserve(T, parallel=True)
         pos = torch.arange(start, start + T, device=token_ids.device)[None]   # [1, T]
         cos, sin = self.rope(pos)                                        # [1, T, D]
         x = self.embed(token_ids)                                        # [B, T, E]
@@ -284,6 +283,11 @@ class Compiled:
         if mode is None and model.embed.weight.is_cuda:
             mode = "reduce-overhead"
         self.model = model
+        # Every Compiled shares one code object (Transformer.decode), and each (policy, batch
+        # size, position scheme) is one more graph of it: a sweep over a few dozen
+        # configurations in one process must not hit dynamo's default limit of 8 and fall back
+        # to the eager step.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.decode = torch.compile(model.decode, fullgraph=True, dynamic=False, mode=mode)
         self.cfg, self.shape, self.eos_ids = model.cfg, model.shape, model.eos_ids
         self.vocab_size = model.vocab_size

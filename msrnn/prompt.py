@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .policies import Policy
+from .positions import Scheme
 from .state import Shape, check
 
 
@@ -30,8 +31,10 @@ class Backend(Protocol):
     shape: Shape                  # what its multi-states are made for
     vocab_size: int
 
-    def init_state(self, batch_size: int, policy: Policy, capacity: int | None = None):
-        """H_0: an empty `state.MultiState` (both backends keep their states in one)."""
+    def init_state(self, batch_size: int, policy: Policy, capacity: int | None = None,
+                   positions="original", allow_past_range: bool = False):
+        """H_0: an empty `state.MultiState` (both backends keep their states in one), its states
+        numbered by the scheme `positions` (msrnn.positions)."""
 
     def parallel(self, token_ids, states: list, restrict: bool = False):
         """token_ids [B, T] in one parallel pass into the multi-states -> hidden [B, T, ...]."""
@@ -66,7 +69,8 @@ def parallel_prefix(T: int, state, mode: Mode) -> tuple[int, bool]:
     A bounded multi-state that is not empty: none (`sequential` only; oneshot is refused).
     An empty one, oneshot: all T, by definition. An empty one, sequential:
       - all T, masked, if the policy decides from positions alone (it reads nothing: Window,
-        Sinks): each query sees the keys the policy would still hold (`Policy.visible`);
+        Sinks) and its keys keep their absolute positions (scheme `original`): each query sees
+        the keys the policy would still hold (`Policy.visible`);
       - else the first min(T, k+1): nothing is evicted before the multi-state holds k + 1
         candidates, and the (k+1)-th token's step sees exactly those, so ranking them by its
         attention row (`oneshot` of k + 1 tokens) makes the same one eviction."""
@@ -80,7 +84,7 @@ def parallel_prefix(T: int, state, mode: Mode) -> tuple[int, bool]:
         return 0, False
     if mode is Mode.ONESHOT:
         return T, False
-    if not policy.reads:
+    if not policy.reads and state.scheme is Scheme.ORIGINAL:
         return T, True
     return min(T, policy.size + 1), False
 
@@ -113,20 +117,24 @@ def prefill_shared(model: Backend, token_ids, states: list, logits: bool = True)
     return model.logits(hidden) if logits else hidden
 
 
-def fill(model: Backend, rows: list, policy: Policy, mode, extra: int = 0):
+def fill(model: Backend, rows: list, policy: Policy, mode, extra: int = 0,
+         positions="original", allow_past_range: bool = False):
     """A new multi-state with every prompt (1-D LongTensors) in its row: (state, logits [B, V]
     after each prompt). Prompts of one length run as one batch; a ragged batch runs each prompt
     alone, as batch-1 generation would, and copies it into its row (MultiState.set_row), so
-    padding never enters a multi-state. `extra`: tokens to come, so that Full allocates once."""
+    padding never enters a multi-state. `extra`: tokens to come, so that Full allocates once.
+    `positions`, `allow_past_range`: the multi-state's position scheme (msrnn.positions)."""
     lengths = [len(r) for r in rows]
     capacity = None if policy.bounded else max(lengths) + extra
-    state = model.init_state(len(rows), policy, capacity=capacity)
+    scheme = dict(positions=positions, allow_past_range=allow_past_range)
+    state = model.init_state(len(rows), policy, capacity=capacity, **scheme)
     if len(set(lengths)) == 1:
         hidden, state = prefill(model, torch.stack(rows), state, mode, logits=False)
         return state, model.logits(hidden[:, -1])
     last = []
     for b, row in enumerate(rows):
-        alone = model.init_state(1, policy, capacity=None if policy.bounded else len(row))
+        alone = model.init_state(1, policy, capacity=None if policy.bounded else len(row),
+                                 **scheme)
         hidden, alone = prefill(model, row[None], alone, mode, logits=False)
         state.set_row(b, alone)
         last.append(model.logits(hidden[0, -1]))

@@ -1,10 +1,12 @@
 """The multi-state H_t: the key-value cache read as an RNN's hidden state.
 
 For layer l, H^l_t is a set of at most k states, one per kept token; a state is that token's
-absolute position p, its key K_p (already rotated by RoPE at p, never re-rotated) and its value V_p,
-per KV head. It lives in preallocated slots:
+absolute position p, its key K_p and its value V_p, per KV head. Under the `original` position
+scheme a key is stored rotated by RoPE at p and never re-rotated; a renumbered multi-state
+(`cache`, `compressed`: positions.py) stores it un-rotated and rotates it at each step. It lives in
+preallocated slots:
 
-    keys, values  [B, Hkv, S, D]   keys after RoPE, values
+    keys, values  [B, Hkv, S, D]   keys (see above), values
     pos           [B, Hkv, S]      the position each slot holds; -1 marks an empty slot
     memory        {name: [B, Hkv, S]}  per-state memory the policy asked for (H2O's sums)
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from .policies import Candidates, Policy, check_fits
+from .positions import Rotation, Scheme, check_range
 
 
 def static(*buffers):
@@ -38,8 +41,9 @@ class LayerState:
     insert (C = H_{t-1} ∪ {t}) and evict (H_t = C \\ {e})."""
 
     def __init__(self, policy: Policy, batch: int, n_kv: int, slots: int, head_dim: int,
-                 dtype: torch.dtype, device):
+                 dtype: torch.dtype, device, rotation: Rotation | None = None):
         self.policy = policy
+        self.rotation = rotation          # None: keys stay at their absolute positions
         self.keys = torch.zeros(batch, n_kv, slots, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros(batch, n_kv, slots, head_dim, dtype=dtype, device=device)
         self.pos = torch.full((batch, n_kv, slots), -1, dtype=torch.long, device=device)
@@ -177,25 +181,41 @@ class MultiState:
     tokens would not fit, up to the model's range; pass the final length as `capacity` to
     allocate once (msrnn.generate does).
 
+    `positions`: the scheme that numbers the states for RoPE ("original", "cache",
+    "compressed"; positions.py), with `rope` the model's RoPE (positions -> cos, sin), which
+    the renumbering schemes rotate by. Positions past the model's range are refused (`reserve`)
+    unless `allow_past_range`.
+
     A multi-state belongs to the model that made it (`model.init_state`, or a transformers
     model's MultiStateCache): `shape` records what it was made for, and `check` (below) refuses
     any other model, and token ids that model cannot read."""
 
-    def __init__(self, shape: Shape, policy: Policy, batch_size: int, capacity=None):
+    def __init__(self, shape: Shape, policy: Policy, batch_size: int, capacity=None,
+                 positions="original", allow_past_range: bool = False, rope=None):
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must be an msrnn.policies.Policy, got {policy!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         check_fits(policy, shape.positions, f"the model's range of {shape.positions} positions")
         self.shape, self.policy, self.batch_size = shape, policy, batch_size
+        # The position scheme (positions.py). Full keeps every position, which any scheme
+        # numbers 0, 1, ...: its keys stay at their absolute positions.
+        self.scheme, self.allow_past_range = Scheme.of(positions), bool(allow_past_range)
+        rotation = None
+        if self.scheme is not Scheme.ORIGINAL and policy.bounded:
+            if rope is None:
+                raise ValueError(f"positions {self.scheme.value!r} rotate keys by the model's "
+                                 f"RoPE: make the multi-state with model.init_state")
+            rotation = Rotation(self.scheme, rope)
         # Tokens seen = the position of the next token: per row in `t` (rows of a ragged batch
         # differ), and the most of any row in `_length` (for ranges and Full's slots).
         self._length = 0
         self.t = torch.zeros(batch_size, dtype=torch.long, device=shape.device)
         static(self.t)
-        slots = policy.size + 1 if policy.bounded else min(capacity or 256, shape.positions)
+        slots = policy.size + 1 if policy.bounded else capacity or min(256, shape.positions)
         self.layers = [LayerState(policy, batch_size, shape.kv_heads, slots, shape.head_dim,
-                                  shape.dtype, shape.device) for _ in range(shape.layers)]
+                                  shape.dtype, shape.device, rotation)
+                       for _ in range(shape.layers)]
 
     @property
     def length(self) -> int:
@@ -207,16 +227,17 @@ class MultiState:
         self._length += n
         self.t += n
 
-    def reserve(self, n: int):
-        """Make room for n more tokens: check the positions exist and, for Full, grow the slots
-        (the one place Full's multi-state grows, for either backend)."""
+    def reserve(self, n: int, parallel: bool = False):
+        """Make room for n more tokens (`parallel`: in one pass): check that their rotary
+        positions stay in the model's range under this multi-state's scheme (positions.py) and,
+        for Full, grow the slots (the one place Full's multi-state grows, for either backend)."""
         end = self._length + n
-        if end > self.shape.positions:
-            raise ValueError(f"position {end - 1} is past the model's range: it was trained for "
-                             f"{self.shape.positions} positions (max_position_embeddings); "
-                             f"use a shorter prompt or fewer new tokens")
+        check_range(self.policy, self.scheme, self.shape.positions, end,
+                    end if parallel else 0, self.allow_past_range)
         if not self.policy.bounded and end > self.slots:
-            slots = min(max(2 * self.slots, end), self.shape.positions)
+            slots = max(2 * self.slots, end)
+            if not self.allow_past_range:
+                slots = min(slots, self.shape.positions)
             for layer in self.layers:
                 layer.grow(slots)
 
@@ -234,6 +255,9 @@ class MultiState:
     def set_row(self, b: int, other: "MultiState"):
         """Make row b of this multi-state a copy of the batch-1 multi-state `other` (a prompt
         run on its own: how a ragged batch is filled, one prompt at a time)."""
+        if other.scheme is not self.scheme:
+            raise ValueError(f"row {b} has positions {self.scheme.value!r}, the multi-state "
+                             f"copied into it {other.scheme.value!r}; use one scheme")
         n = other.slots if self.policy.bounded else other.length
         self.reserve(max(0, other.length - self._length))
         for mine, theirs in zip(self.layers, other.layers):
@@ -281,7 +305,7 @@ class MultiState:
 
     def __repr__(self):
         return (f"MultiState({self.policy}, batch={self.batch_size}, layers={len(self.layers)}, "
-                f"slots={self.slots}, t={self._length})")
+                f"slots={self.slots}, t={self._length}, positions={self.scheme.value!r})")
 
 
 def check(state, token_ids, dims: int, shape: Shape, vocab_size: int):

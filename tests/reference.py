@@ -8,11 +8,15 @@ the rule of docs/design.md it implements. Tests compare msrnn against it.
     ref = Reference(hf_model, Rule.tova(16))      # hf_model: LlamaForCausalLM / MistralForCausalLM
     logits = ref.step(token_id)                   # [V] float64
     ref.kept(layer)                               # [[positions of KV head 0], [.. head 1], ...]
+    Reference(hf_model, Rule.tova(16), positions="cache")    # a position scheme (see below)
 
 The multi-state of layer l is `ref.H[l]`: one Python list of states per KV head (layer-wise
 policies evict the same position from every KV head's list, so the lists stay identical). A state
-is a `State`: absolute position, key (after RoPE at that position, never re-rotated), value, and
-the H2O accumulated score.
+is a `State`: absolute position, key (before RoPE), value, and the H2O accumulated score. At every
+step each candidate's key is rotated by RoPE at the rotary position the scheme gives it, computed
+afresh from the positions the KV head keeps (`rotary_positions`), and each query at its KV head's
+query position: `original`, the absolute positions; `cache`, the ranks 0..|C|-1; `compressed`,
+the running sums of the compressed gaps.
 """
 
 import math
@@ -82,13 +86,42 @@ class Rule:
 
 @dataclass
 class State:
-    """One state of the multi-state, for one KV head: (absolute position p, K_p after RoPE at p,
-    V_p), plus A_p, the attention it has received summed over the steps since it entered (H2O)."""
+    """One state of the multi-state, for one KV head: (absolute position p, K_p before RoPE,
+    V_p), plus A_p, the attention it has received summed over the steps since it entered (H2O).
+    `rotated` remembers the key's last rotation (rotary position, rotated key), since under most
+    schemes a key keeps its rotary position for many steps."""
 
     pos: int
     key: torch.Tensor
     value: torch.Tensor
     acc: float = 0.0
+    rotated: tuple = (None, None)
+
+
+def rotary_positions(states, scheme: str):
+    """The rotary positions of one KV head's candidates C under a position scheme (docs/design.md,
+    "Positions"): ({absolute position: rotary position}, the query's). With p_1 < p_2 < ... the
+    absolute positions of C:
+      original:   p_i.
+      cache:      i - 1 (0, 1, ..., |C| - 1).
+      compressed: the running sum of ceil(g(d_j)), j <= i, over the gaps d_1 = p_1,
+                  d_j = p_j - p_{j-1}, with g(d) = d for d <= 10, 10 + ln(ln(d - 10 + e)) above.
+    The query is the newest candidate's (the new token's)."""
+    p = sorted(s.pos for s in states)
+    if scheme == "original":
+        r = list(p)
+    elif scheme == "cache":
+        r = list(range(len(p)))
+    elif scheme == "compressed":
+        r, total, previous = [], 0, 0
+        for x in p:
+            d = x - previous
+            total += d if d <= 10 else math.ceil(10 + math.log(math.log(d - 10 + math.e)))
+            r.append(total)
+            previous = x
+    else:
+        raise ValueError(f"unknown scheme {scheme!r}")
+    return dict(zip(p, r)), r[-1]
 
 
 # ------------------------------------------------------------------------------ the arithmetic
@@ -139,9 +172,9 @@ def gelu_tanh(x):
 class Reference:
     """The model as an MSRNN, (x_t, H_{t-1}) -> (y_t, H_t), with one policy (a `Rule`)."""
 
-    def __init__(self, hf, rule: Rule):
+    def __init__(self, hf, rule: Rule, positions: str = "original"):
         cfg = hf.config
-        self.rule = rule
+        self.rule, self.scheme = rule, positions
         self.n_layers = cfg.num_hidden_layers
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads or self.n_heads
@@ -260,7 +293,7 @@ class Reference:
     def layer_step(self, l, x, t, evict):
         W, D = self.layers[l], self.head_dim
         h_in = rms_norm(x, W["attn_norm"], self.eps)
-        # 1. q_t, k_t, v_t; RoPE at position t.
+        # 1. q_t, k_t, v_t (RoPE comes after 2, at the scheme's positions; `original`: t).
         q_all = W["q"] @ h_in + W["bq"]
         k_all = W["k"] @ h_in + W["bk"]
         v_all = W["v"] @ h_in + W["bv"]
@@ -269,11 +302,21 @@ class Reference:
         if W["q_norm"] is not None:       # Qwen3: RMSNorm over each head, before RoPE
             q = [rms_norm(x_h, W["q_norm"], self.eps) for x_h in q]
             k = [rms_norm(x_g, W["k_norm"], self.eps) for x_g in k]
-        q = [rope(x_h, t, self.theta) for x_h in q]
-        k = [rope(x_g, t, self.theta) for x_g in k]
         v = [v_all[g * D:(g + 1) * D] for g in range(self.n_kv)]
-        # 2. candidates C = H^l_{t-1} ∪ {t}, per KV head.
+        # 2. candidates C = H^l_{t-1} ∪ {t}, per KV head; keys kept before RoPE.
         C = [self.H[l][g] + [State(t, k[g], v[g])] for g in range(self.n_kv)]
+        # RoPE at the scheme's positions, recomputed from the positions each KV head keeps:
+        # its candidates' keys, and the query heads that read it at its query position.
+        keys = {}                          # (KV head, position) -> rotated key
+        query_at = []
+        for g in range(self.n_kv):
+            at, query = rotary_positions(C[g], self.scheme)
+            query_at.append(query)
+            for s in C[g]:
+                if s.rotated[0] != at[s.pos]:
+                    s.rotated = (at[s.pos], rope(s.key, at[s.pos], self.theta))
+                keys[g, s.pos] = s.rotated[1]
+        q = [rope(x_h, query_at[self.kv_head(h)], self.theta) for h, x_h in enumerate(q)]
         # a_h = softmax(q_h · K_C * scale) over C; 3. y_h = Σ_j a_h(j) V_j.
         # A layer with a sliding window attends only to candidates with t - p < window; the
         # others get attention 0 (they stay candidates for the policy).
@@ -283,7 +326,7 @@ class Reference:
         for h in range(self.n_heads):
             cands = C[self.kv_head(h)]
             seen = [s for s in cands if window is None or t - s.pos < window]
-            scores = [float(q[h] @ s.key) * self.scale for s in seen]
+            scores = [float(q[h] @ keys[self.kv_head(h), s.pos]) * self.scale for s in seen]
             if self.softcap is not None:
                 scores = [self.softcap * math.tanh(x / self.softcap) for x in scores]
             probs = softmax(scores)

@@ -208,7 +208,7 @@ def test_position_past_the_model_range(tmp_path):
     model = msrnn.load(save(tiny_hf("llama", max_position_embeddings=8), tmp_path))
     state = model.init_state(1, Full())
     prefill(model, tokens(1, 8), state)
-    with pytest.raises(ValueError, match="position 8 is past the model's range"):
+    with pytest.raises(ValueError, match="reach position 8, past the model.s range of 8"):
         model.step(torch.tensor([3]), state)
     with pytest.raises(ValueError, match="past the model's range"):
         prefill(model, tokens(1, 9), model.init_state(1, Window(4)))

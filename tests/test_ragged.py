@@ -104,7 +104,7 @@ def test_compiled_equals_eager_at_batch_64(tmp_path):
 
 @pytest.mark.parametrize("bad, message", [
     ([[1, 2, 3], [], [4]], "prompt 1 is empty"),
-    ([[1, 2], [5] * 4095], r"prompt 1 \(4095 tokens\) and 24 new tokens need 4118 positions"),
+    ([[1, 2], [5] * 4095], r"prompt 1 \(4095 tokens\) and 24 new tokens reach position 4117, past"),
     ([torch.tensor([1, 2]), torch.tensor([[3, 4]])], r"prompt 1 must be one sequence of token "
                                                      r"ids \(1-D\), got shape \(1, 2\)"),
     ([[1, 2], [1.5, 2.0]], "prompt 1 must hold integer token ids"),
