@@ -9,6 +9,9 @@ predicted, and
     ppl = exp(mean over all predicted tokens of all chunks of -log p(x_t | x_<t))
 
 where p comes from the bounded MSRNN run exactly as docs/design.md defines it (`sequential`).
+A context may pass the model's range for a bounded policy whose states are renumbered
+(positions "cache" or "compressed", msrnn.positions), or with allow_past_range; the loss of each
+block of positions (`buckets`) then shows how a scheme holds up along the way.
 """
 
 import math
@@ -70,41 +73,68 @@ def token_nll(model, hidden, targets, piece: int = 256):
 
 
 @torch.inference_mode()
-def chunk_nll(model, ids, policy) -> torch.Tensor:
-    """-log p(x_t | x_<t) for t = 1..T-1 of chunks ids [B, T], each from an empty multi-state,
-    run as the `sequential` prompt of docs/design.md (msrnn.prompt decides what runs in parallel
-    and what steps). `model`: any backend (msrnn's decoder, msrnn.hf.Backend)."""
+def chunk_nll(model, ids, policy, positions="original", allow_past_range=False) -> torch.Tensor:
+    """-log p(x_t | x_<t) for t = 1..T-1 of chunks ids [B, T], each from an empty multi-state
+    numbered by the scheme `positions`, run as the `sequential` prompt of docs/design.md
+    (msrnn.prompt decides what runs in parallel and what steps; the chunks are the rows of one
+    batch). `model`: any backend (msrnn's decoder, its compiled step, msrnn.hf.Backend)."""
     B, T = ids.shape
-    state = model.init_state(B, policy, capacity=None if policy.bounded else T)
+    state = model.init_state(B, policy, capacity=None if policy.bounded else T,
+                             positions=positions, allow_past_range=allow_past_range)
     hidden, _ = prefill(model, ids, state, mode=Mode.SEQUENTIAL, logits=False)
     return token_nll(model, hidden[:, :-1], ids[:, 1:])
 
 
-def perplexity(model, chunks, policy, batch_size: int = 8, progress=None):
+def position_nll(model, chunks, policy, batch_size: int = 8, progress=None,
+                 positions="original", allow_past_range=False) -> torch.Tensor:
+    """The loss summed over chunks [N, T] at each predicted position 1..T-1: float64 [T - 1]
+    (divide by N for the mean), batch_size chunks at a time, on any backend."""
+    total = torch.zeros(chunks.shape[1] - 1, dtype=torch.float64)
+    for i in range(0, len(chunks), batch_size):
+        rows = chunks[i:i + batch_size].to(model.shape.device)
+        total += chunk_nll(model, rows, policy, positions, allow_past_range).double().sum(0).cpu()
+        if progress is not None:
+            progress.update(len(rows))
+    return total
+
+
+def perplexity(model, chunks, policy, batch_size: int = 8, progress=None,
+               positions="original", allow_past_range=False):
     """(ppl, predicted tokens) of `policy` over chunks [N, T], batch_size chunks at a time, on
     any backend."""
-    total, count = 0.0, 0
-    for i in range(0, len(chunks), batch_size):
-        nll = chunk_nll(model, chunks[i:i + batch_size].to(model.shape.device), policy)
-        total += nll.double().sum().item()
-        count += nll.numel()
-        if progress is not None:
-            progress.update(len(chunks[i:i + batch_size]))
-    return math.exp(total / count), count
+    total = position_nll(model, chunks, policy, batch_size, progress, positions,
+                         allow_past_range)
+    count = len(chunks) * total.numel()
+    return math.exp(total.sum().item() / count), count
 
 
-def configurations(names, sizes, sinks: int | None, context: int):
-    """[(name, size or None, Policy)] for every policy name and size (policies.grid), each
-    smaller than the context."""
-    out = policies.grid(names, sizes, sinks)
-    for _, _, policy in out:
-        policies.check_fits(policy, context, f"the context {context}", name="size")
+def buckets(total, chunks: int, width: int) -> list:
+    """[[start, end, ppl], ...]: the perplexity of the tokens at positions start..end-1 (blocks
+    of `width` positions from 1, the first predicted), from position_nll's sums over `chunks`."""
+    out = []
+    for start in range(1, len(total) + 1, width):
+        block = total[start - 1:start - 1 + width]
+        out.append([start, start + len(block), math.exp(block.sum().item() / (chunks *
+                                                                               len(block)))])
     return out
 
 
-def sweep(load_model, chunks, configs, batch_size: int = 8, jobs: int = 1, log=sys.stderr):
-    """Yield (name, size, policy, ppl, tokens, seconds) for each configuration as it finishes.
-    `load_model()` makes the model (in each worker process, with jobs > 1: it must pickle).
+def configurations(names, sizes, sinks: int | None, context: int, schemes=("original",)):
+    """[(name, size or None, Policy, scheme)] for every policy name, size (policies.grid) and
+    position scheme, each policy smaller than the context. Full is the same under every scheme
+    (msrnn.positions), so it runs once, as `original`."""
+    out = []
+    for name, size, policy in policies.grid(names, sizes, sinks):
+        policies.check_fits(policy, context, f"the context {context}", name="size")
+        out += [(name, size, policy, s) for s in (schemes if policy.bounded else schemes[:1])]
+    return out
+
+
+def sweep(load_model, chunks, configs, batch_size: int = 8, jobs: int = 1, log=sys.stderr,
+          allow_past_range: bool = False):
+    """Yield (name, size, policy, scheme, losses, seconds) for each configuration (from
+    `configurations`) as it finishes, losses = position_nll's sums [T - 1]. `load_model()` makes
+    the model (in each worker process, with jobs > 1: it must pickle).
 
     With jobs = N, N configurations run at once, each in its own process with its share of the
     CPU threads. A decode step with a few rows is bound by reading the weights, and the library's
@@ -112,18 +142,20 @@ def sweep(load_model, chunks, configs, batch_size: int = 8, jobs: int = 1, log=s
     processes finish about 1.6x as many steps on two cores (docs/results.md)."""
     if jobs == 1:
         model = load_model()
-        for name, size, policy in configs:
+        for name, size, policy, scheme in configs:
             start = time.perf_counter()
-            with tqdm(total=len(chunks), desc=f"{name} {size or ''}".strip(), unit="chunk",
-                      file=log, leave=False) as bar:
-                ppl, tokens = perplexity(model, chunks, policy, batch_size, bar)
-            yield name, size, policy, ppl, tokens, time.perf_counter() - start
+            with tqdm(total=len(chunks), desc=f"{name} {size or ''} {scheme}".strip(),
+                      unit="chunk", file=log, leave=False) as bar:
+                losses = position_nll(model, chunks, policy, batch_size, bar, scheme,
+                                      allow_past_range)
+            yield name, size, policy, scheme, losses, time.perf_counter() - start
         return
     threads = max(1, torch.get_num_threads() // jobs)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_worker_start, initargs=(load_model, threads)) as pool:
-        futures = {pool.submit(_worker_run, policy, chunks, batch_size): (name, size, policy)
-                   for name, size, policy in configs}
+        futures = {pool.submit(_worker_run, policy, chunks, batch_size, scheme,
+                               allow_past_range): config
+                   for config in configs for policy, scheme in [config[2:]]}
         with tqdm(total=len(futures), desc="configurations", file=log, leave=False) as bar:
             for future in as_completed(futures):
                 bar.update(1)
@@ -139,10 +171,11 @@ def _worker_start(load_model, threads: int):
     _worker_model = load_model()
 
 
-def _worker_run(policy, chunks, batch_size):
+def _worker_run(policy, chunks, batch_size, scheme, allow_past_range):
     start = time.perf_counter()
-    ppl, tokens = perplexity(_worker_model, chunks, policy, batch_size)
-    return ppl, tokens, time.perf_counter() - start
+    losses = position_nll(_worker_model, chunks, policy, batch_size, None, scheme,
+                          allow_past_range)
+    return losses, time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------- retention
@@ -150,9 +183,10 @@ def _worker_run(policy, chunks, batch_size):
 
 @torch.inference_mode()
 def retention(model, chunks, size: int, batch_size: int = 8, horizon: int | None = None,
-              record: list[int] | None = None):
-    """Follow TOVA(size) over chunks [N, T] on any backend and measure, per layer, which states
-    it keeps.
+              record: list[int] | None = None, positions="original",
+              allow_past_range: bool = False):
+    """Follow TOVA(size) over chunks [N, T] on any backend, its states numbered by the scheme
+    `positions`, and measure, per layer, which states it keeps.
 
     Returns a dict of tensors:
       lifetime [L, N, T - horizon]  steps each token stayed in layer l's multi-state after it
@@ -178,7 +212,8 @@ def retention(model, chunks, size: int, batch_size: int = 8, horizon: int | None
                   file=sys.stderr, leave=False):
         ids = chunks[i:i + batch_size].to(model.shape.device)
         B = len(ids)
-        state = model.init_state(B, policies.TOVA(size))
+        state = model.init_state(B, policies.TOVA(size), positions=positions,
+                                 allow_past_range=allow_past_range)
         prefill(model, ids[:, :size], state, logits=False)   # the first `size`: nothing leaves
         lifetime[:, i:i + B, :size] += size - torch.arange(size)
         for t in range(size, T):

@@ -134,13 +134,14 @@ def score(answer: str, number: int) -> bool:
     return m is not None and int(m.group()) == number
 
 
-def _prompt_pass(model, ids, policies, mode, max_new_tokens):
+def _prompt_pass(model, ids, policies, mode, max_new_tokens, scheme):
     """The prompt into one empty multi-state per policy: ([states], [last logits [B, V]],
     [seconds]). oneshot runs the parallel pass once for all of them (prompt.prefill_shared,
-    where the backend can share it); its time is shared equally."""
+    where the backend can share it); its time is shared equally. `scheme`: init_state's
+    keywords for the position scheme."""
     B, T = ids.shape
-    states = [model.init_state(B, p, capacity=None if p.bounded else T + max_new_tokens)
-              for p in policies]
+    states = [model.init_state(B, p, capacity=None if p.bounded else T + max_new_tokens,
+                               **scheme) for p in policies]
     if Mode.of(mode) is Mode.ONESHOT:
         start = time.perf_counter()
         last = model.logits(prefill_shared(model, ids, states, logits=False)[:, -1])
@@ -157,12 +158,14 @@ def _prompt_pass(model, ids, policies, mode, max_new_tokens):
 
 @torch.inference_mode()
 def answer(model, ids, policies, mode: Mode = Mode.ONESHOT, max_new_tokens: int = MAX_NEW_TOKENS,
-           eos_ids=None):
+           eos_ids=None, positions="original", allow_past_range=False):
     """Greedy answers to prompts ids [B, T] under each policy: [(new ids [B, N], seconds)] in
-    the order of `policies`. Stops at max_new_tokens or when every row has ended (eos_ids)."""
+    the order of `policies`, the states numbered by the scheme `positions`. Stops at
+    max_new_tokens or when every row has ended (eos_ids)."""
     ids = torch.as_tensor(ids, device=model.shape.device)
     eos_ids = model.eos_ids if eos_ids is None else eos_ids
-    states, lasts, seconds = _prompt_pass(model, ids, policies, mode, max_new_tokens)
+    scheme = dict(positions=positions, allow_past_range=allow_past_range)
+    states, lasts, seconds = _prompt_pass(model, ids, policies, mode, max_new_tokens, scheme)
     out = []
     for state, logits, spent in zip(states, lasts, seconds):
         start = time.perf_counter()
@@ -179,12 +182,14 @@ def accuracy(tok, new_ids, numbers) -> tuple[int, list[str]]:
 
 def retrieval(model, tok, haystacks, policies, length: int, depth: float, samples: int,
               seed: int = 0, task: str = "needle", mode: Mode = Mode.ONESHOT, chat: bool = True,
-              max_new_tokens: int = MAX_NEW_TOKENS):
+              max_new_tokens: int = MAX_NEW_TOKENS, positions="original",
+              allow_past_range=False):
     """One (length, depth) cell for several policies at once: [{accuracy, correct, seconds,
     answers}] in the order of `policies` (the same prompts for all)."""
     ids, numbers, _ = build_prompts(tok, haystacks, length, depth, samples, seed, task, chat)
     rows = []
-    for new, seconds in answer(model, ids, policies, mode, max_new_tokens, tok.eos_ids or None):
+    for new, seconds in answer(model, ids, policies, mode, max_new_tokens, tok.eos_ids or None,
+                               positions, allow_past_range):
         correct, texts = accuracy(tok, new, numbers)
         rows.append({"accuracy": correct / samples, "correct": correct, "seconds": seconds,
                      "answers": texts, "numbers": numbers})

@@ -79,6 +79,11 @@ def main(argv=None):
     ap.add_argument("--prompt-mode", choices=("sequential", "oneshot"), default="sequential",
                     help="sequential: every prompt token is a step (default); oneshot: the prompt "
                     "in one parallel pass, then the best k kept (what `msrnn generate` does)")
+    ap.add_argument("--positions", choices=msrnn.positions.NAMES, default="original",
+                    help="how the kept states are numbered for RoPE (cache, compressed: past "
+                    "the model's range)")
+    ap.add_argument("--past-range", action="store_true", help="run absolute positions past the "
+                    "model's range anyway")
     ap.add_argument("--plot", metavar="FILE", help="draw which positions the --layers keep at "
                     "each step (x: step, y: position) into this PNG file")
     ap.add_argument("--layers", help="layers to draw with --plot, comma-separated (default: "
@@ -117,7 +122,15 @@ def main(argv=None):
           + ("every prompt token is a step" if args.prompt_mode == "sequential" else
              "the prompt in one parallel pass, then each layer keeps the k it ranks best; "
              "what msrnn.generate does by default") + ")")
-    state = model.init_state(1, policy)
+    try:
+        msrnn.positions.check_range(policy, args.positions, model.cfg.max_positions,
+                                    len(ids) + args.max_new_tokens,
+                                    len(ids) if args.prompt_mode == "oneshot" else 0,
+                                    args.past_range)
+    except ValueError as e:
+        ap.error(str(e))
+    state = model.init_state(1, policy, positions=args.positions,
+                             allow_past_range=args.past_range)
     n_prompt = len(ids)
     history = {l: [] for l in plotted}             # layer -> [(step, kept positions)]
 

@@ -68,8 +68,9 @@ def test_full_equals_transformers_forward(tiny, capsys):
     with torch.no_grad():
         logits = hf(chunks).logits[:, :-1]                      # one parallel pass per chunk
     nll = F.cross_entropy(logits.transpose(1, 2).double(), chunks[:, 1:], reduction="mean")
-    assert rows == [{"policy": "full", "size": None, "ppl": pytest.approx(math.exp(nll), rel=1e-5),
-                     "tokens": 5 * (CONTEXT - 1)}]
+    ppl = pytest.approx(math.exp(nll), rel=1e-5)
+    assert rows == [{"policy": "full", "size": None, "positions": "original", "ppl": ppl,
+                     "tokens": 5 * (CONTEXT - 1), "buckets": [[1, CONTEXT, ppl]]}]
 
 
 def reference_ppl(hf, chunks, rule):
@@ -131,7 +132,7 @@ def test_interrupted_sweep_resumes_without_recomputing(tiny, capsys, tmp_path, m
     out = tmp_path / "sweep"
     args = ["--policies", "full,window,tova", "--sizes", "6,12", "--out", str(out)]
     computed = []
-    real = evaluate.perplexity
+    real = evaluate.position_nll
 
     def interrupted_after_three(model, chunks, policy, *a, **k):
         if len(computed) == 3:
@@ -139,7 +140,7 @@ def test_interrupted_sweep_resumes_without_recomputing(tiny, capsys, tmp_path, m
         computed.append(repr(policy))
         return real(model, chunks, policy, *a, **k)
 
-    monkeypatch.setattr(evaluate, "perplexity", interrupted_after_three)
+    monkeypatch.setattr(evaluate, "position_nll", interrupted_after_three)
     with pytest.raises(KeyboardInterrupt):
         ppl_cli(capsys, model, texts, *args)
     saved = json.loads((out / "results.json").read_text())["results"]
@@ -149,12 +150,13 @@ def test_interrupted_sweep_resumes_without_recomputing(tiny, capsys, tmp_path, m
     assert not [f for f in os.listdir(out) if f.startswith(".tmp")]    # no half-written file
 
     computed.clear()
-    monkeypatch.setattr(evaluate, "perplexity", lambda *a, **k: (computed.append(repr(a[2])),
-                                                                 real(*a, **k))[1])
+    monkeypatch.setattr(evaluate, "position_nll", lambda *a, **k: (computed.append(repr(a[2])),
+                                                                   real(*a, **k))[1])
     code, rows, _ = ppl_cli(capsys, model, texts, *args)
     assert code == 0 and computed == ["TOVA(6)", "TOVA(12)"]           # only what was missing
     assert [r["ppl"] for r in rows[:3]] == [r["ppl"] for r in saved]
     assert (out / "ppl.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "ppl-position.png").read_bytes()[:4] == b"\x89PNG"
     assert len(json.loads((out / "results.json").read_text())["results"]) == 5
 
     # Another setup in the same directory is refused, not mixed in.

@@ -83,9 +83,13 @@ def test_generate_zero_new_tokens_and_sinks_are_used(capsys, model_dir):
 
 
 def test_prompt_past_the_range_fails_before_the_first_token(capsys, model_dir):
-    line = refused(capsys, "a 500-token prompt and 20 new tokens: 519 positions",
+    line = refused(capsys, "a 500-token prompt and 20 new tokens reach position 518",
                    "generate", model_dir, "--prompt", "x" * 500, "--max-new-tokens", "20")
-    assert "range of 512" in line
+    assert "range of 512" in line and "--positions" in line and "--past-range" in line
+    line = refused(capsys, "a 600-token prompt in one pass (oneshot)", "generate", model_dir,
+                   "--prompt", "x" * 600, "--max-new-tokens", "20", "--positions", "cache")
+    refused(capsys, "Full keeps every state", "generate", model_dir, "--prompt", "x" * 500,
+            "--max-new-tokens", "20", "--positions", "cache", "--policy", "full")
 
 
 def test_invalid_utf8_prompt(model_dir):
@@ -133,8 +137,10 @@ def ppl(capsys, message, model_dir, text, *args):
 def test_ppl_refuses(capsys, model_dir, text, tmp_path):
     ppl(capsys, "--max-chunks must be a positive integer, got 0", model_dir, text,
         "--max-chunks", "0")
-    refused(capsys, "--context 9000: 9000 positions, past the model's range of 512", "ppl",
-            model_dir, "--text", text, "--context", "9000")
+    refused(capsys, "--context 9000 (Full(), positions original) reach position 8999, past "
+            "the model's range of 512", "ppl", model_dir, "--text", text, "--context", "9000")
+    refused(capsys, "unknown position scheme 'relative'", "ppl", model_dir, "--text", text,
+            "--positions", "cache,relative")
     ppl(capsys, "--device cuda: this machine has no CUDA GPU", model_dir, text, "--device",
         "cuda")
     binary = tmp_path / "latin1.txt"

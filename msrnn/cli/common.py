@@ -87,10 +87,27 @@ def model_config(path: str):
     return directory, read_config(directory)
 
 
-def check_range(cfg, what: str, n: int):
-    if n > cfg.max_positions:
-        raise UsageError(f"{what}: {n} positions, past the model's range of "
-                         f"{cfg.max_positions} (max_position_embeddings); use smaller values")
+def add_positions_args(parser, multiple: bool = False):
+    from ..positions import NAMES
+    parser.add_argument("--positions", default="original", choices=None if multiple else NAMES,
+                        help=f"{'comma-separated, from' if multiple else 'one of'}: "
+                        f"{', '.join(NAMES)}: how the kept states are numbered for RoPE (cache, "
+                        f"compressed: a bounded policy runs past the model's range; "
+                        f"docs/design.md, Positions)")
+    parser.add_argument("--past-range", action="store_true",
+                        help="run absolute positions past the model's range anyway (what the "
+                        "extrapolation experiment measures)")
+
+
+def check_reach(cfg, policy, scheme, end: int, what: str, parallel: int = 0,
+                past_range: bool = False):
+    """Refuse before any work a run whose rotary positions pass the model's range
+    (msrnn.positions.check_range, with the command line's names)."""
+    from ..positions import check_range as positions_range
+    try:
+        positions_range(policy, scheme, cfg.max_positions, end, parallel, past_range, what)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def add_prompt_mode_arg(parser):
@@ -107,15 +124,21 @@ def add_backend_arg(parser):
                         help="msrnn's own decoder, or the policy inside transformers (msrnn.hf)")
 
 
-def load_model(directory: str, dtype: str, device: str, backend: str = "msrnn"):
-    """The backend a command runs on: msrnn's decoder, or a transformers model (msrnn.hf)."""
+def load_model(directory: str, dtype: str, device: str, backend: str = "msrnn",
+               compile: bool = False):
+    """The backend a command runs on: msrnn's decoder (compile: its decode step compiled), or a
+    transformers model (msrnn.hf)."""
     import torch
 
     if backend == "transformers":
+        if compile:
+            raise UsageError("--compile compiles msrnn's own decode step; drop it with "
+                             "--backend transformers")
         from .. import hf
         return hf.Backend(hf.load(directory, dtype=getattr(torch, dtype), device=device))
     from .. import load
-    return load(directory, dtype=getattr(torch, dtype), device=device)
+    model = load(directory, dtype=getattr(torch, dtype), device=device)
+    return model.compile_step() if compile else model
 
 
 def check_out_dir(path: str | None):

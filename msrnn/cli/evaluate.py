@@ -4,14 +4,15 @@ first, then the computation, then files, plots and the printed table)."""
 import functools
 import hashlib
 import json
+import math
 import os
 import sys
 
 from tqdm import tqdm
 
 from .common import (UsageError, add_backend_arg, add_device_args, add_policy_args,
-                     check_device, check_out_dir, check_positive, check_range, load_model,
-                     model_config, parse_list, policy_help)
+                     add_positions_args, check_device, check_out_dir, check_positive,
+                     check_reach, load_model, model_config, parse_list, policy_help)
 from .output import Results, figure, save_figure, write_atomic
 
 
@@ -23,8 +24,14 @@ def add_commands(commands):
                             epilog=policy_help())
     p.add_argument("model")
     p.add_argument("--text", nargs="+", required=True, help="text files")
-    p.add_argument("--context", type=int, default=2048, help="tokens per chunk")
+    p.add_argument("--context", type=int, default=2048, help="tokens per chunk (past the "
+                   "model's range: a bounded policy with --positions cache or compressed)")
     add_policy_args(p, multiple=True)
+    add_positions_args(p, multiple=True)
+    p.add_argument("--buckets", type=int, default=512, metavar="B",
+                   help="also report the perplexity of each block of B positions")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (a "
+                   "long context is decoded step by step)")
     p.add_argument("--max-chunks", type=int, help="at most this many chunks per text")
     p.add_argument("--batch", type=int, default=8, help="chunks per batch")
     p.add_argument("--jobs", type=int, default=1, help="configurations run at once, each in its "
@@ -40,6 +47,7 @@ def add_commands(commands):
     r.add_argument("--text", nargs="+", required=True)
     r.add_argument("--context", type=int, default=2048)
     r.add_argument("--size", type=int, default=256)
+    add_positions_args(r)
     r.add_argument("--max-chunks", type=int)
     r.add_argument("--batch", type=int, default=8)
     r.add_argument("--json", action="store_true")
@@ -58,59 +66,81 @@ def add_commands(commands):
 
 def run_ppl(args):
     from .. import evaluate, load_tokenizer
+    from ..positions import Scheme
 
     if args.context < 2:
         raise UsageError(f"--context must be at least 2, got {args.context}")
     check_positive("--jobs", args.jobs)
     check_positive("--batch", args.batch)
+    check_positive("--buckets", args.buckets)
     check_positive("--max-chunks", args.max_chunks, allow_none=True)
     check_device(args.device)
+    schemes = [Scheme.of(s).value for s in parse_list("--positions", args.positions)]
     configs = evaluate.configurations(parse_list("--policies", args.policies),
                                       parse_list("--sizes", args.sizes, int), args.sinks,
-                                      args.context)
+                                      args.context, schemes)
     for path in args.text:
         evaluate.read_text(path)                      # exists, and is UTF-8
     check_out_dir(args.out)
     directory, cfg = model_config(args.model)
-    check_range(cfg, f"--context {args.context}", args.context)
+    for _, _, policy, scheme in configs:
+        check_reach(cfg, policy, scheme, args.context, f"--context {args.context} ({policy}, "
+                    f"positions {scheme})", past_range=args.past_range)
+    if args.compile and args.backend == "transformers":
+        raise UsageError("--compile compiles msrnn's own decode step; drop it with --backend "
+                         "transformers")
     setup = {"model": os.path.abspath(directory), "texts": [os.path.basename(t) for t in
              args.text], "digest": text_digest(args.text), "context": args.context,
              "max_chunks": args.max_chunks, "dtype": args.dtype, "backend": args.backend,
-             "sinks": args.sinks}
-    results = Results(args.out, setup, key=("policy", "size"),
-                      fields=["policy", "size", "ppl", "tokens", "seconds"])
+             "sinks": args.sinks, "buckets": args.buckets, "past_range": args.past_range}
+    results = Results(args.out, setup, key=("policy", "size", "positions"),
+                      fields=["policy", "size", "positions", "ppl", "tokens", "seconds"])
     chunks = evaluate.load_chunks(load_tokenizer(directory), args.text, args.context,
                                   args.max_chunks)
     log = sys.stderr
-    todo = [c for c in configs if results.get(c[0], c[1]) is None]
+    todo = [c for c in configs if results.get(c[0], c[1], c[3]) is None]
     print(f"[msrnn ppl] {len(chunks)} chunks x {args.context} tokens, {len(configs)} "
           f"configurations, {len(configs) - len(todo)} done before", file=log)
-    load = functools.partial(load_model, directory, args.dtype, args.device, args.backend)
-    for name, size, policy, ppl, tokens, seconds in evaluate.sweep(load, chunks, todo,
-                                                                    args.batch, args.jobs, log):
-        results.add({"policy": name, "size": size, "ppl": ppl, "tokens": tokens,
-                     "seconds": round(seconds, 2)})
-        tqdm.write(f"[msrnn ppl] {policy}: ppl {ppl:.3f} over {tokens} tokens, "
-                   f"{chunks.numel() / seconds:.0f} tok/s", file=log)
-    rows = [results.get(name, size) for name, size, _ in configs]
+    load = functools.partial(load_model, directory, args.dtype, args.device, args.backend,
+                             args.compile)
+    for name, size, policy, scheme, losses, seconds in evaluate.sweep(
+            load, chunks, todo, args.batch, args.jobs, log, args.past_range):
+        tokens = len(chunks) * losses.numel()
+        ppl = math.exp(losses.sum().item() / tokens)
+        results.add({"policy": name, "size": size, "positions": scheme, "ppl": ppl,
+                     "tokens": tokens, "seconds": round(seconds, 2),
+                     "buckets": evaluate.buckets(losses, len(chunks), args.buckets)})
+        tqdm.write(f"[msrnn ppl] {policy}, positions {scheme}: ppl {ppl:.3f} over {tokens} "
+                   f"tokens, {chunks.numel() / seconds:.0f} tok/s", file=log)
+    rows = [results.get(name, size, scheme) for name, size, _, scheme in configs]
     if args.out:
-        plot_ppl(results.rows, os.path.join(args.out, "ppl.png"),
-                 f"{os.path.basename(os.path.abspath(directory))}, context {args.context}, "
+        title = (f"{os.path.basename(os.path.abspath(directory))}, context {args.context}, "
                  f"{len(chunks)} chunks")
+        plot_ppl(results.rows, os.path.join(args.out, "ppl.png"), title)
+        plot_buckets(results.rows, os.path.join(args.out, "ppl-position.png"), title,
+                     cfg.max_positions)
     if args.json:
-        print(json.dumps([{k: r[k] for k in ("policy", "size", "ppl", "tokens")} for r in rows]))
+        print(json.dumps([{k: r[k] for k in ("policy", "size", "positions", "ppl", "tokens",
+                                             "buckets")} for r in rows]))
     else:
         for r in rows:
-            print(f"{r['policy']:>10} {str(r['size'] or '-'):>6} {r['ppl']:10.3f}")
+            print(f"{r['policy']:>10} {str(r['size'] or '-'):>6} {r['positions']:>10} "
+                  f"{r['ppl']:10.3f}")
     return 0
+
+
+def label(row) -> str:
+    """A configuration's name in plots: policy, and the scheme where it is not the default."""
+    scheme = "" if row["positions"] == "original" else f", {row['positions']}"
+    return f"{row['policy']}{scheme}"
 
 
 def plot_ppl(rows, path: str, title: str):
     """The paper's Figure 3: perplexity against multi-state size (log2 x), one line per policy,
     the full model dashed."""
     fig, ax = figure(figsize=(6.5, 4.2))
-    for name in dict.fromkeys(r["policy"] for r in rows if r["size"] is not None):
-        pts = sorted((r["size"], r["ppl"]) for r in rows if r["policy"] == name)
+    for name in dict.fromkeys(label(r) for r in rows if r["size"] is not None):
+        pts = sorted((r["size"], r["ppl"]) for r in rows if label(r) == name and r["size"])
         ax.plot(*zip(*pts), marker="o", label=name)
     for r in rows:
         if r["size"] is None:
@@ -122,6 +152,25 @@ def plot_ppl(rows, path: str, title: str):
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_buckets(rows, path: str, title: str, limit: int):
+    """Perplexity against position (each block of --buckets positions), one line per
+    configuration, the model's range marked: where each scheme holds and where it breaks."""
+    fig, ax = figure(figsize=(7.5, 4.5))
+    for r in rows:
+        x = [(start + end - 1) / 2 for start, end, _ in r["buckets"]]
+        ax.plot(x, [ppl for _, _, ppl in r["buckets"]], lw=1.2,
+                label=f"{label(r)} {r['size'] or ''}".strip(),
+                color="black" if r["size"] is None else None)
+    ax.axvline(limit, color="gray", linestyle=":", label=f"model's range ({limit})")
+    ax.set_yscale("log")
+    ax.set_xlabel("position in the context (tokens)")
+    ax.set_ylabel("perplexity of the block (log)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
     save_figure(fig, path)
 
 
@@ -228,12 +277,15 @@ def run_retention(args):
     check_device(args.device)
     check_out_dir(args.out)
     directory, cfg = model_config(args.model)
-    check_range(cfg, f"--context {args.context}", args.context)
+    from ..policies import TOVA
+    check_reach(cfg, TOVA(args.size), args.positions, args.context, f"--context {args.context}",
+                args.size, args.past_range)
     layers = plot_layers(args, cfg.n_layers)
     tok = load_tokenizer(directory)
     chunks = evaluate.load_chunks(tok, args.text, args.context, args.max_chunks)
     model = load_model(directory, args.dtype, args.device, args.backend)
-    r = evaluate.retention(model, chunks, args.size, args.batch, record=layers)
+    r = evaluate.retention(model, chunks, args.size, args.batch, record=layers,
+                           positions=args.positions, allow_past_range=args.past_range)
     if args.plot:
         plot_multistate(r["kept"], args.plot,
                         f"TOVA({args.size}), {os.path.basename(directory)}, first chunk of "

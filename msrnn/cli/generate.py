@@ -7,8 +7,9 @@ import sys
 import time
 
 from .common import (DEFAULT_MODEL, UsageError, add_backend_arg, add_device_args,
-                     add_policy_args, add_prompt_mode_arg, check_device, check_out_dir,
-                     check_range, check_seed, load_model, model_config, policy_help)
+                     add_policy_args, add_positions_args, add_prompt_mode_arg, check_device,
+                     check_out_dir, check_reach, check_seed, load_model, model_config,
+                     policy_help)
 
 
 def add_commands(commands):
@@ -31,6 +32,7 @@ def add_commands(commands):
     g.add_argument("--seed", type=int)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     add_prompt_mode_arg(g)
+    add_positions_args(g)
     add_device_args(g)
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     add_backend_arg(g)
@@ -99,7 +101,8 @@ def run_generate(args):
     for i, row in enumerate(rows):
         what = (f"a {len(row)}-token prompt" if len(rows) == 1 else
                 f"prompt {i} ({len(row)} tokens)") + f" and {args.max_new_tokens} new tokens"
-        check_range(cfg, what, len(row) + max(args.max_new_tokens - 1, 0))
+        check_reach(cfg, policy, args.positions, len(row) + max(args.max_new_tokens - 1, 0),
+                    what, len(row) if args.prompt_mode == "oneshot" else 0, args.past_range)
     model = load_model(directory, args.dtype, args.device, args.backend)
 
     writers = [Row(tok, None if args.prompt_file is None else i,
@@ -109,7 +112,8 @@ def run_generate(args):
     with torch.inference_mode():
         for ids, state in stream(model, rows if len(rows) > 1 else rows[0][None], policy,
                                  args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                 args.seed, args.prompt_mode, args.compile, tok.eos_ids):
+                                 args.seed, args.prompt_mode, args.compile, tok.eos_ids,
+                                 args.positions, args.past_range):
             times.append(time.perf_counter())         # each token after the first is one step
             for writer, token in zip(writers, ids.tolist()):
                 new += writer.add(token)
@@ -128,10 +132,15 @@ def run_generate(args):
 
 class Row:
     """One row's text as it is decoded: streamed to stdout (a single prompt), to its own file
-    (--out), or printed as one line "[i] text" when the row ends."""
+    (--out), or printed as one line "[i] text" when the row ends.
+
+    Streaming decodes only the newest tokens, after a few already shown (a tokenizer may read a
+    token's neighbours, e.g. for spaces), so a step costs the same at token 20,000 as at 20."""
+
+    CONTEXT = 8
 
     def __init__(self, tok, index, path):
-        self.tok, self.index, self.ids, self.shown, self.ended = tok, index, [], "", False
+        self.tok, self.index, self.ids, self.done, self.ended = tok, index, [], 0, False
         self.file = open(path + ".part", "w", encoding="utf-8") if path else None
         self.path = path
 
@@ -141,26 +150,35 @@ class Row:
             self.ended = True
             return 0
         self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if not text.endswith("\ufffd"):                # wait for a whole UTF-8 character
-            if self.file is not None:
-                self.file.write(text[len(self.shown):])
-                self.file.flush()
-            elif self.index is None:
-                print(text[len(self.shown):], end="", flush=True)
-            self.shown = text
+        if self.file is not None or self.index is None:
+            start = max(0, self.done - self.CONTEXT)
+            shown = self.tok.decode(self.ids[start:self.done])
+            text = self.tok.decode(self.ids[start:])
+            if not text.endswith("\ufffd") and text.startswith(shown):   # whole characters
+                self.write(text[len(shown):])
+                self.done = len(self.ids)
         return 1
 
-    def close(self):
-        text = self.tok.decode(self.ids)
+    def write(self, text: str):
         if self.file is not None:
-            self.file.write(text[len(self.shown):])
+            self.file.write(text)
+            self.file.flush()
+        else:
+            print(text, end="", flush=True)
+
+    def close(self):
+        if self.file is None and self.index is not None:
+            text = self.tok.decode(self.ids)
+            print(f"[{self.index}] " + text.replace("\n", "\\n"), flush=True)
+            return
+        start = max(0, self.done - self.CONTEXT)
+        shown = self.tok.decode(self.ids[start:self.done])
+        self.write(self.tok.decode(self.ids[start:])[len(shown):])
+        if self.file is not None:
             self.file.close()
             os.replace(self.path + ".part", self.path)      # whole, or not there
-        elif self.index is None:
-            print(text[len(self.shown):])
         else:
-            print(f"[{self.index}] " + text.replace("\n", "\\n"), flush=True)
+            print()
 
 
 def run_download(args):

@@ -9,9 +9,10 @@ import time
 
 from tqdm import tqdm
 
-from .common import (add_backend_arg, add_device_args, add_prompt_mode_arg, check_device,
-                     check_out_dir, check_positive, check_range, check_seed, load_model,
-                     model_config, parse_list, policy_help, UsageError)
+from .common import (add_backend_arg, add_device_args, add_positions_args,
+                     add_prompt_mode_arg, check_device, check_out_dir, check_positive,
+                     check_reach, check_seed, load_model, model_config, parse_list, policy_help,
+                     UsageError)
 from .evaluate import text_digest
 from .output import Results, figure, save_figure
 
@@ -42,6 +43,7 @@ def add_commands(commands):
     p.add_argument("--samples", type=int, default=5, help="prompts per cell (one batch)")
     p.add_argument("--seed", type=int, default=0)
     add_prompt_mode_arg(p)
+    add_positions_args(p)
     p.add_argument("--max-new-tokens", type=int, default=24,
                    help="answer tokens at most (a verbose answer needs about 20)")
     p.add_argument("--no-chat", action="store_true", help="the raw prompt, no chat template")
@@ -107,8 +109,10 @@ def run_needle(args):
     texts = [read_text(path) for path in args.haystack or []]
     check_out_dir(args.out)
     directory, cfg = model_config(args.model)
-    check_range(cfg, f"--lengths {max(lengths)} plus {args.max_new_tokens} new tokens",
-                max(lengths) + args.max_new_tokens)
+    for _, _, policy in configs:
+        check_reach(cfg, policy, args.positions, max(lengths) + args.max_new_tokens - 1,
+                    f"--lengths {max(lengths)} plus {args.max_new_tokens} new tokens ({policy})",
+                    max(lengths) if args.prompt_mode == "oneshot" else 0, args.past_range)
     tok = load_tokenizer(directory)
     _, _, chat = needle.template(tok, not args.no_chat)
     short = min(lengths)
@@ -134,7 +138,7 @@ def run_needle(args):
              "digest": text_digest(args.haystack or []), "samples": args.samples,
              "seed": args.seed, "prompt_mode": args.prompt_mode, "chat": chat,
              "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "sinks": args.sinks,
-             "backend": args.backend}
+             "backend": args.backend, "positions": args.positions}
     results = Results(args.out, setup, key=("policy", "size", "length", "depth"), fields=FIELDS)
     cells = [(n, d) for n in lengths for d in depths]
     skipped = sorted({(name, size, n) for name, size, _ in configs for n in lengths
@@ -159,7 +163,7 @@ def run_needle(args):
             bar.set_postfix_str(f"length {n}, depth {d:g}")
             rows = needle.retrieval(model, tok, haystacks, [p for _, _, p in todo_configs], n, d,
                                     args.samples, args.seed, args.task, args.prompt_mode, chat,
-                                    args.max_new_tokens)
+                                    args.max_new_tokens, args.positions, args.past_range)
             for (name, size, policy), r in zip(todo_configs, rows):
                 speed = args.samples * n / r["seconds"]
                 results.add({"policy": name, "size": size, "length": n, "depth": d,
