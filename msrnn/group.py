@@ -11,7 +11,6 @@ given the same token ids, the one thing the ranks must agree on from outside.
 A group here is a torch.distributed ProcessGroup, or None: one process, nothing crosses.
 """
 
-import math
 import os
 from datetime import timedelta
 
@@ -65,7 +64,7 @@ def mean(x, dims: tuple, group):
     if group is None:
         return x.mean(dims)
     part = x.sum(dims)
-    count = torch.full_like(part[..., :1], math.prod(x.shape[d] for d in dims))
+    count = torch.full_like(part[..., :1], x.numel() // part.numel())   # heads here
     both = total(torch.cat([part, count], -1), group)          # [..., S + 1]
     return both[..., :-1] / both[..., -1:]
 
