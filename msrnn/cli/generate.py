@@ -126,7 +126,8 @@ def run_generate(args):
     print(f"[msrnn] {new} new tokens{f' in {len(rows)} rows' if len(rows) > 1 else ''}, "
           f"{speed:.1f} tok/s decode | multi-state: {policy}, {slots} slots x {cfg.n_layers} "
           f"layers, {seen} tokens seen, "
-          f"{state.nbytes() / 2**20 if state is not None else 0:.2f} MiB", file=sys.stderr)
+          f"{state.nbytes() / 2**20 if state is not None else 0:.2f} MiB"
+          f"{f' on rank 0 of {args.tp}' if args.tp > 1 else ''}", file=sys.stderr)
     return 0
 
 
