@@ -308,12 +308,19 @@ def rope_of(model):
 
 
 def shape_of(model) -> Shape:
-    """What a transformers model's multi-states are made for (state.Shape)."""
+    """What a transformers model's multi-states are made for (state.Shape). Under transformers'
+    tensor parallelism (`tp_size` > 1) a rank's attention sees its share of the KV heads, and
+    the multi-state reduces layer-wise scores over the model's tensor-parallel group."""
     cfg, p = model.config.get_text_config(), next(model.parameters())
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    group = None
+    if (getattr(model, "tp_size", None) or 1) > 1:
+        from transformers.distributed.tensor_parallel import get_kv_heads_per_rank
+        kv_heads = get_kv_heads_per_rank(model.tp_plan, kv_heads, model.tp_size)
+        group = model._device_mesh["tp"].get_group()
     return Shape(cfg.num_hidden_layers, kv_heads, head_dim, cfg.max_position_embeddings,
-                 p.dtype, p.device)
+                 p.dtype, p.device, group)
 
 
 # ------------------------------------------------------------------------------ the backend
@@ -370,12 +377,21 @@ class Backend:
         return logits
 
 
-def load(path, dtype=torch.float32, device="cpu"):
-    """A transformers causal LM from a local directory or Hub id, in eval mode."""
+def load(path, dtype=torch.float32, device="cpu", tp: int | None = None):
+    """A transformers causal LM from a local directory or Hub id, in eval mode; tp=N: this
+    rank's part under transformers' own tensor parallelism (DistributedConfig(tp_size=N)), one
+    of N processes (torchrun), the backend (gloo, nccl) following `device`."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.to(device).eval()
+    if tp in (None, 1):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    from transformers.distributed import DistributedConfig
+
+    from . import group
+    group.setup(tp, device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                 distributed_config=DistributedConfig(tp_size=tp))
+    return model.eval()
 
 
 __all__ = ["Backend", "MultiStateCache", "load"]

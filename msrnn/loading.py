@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import Config, read_config
+from . import tp as tensor_parallel
 from .model import RoPE, Transformer
 
 
@@ -29,18 +30,25 @@ IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomp
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"    # the offline default model: `msrnn fetch-default`
 
 
-def load(path_or_repo_id: str, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
-    """Load a checkpoint from a local directory, or from the Hugging Face Hub by repo id."""
+def load(path_or_repo_id: str, dtype: torch.dtype = torch.float32, device="cpu",
+         tp: int | None = None) -> Transformer:
+    """Load a checkpoint from a local directory, or from the Hugging Face Hub by repo id.
+
+    tp=N (N > 1): this process's shard of the model, one of N processes (started by torchrun,
+    or after torch.distributed.init_process_group): its KV heads, query heads and MLP units,
+    read alone from the files (msrnn.tp). Every rank must load the same model."""
     directory = resolve(path_or_repo_id)
     cfg = read_config(directory)
     checkpoint = Checkpoint(directory)
     recipe = _recipe(cfg)
     checkpoint.check_all_used({hf for sources, _ in recipe.values() for hf, _ in sources})
-    with torch.device("meta"):
-        model = Transformer(cfg, source=directory)     # source: where the tokenizer files are
+    plan, group = tensor_parallel.plan(cfg, tp, device) if tp not in (None, 1) else (None, None)
+    with torch.device("meta"):                         # source: where the tokenizer files are
+        model = Transformer(cfg, source=directory) if plan is None else \
+            tensor_parallel.Sharded(plan, group, source=directory)
     params = {}
     for name, (sources, combine) in recipe.items():
-        tensors = [checkpoint.get(hf, shape) for hf, shape in sources]
+        tensors = [checkpoint.get(hf, shape, plan and plan.part(hf)) for hf, shape in sources]
         params[name] = combine(*tensors).to(device=device, dtype=dtype).contiguous()
     model.load_state_dict(params, assign=True, strict=True)
     model.rope = RoPE(cfg).to(device)  # computed from the config, not stored in checkpoints
@@ -112,17 +120,27 @@ class Checkpoint:
             self.handles[name] = handle
             self.where |= {key: name for key in handle.keys()}
 
-    def get(self, name: str, shape: tuple) -> torch.Tensor:
+    def get(self, name: str, shape: tuple, part: tuple | None = None) -> torch.Tensor:
+        """The tensor `name`, checked to have `shape`; part=(dim, start, stop): only those rows
+        (dim 0) or columns (dim 1), read from the file without the rest (a rank's shard)."""
         if name not in self.where:
             raise CheckpointError(f"the checkpoint has no weight {name!r}: it does not match its "
                                   f"config.json (or is incomplete); download it again")
         try:
-            tensor = self.handles[self.where[name]].get_tensor(name)
+            view = self.handles[self.where[name]].get_slice(name)
+            stored = tuple(view.get_shape())
+            if stored != shape:
+                tensor = None
+            elif part is None:
+                tensor = self.handles[self.where[name]].get_tensor(name)
+            else:
+                dim, start, stop = part
+                tensor = view[start:stop] if dim == 0 else view[:, start:stop]
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"cannot read weight {name!r} from {self.where[name]} ({e}); "
                                   f"the file is corrupt: download it again") from None
-        if tuple(tensor.shape) != shape:
-            raise CheckpointError(f"weight {name!r} has shape {list(tensor.shape)}, but "
+        if tensor is None:
+            raise CheckpointError(f"weight {name!r} has shape {list(stored)}, but "
                                   f"config.json implies {list(shape)}: the checkpoint and its "
                                   f"config do not match")
         return tensor

@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from . import group as groups
 from .policies import Candidates, Policy, check_fits
 from .positions import Rotation, Scheme, check_range
 
@@ -41,9 +42,10 @@ class LayerState:
     insert (C = H_{t-1} ∪ {t}) and evict (H_t = C \\ {e})."""
 
     def __init__(self, policy: Policy, batch: int, n_kv: int, slots: int, head_dim: int,
-                 dtype: torch.dtype, device, rotation: Rotation | None = None):
+                 dtype: torch.dtype, device, rotation: Rotation | None = None, group=None):
         self.policy = policy
-        self.rotation = rotation          # None: keys stay at their absolute positions
+        self.rotation = rotation    # None: keys stay at their absolute positions (positions.py)
+        self.group = group          # tensor parallel: the ranks holding the layer's other heads
         self.keys = torch.zeros(batch, n_kv, slots, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros(batch, n_kv, slots, head_dim, dtype=dtype, device=device)
         self.pos = torch.full((batch, n_kv, slots), -1, dtype=torch.long, device=device)
@@ -91,10 +93,11 @@ class LayerState:
 
     def average(self, probs):
         """Attention per candidate, averaged over the query heads that share the eviction:
-        [B, Hkv, G, S] -> [B, Hkv, S] over a KV head's group, or [B, 1, S] over the layer."""
+        [B, Hkv, G, S] -> [B, Hkv, S] over a KV head's group, or [B, 1, S] over the layer
+        (sharded by KV head, msrnn.tp: over the heads of every rank, the same on each)."""
         if self.policy.per_head:
             return probs.mean(2)
-        return probs.mean((1, 2)).unsqueeze(1)
+        return groups.mean(probs, (1, 2), self.group).unsqueeze(1)   # every rank's heads
 
     def priority(self, c: Candidates, dtype):
         """The policy's scores [B, Hkv, S], with the rules every policy shares: positions below
@@ -167,6 +170,7 @@ class Shape:
     positions: int            # the model's range (max_position_embeddings)
     dtype: torch.dtype
     device: torch.device
+    group: object = None      # tensor parallel: the ranks sharing the model (kv_heads: this one's)
 
     def differences(self, other: "Shape") -> str:
         return ", ".join(f"{f.name} {getattr(self, f.name)} (this model: {getattr(other, f.name)})"
@@ -214,7 +218,7 @@ class MultiState:
         static(self.t)
         slots = policy.size + 1 if policy.bounded else capacity or min(256, shape.positions)
         self.layers = [LayerState(policy, batch_size, shape.kv_heads, slots, shape.head_dim,
-                                  shape.dtype, shape.device, rotation)
+                                  shape.dtype, shape.device, rotation, shape.group)
                        for _ in range(shape.layers)]
 
     @property
@@ -335,3 +339,4 @@ def check(state, token_ids, dims: int, shape: Shape, vocab_size: int):
     if token_ids.shape[0] != state.batch_size:
         raise ValueError(f"token_ids has batch size {token_ids.shape[0]}, but the multi-state "
                          f"was made for {state.batch_size} (model.init_state(batch_size=...))")
+    groups.same(token_ids, shape.group)

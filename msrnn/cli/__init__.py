@@ -11,10 +11,11 @@ policies, token ids and plain values, and returns numbers; it never imports from
 """
 
 import argparse
+import os
 import sys
 
 from .. import __version__
-from . import bench, evaluate, generate, needle
+from . import bench, common, evaluate, generate, needle
 
 
 def main(argv=None):
@@ -27,7 +28,16 @@ def main(argv=None):
         module.add_commands(commands)
     args = parser.parse_args(argv)
     try:
+        common.ranks(args)                   # --tp: rank 0 alone prints
         return args.run(args)
     except (ValueError, TypeError, OSError) as e:
         print(f"msrnn {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:                # torch.distributed: a rank failed or ended
+        if getattr(args, "tp", 1) == 1:
+            raise
+        first = (str(e).splitlines() or [""])[0]
+        print(f"msrnn {args.command} (rank {os.environ.get('RANK', '?')}): error: the "
+              f"tensor-parallel group broke: another rank failed or ended ({first})",
+              file=sys.__stderr__)
+        return 1

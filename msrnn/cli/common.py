@@ -122,22 +122,57 @@ def add_prompt_mode_arg(parser):
 def add_backend_arg(parser):
     parser.add_argument("--backend", choices=("msrnn", "transformers"), default="msrnn",
                         help="msrnn's own decoder, or the policy inside transformers (msrnn.hf)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel over N processes, "
+                        "split by KV head: start them with torchrun --nproc-per-node N "
+                        "(docs/scale.md)")
 
 
-def load_model(directory: str, dtype: str, device: str, backend: str = "msrnn",
+def ranks(args) -> int:
+    """--tp N: this process's rank in the group torchrun started (0 without --tp). Rank 0
+    speaks for the group: the others print nothing and write no files."""
+    import sys
+
+    from . import output
+
+    tp = getattr(args, "tp", 1)
+    if tp == 1:
+        return 0
+    check_positive("--tp", tp)
+    if os.environ.get("WORLD_SIZE") != str(tp):
+        raise UsageError(f"--tp {tp} runs as {tp} processes: start them with `torchrun "
+                         f"--standalone --nproc-per-node {tp} $(which msrnn) {args.command} ...`")
+    rank = int(os.environ.get("RANK", 0))
+    if rank:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        output.WRITES = False
+    return rank
+
+
+def load_model(directory: str, dtype: str, device: str, backend: str = "msrnn", tp: int = 1,
                compile: bool = False):
     """The backend a command runs on: msrnn's decoder (compile: its decode step compiled), or a
-    transformers model (msrnn.hf)."""
+    transformers model (msrnn.hf); with tp > 1, this rank's part of it (on CUDA, the GPU
+    cuda:LOCAL_RANK)."""
     import torch
 
+    from ..config import read_config
+
+    if tp > 1:
+        kv = read_config(directory).n_kv_heads
+        if tp > kv or (backend == "transformers" and kv % tp):
+            raise UsageError(f"--tp {tp}: this model has {kv} KV heads; use at most {kv} ranks"
+                             + (" that divide them (transformers' tensor parallelism splits "
+                                "heads evenly)" if backend == "transformers" else ""))
+        if torch.device(device).type == "cuda":
+            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     if backend == "transformers":
         if compile:
             raise UsageError("--compile compiles msrnn's own decode step; drop it with "
                              "--backend transformers")
         from .. import hf
-        return hf.Backend(hf.load(directory, dtype=getattr(torch, dtype), device=device))
+        return hf.Backend(hf.load(directory, dtype=getattr(torch, dtype), device=device, tp=tp))
     from .. import load
-    model = load(directory, dtype=getattr(torch, dtype), device=device)
+    model = load(directory, dtype=getattr(torch, dtype), device=device, tp=tp)
     return model.compile_step() if compile else model
 
 

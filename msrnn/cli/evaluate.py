@@ -71,6 +71,9 @@ def run_ppl(args):
     if args.context < 2:
         raise UsageError(f"--context must be at least 2, got {args.context}")
     check_positive("--jobs", args.jobs)
+    if args.jobs > 1 and args.tp > 1:
+        raise UsageError("--jobs runs configurations in processes of their own; with --tp, "
+                         "leave it at 1 (the ranks already share the work)")
     check_positive("--batch", args.batch)
     check_positive("--buckets", args.buckets)
     check_positive("--max-chunks", args.max_chunks, allow_none=True)
@@ -102,7 +105,7 @@ def run_ppl(args):
     print(f"[msrnn ppl] {len(chunks)} chunks x {args.context} tokens, {len(configs)} "
           f"configurations, {len(configs) - len(todo)} done before", file=log)
     load = functools.partial(load_model, directory, args.dtype, args.device, args.backend,
-                             args.compile)
+                             args.tp, args.compile)
     for name, size, policy, scheme, losses, seconds in evaluate.sweep(
             load, chunks, todo, args.batch, args.jobs, log, args.past_range):
         tokens = len(chunks) * losses.numel()
@@ -283,7 +286,7 @@ def run_retention(args):
     layers = plot_layers(args, cfg.n_layers)
     tok = load_tokenizer(directory)
     chunks = evaluate.load_chunks(tok, args.text, args.context, args.max_chunks)
-    model = load_model(directory, args.dtype, args.device, args.backend)
+    model = load_model(directory, args.dtype, args.device, args.backend, args.tp)
     r = evaluate.retention(model, chunks, args.size, args.batch, record=layers,
                            positions=args.positions, allow_past_range=args.past_range)
     if args.plot:

@@ -6,6 +6,7 @@ import os
 import sys
 import time
 
+from . import output
 from .common import (DEFAULT_MODEL, UsageError, add_backend_arg, add_device_args,
                      add_policy_args, add_positions_args, add_prompt_mode_arg, check_device,
                      check_out_dir, check_reach, check_seed, load_model, model_config,
@@ -82,6 +83,9 @@ def run_generate(args):
     check_device(args.device)
     check_sampling(args.temperature, args.top_k, args.top_p)
     check_seed(args.seed)
+    if args.tp > 1 and args.temperature > 0 and args.seed is None:
+        raise UsageError(f"--tp {args.tp} with --temperature > 0 needs --seed S: every rank "
+                         f"must draw the same tokens")
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     texts = read_prompts(args)
@@ -103,7 +107,7 @@ def run_generate(args):
                 f"prompt {i} ({len(row)} tokens)") + f" and {args.max_new_tokens} new tokens"
         check_reach(cfg, policy, args.positions, len(row) + max(args.max_new_tokens - 1, 0),
                     what, len(row) if args.prompt_mode == "oneshot" else 0, args.past_range)
-    model = load_model(directory, args.dtype, args.device, args.backend)
+    model = load_model(directory, args.dtype, args.device, args.backend, args.tp)
 
     writers = [Row(tok, None if args.prompt_file is None else i,
                    None if args.out is None else os.path.join(args.out, f"row-{i}.txt"))
@@ -126,7 +130,8 @@ def run_generate(args):
     print(f"[msrnn] {new} new tokens{f' in {len(rows)} rows' if len(rows) > 1 else ''}, "
           f"{speed:.1f} tok/s decode | multi-state: {policy}, {slots} slots x {cfg.n_layers} "
           f"layers, {seen} tokens seen, "
-          f"{state.nbytes() / 2**20 if state is not None else 0:.2f} MiB", file=sys.stderr)
+          f"{state.nbytes() / 2**20 if state is not None else 0:.2f} MiB"
+          f"{f' on rank 0 of {args.tp}' if args.tp > 1 else ''}", file=sys.stderr)
     return 0
 
 
@@ -141,7 +146,8 @@ class Row:
 
     def __init__(self, tok, index, path):
         self.tok, self.index, self.ids, self.done, self.ended = tok, index, [], 0, False
-        self.file = open(path + ".part", "w", encoding="utf-8") if path else None
+        self.file = open(path + ".part", "w", encoding="utf-8") if path and output.WRITES \
+            else None
         self.path = path
 
     def add(self, token: int) -> int:

@@ -152,7 +152,8 @@ def run_needle(args):
     print(f"[msrnn needle] {args.task}, {args.prompt_mode} prompts, {len(configs)} "
           f"configurations x {len(cells)} (length, depth) cells x {args.samples} samples; "
           f"{len(todo)} cells to run", file=log)
-    model = load_model(directory, args.dtype, args.device, args.backend) if todo else None
+    model = load_model(directory, args.dtype, args.device, args.backend, args.tp) if todo \
+        else None
     if todo:             # the first steps of a process are slow: keep them out of the timings
         from ..policies import Full
         needle.answer(model, [haystacks[0][:8]], [Full()], max_new_tokens=2)

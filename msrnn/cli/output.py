@@ -4,9 +4,13 @@ import json
 import os
 import tempfile
 
+WRITES = True        # False on the ranks of a tensor-parallel group other than 0 (common.ranks)
+
 
 def write_atomic(path: str, text: str):
     """Write a whole file or nothing: a temporary file in the same directory, then a rename."""
+    if not WRITES:
+        return
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     try:
@@ -31,6 +35,9 @@ def save_figure(fig, path: str):
     """Save a matplotlib figure as PNG atomically (a temporary file, then a rename); close it."""
     import matplotlib.pyplot as plt
 
+    if not WRITES:
+        plt.close(fig)
+        return
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=130)

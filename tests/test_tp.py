@@ -1,0 +1,244 @@
+"""Tensor parallelism (msrnn.tp, msrnn.group): a model split by KV head over 2 processes (gloo on
+the CPU) computes what one process computes.
+
+For a tiny LLaMA with 4 KV heads in float64, every registered policy, both prompt modes and a
+ragged batch of three prompts, over 100 steps: the logits on every rank equal the one-process
+logits within 1e-10, and each rank keeps, in every layer, exactly the positions the one-process
+run keeps for the KV heads that rank holds; the same for the compiled step, for an uneven split
+(3 KV heads on 2 ranks) and inside transformers (its own tensor parallelism, msrnn.hf). The new
+tokens are fixed in advance (not sampled), so no run's choice steers another's.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch._dynamo.utils import counters
+
+import msrnn
+import msrnn.tp
+from msrnn.config import read_config
+from msrnn.policies import REGISTRY, TOVA, from_name
+from msrnn.prompt import fill
+from tiny import save, save_char_tokenizer, tiny_hf
+
+ROOT = str(Path(__file__).resolve().parent.parent)
+K, VOCAB, STEPS, LENGTHS, TOL = 12, 256, 100, [30, 9, 21], 1e-10
+
+
+def policies():
+    return [from_name(name, K, 4 if name == "sinks" else None) for name in REGISTRY]
+
+
+def run(model, policy, mode, steps=STEPS, compiled=None):
+    """[(logits [B, V], kept positions per layer [B, Hkv, n])] after the prompts and each step."""
+    g = torch.Generator().manual_seed(7)
+    rows = [torch.randperm(VOCAB, generator=g)[:n] for n in LENGTHS]
+    feed = torch.randint(0, VOCAB, (steps, len(LENGTHS)), generator=g)
+    state, logits = fill(model, rows, policy, mode, steps)
+    layers = range(state.shape.layers)
+    out = [(logits, [state.positions(l) for l in layers])]
+    for ids in feed:
+        logits, state = (compiled or model).step(ids, state)
+        out.append((logits, [state.positions(l) for l in layers]))
+    return out
+
+
+# ------------------------------------------------------------------ what each rank runs
+
+def ranks_msrnn(directory):
+    """Every policy and prompt mode, eager, and every policy's compiled step (sequential)."""
+    model = msrnn.load(directory, dtype=torch.float64, tp=2)
+    out = {(repr(p), mode): run(model, p, mode) for p in policies()
+           for mode in ("oneshot", "sequential")}
+    compiled = model.compile_step()
+    counters.clear()
+    for p in policies():
+        torch._dynamo.reset()
+        out[(repr(p), "compiled")] = run(model, p, "sequential", 30, compiled)
+    out["graph breaks"] = dict(counters["graph_break"])     # the all-reduces are in the graph
+    out["kv"] = model.plan.kv
+    return out
+
+
+def ranks_uneven(directory):
+    model = msrnn.load(directory, dtype=torch.float64, tp=2)
+    out = {(repr(p), mode): run(model, p, mode, 40) for p in policies()
+           for mode in ("oneshot", "sequential")}
+    out["kv"] = model.plan.kv
+    return out
+
+
+def ranks_hf(directory):
+    import msrnn.hf
+    backend = msrnn.hf.Backend(msrnn.hf.load(directory, dtype=torch.float64, tp=2))
+    out = {(repr(p), mode): run(backend, p, mode, 30) for p in policies()
+           for mode in ("oneshot", "sequential")}
+    rank = dist.get_rank()
+    out["kv"] = (2 * rank, 2 * rank + 2)
+    return out
+
+
+def ranks_errors(directory):
+    """The clear errors: too many ranks; prompts that differ between ranks; a rank that dies."""
+    out = {}
+    cfg = read_config(directory)
+    try:
+        msrnn.tp.Plan(cfg, 0, cfg.n_kv_heads + 1)
+    except ValueError as e:
+        out["too many"] = str(e)
+    model = msrnn.load(directory, dtype=torch.float64, tp=2)
+    rank = dist.get_rank()
+    try:
+        msrnn.generate(model, torch.tensor([[1, 2, 3 + rank]]), TOVA(4), max_new_tokens=2)
+    except ValueError as e:
+        out["different"] = str(e)
+    if rank == 1:
+        os._exit(3)                                       # dies without a word
+    time.sleep(1)
+    started = time.perf_counter()
+    try:
+        msrnn.generate(model, torch.tensor([[1, 2, 3]]), TOVA(4), max_new_tokens=2)
+    except RuntimeError as e:
+        out["dead"] = (str(e), time.perf_counter() - started)
+    return out
+
+
+def rank_main(rank, port, task, args, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    with torch.inference_mode():
+        result = globals()[task](*args)
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def on_two_ranks(task, *args, tmp):
+    """Run task(*args) in 2 fresh processes forming one gloo group -> ([rank 0's result, rank
+    1's], their exit codes); a rank that saved nothing gives None."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=rank_main, args=(r, port, task, args, str(tmp)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(900)
+        if p.exitcode is None:                       # a hang: the test fails, nothing lingers
+            p.kill()
+    files = [tmp / f"rank{r}.pt" for r in range(2)]
+    return ([torch.load(f, weights_only=False) if f.exists() else None for f in files],
+            [p.exitcode for p in procs])
+
+
+# ------------------------------------------------------------------ the tests
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny LLaMA with 4 KV heads (8 query heads), and one with 3 (6 query heads)."""
+    even = save(tiny_hf("llama", seed=4, vocab_size=VOCAB, num_attention_heads=8,
+                        num_key_value_heads=4), tmp_path_factory.mktemp("tp4"))
+    odd = save(tiny_hf("llama", seed=5, vocab_size=VOCAB, num_attention_heads=6,
+                       num_key_value_heads=3, hidden_size=48), tmp_path_factory.mktemp("tp3"))
+    return even, odd
+
+
+def kept(positions):
+    """[row][KV head] -> the positions kept, without the -1s that pad shorter rows."""
+    return [[[p for p in head if p >= 0] for head in row] for row in positions.tolist()]
+
+
+def assert_same(ranks, reference, keys):
+    for rank, got in enumerate(ranks):
+        a, b = got["kv"]
+        for key in keys:
+            want = reference[key]
+            assert len(got[key]) == len(want)
+            for t, ((la, ka), (lb, kb)) in enumerate(zip(got[key], want)):
+                err = (la - lb).abs().max().item()
+                assert err <= TOL, f"{key} rank {rank} step {t}: logits differ by {err:.3g}"
+                for layer, (pa, pb) in enumerate(zip(ka, kb)):
+                    assert kept(pa) == kept(pb[:, a:b]), f"{key} rank {rank} step {t} " \
+                                                         f"layer {layer}: kept positions differ"
+
+
+@torch.inference_mode()
+def test_msrnn_on_two_ranks_equals_one_process(tiny, tmp_path):
+    directory = tiny[0]
+    ranks, codes = on_two_ranks("ranks_msrnn", directory, tmp=tmp_path)
+    assert codes == [0, 0]
+    one = msrnn.load(directory, dtype=torch.float64)
+    reference = {(repr(p), mode): run(one, p, mode) for p in policies()
+                 for mode in ("oneshot", "sequential")}
+    compiled = one.compile_step()       # inductor's cos/sin round unlike eager's: compare the
+    for p in policies():                # compiled step with the compiled step
+        torch._dynamo.reset()
+        reference[(repr(p), "compiled")] = run(one, p, "sequential", 30, compiled)
+    assert [r["kv"] for r in ranks] == [(0, 2), (2, 4)]
+    assert ranks[0]["graph breaks"] == {} == ranks[1]["graph breaks"]
+    assert_same(ranks, reference, list(reference))
+    for p in policies():                                  # evictions happened
+        if p.bounded:
+            assert ranks[0][(repr(p), "sequential")][-1][1][0].shape[-1] == K
+
+
+@torch.inference_mode()
+def test_an_uneven_split_equals_one_process(tiny, tmp_path):
+    directory = tiny[1]
+    ranks, codes = on_two_ranks("ranks_uneven", directory, tmp=tmp_path)
+    assert codes == [0, 0]
+    one = msrnn.load(directory, dtype=torch.float64)
+    reference = {(repr(p), mode): run(one, p, mode, 40) for p in policies()
+                 for mode in ("oneshot", "sequential")}
+    assert [r["kv"] for r in ranks] == [(0, 2), (2, 3)]
+    assert_same(ranks, reference, list(reference))
+
+
+@torch.inference_mode()
+def test_transformers_tensor_parallel_equals_one_process(tiny, tmp_path):
+    import msrnn.hf
+    directory = tiny[0]
+    ranks, codes = on_two_ranks("ranks_hf", directory, tmp=tmp_path)
+    assert codes == [0, 0]
+    one = msrnn.hf.Backend(msrnn.hf.load(directory, dtype=torch.float64))
+    reference = {(repr(p), mode): run(one, p, mode, 30) for p in policies()
+                 for mode in ("oneshot", "sequential")}
+    assert_same(ranks, reference, list(reference))
+
+
+def test_clear_errors_and_no_hang(tiny, tmp_path):
+    (out, _), codes = on_two_ranks("ranks_errors", tiny[0], tmp=tmp_path)
+    assert codes == [0, 3]                                # rank 1 died, on purpose
+    assert "at most 4 ranks" in out["too many"]
+    assert "different token ids" in out["different"]
+    message, seconds = out["dead"]                        # an error, at once: no hang
+    assert "Connection closed" in message and seconds < 60
+
+
+def test_the_command_line_under_torchrun(tiny, tmp_path):
+    """`torchrun --nproc-per-node 2 msrnn generate --tp 2` prints once, what one process prints."""
+    directory = tiny[0]
+    save_char_tokenizer(directory, VOCAB)
+    args = ["generate", directory, "--prompt", "Once upon a time", "--policy", "tova", "--size",
+            "8", "--max-new-tokens", "30", "--dtype", "float64"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "msrnn.cli", *args], capture_output=True,
+                         text=True, timeout=300, env=env, cwd=ROOT)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "-m", "msrnn.cli", *args, "--tp", "2"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert len(one.stdout) == 31 and two.stdout == one.stdout
+    bad = subprocess.run([sys.executable, "-m", "msrnn.cli", *args, "--tp", "2"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert bad.returncode == 2 and "torchrun" in bad.stderr
