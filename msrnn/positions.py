@@ -131,15 +131,15 @@ def check_range(policy, scheme, limit: int, end: int, parallel: int = 0,
     what = what or f"{end} tokens"
     head = f"{what} reach position {end - 1}, past the model's range of {limit} positions " \
            f"(max_position_embeddings)"
-    if parallel > limit:
-        raise ValueError(f"{head}: a {parallel}-token prompt in one pass (oneshot) numbers its "
-                         f"tokens by their absolute positions under any scheme; use prompt mode "
-                         f"'sequential', a shorter prompt, or allow_past_range=True (--past-range)")
     if not policy.bounded:
         raise ValueError(f"{head}: Full keeps every state at its absolute position under any "
                          f"scheme; use a bounded policy with positions 'cache' or 'compressed' "
                          f"(--positions), or allow_past_range=True (--past-range) to run the "
                          f"absolute positions anyway")
+    if parallel > limit:
+        raise ValueError(f"{head}: a {parallel}-token prompt in one pass (oneshot) numbers its "
+                         f"tokens by their absolute positions under any scheme; use prompt mode "
+                         f"'sequential', a shorter prompt, or allow_past_range=True (--past-range)")
     if scheme is Scheme.ORIGINAL:
         raise ValueError(f"{head}: with positions 'original' each key keeps its absolute "
                          f"position; use positions 'cache' or 'compressed' (--positions), or "
