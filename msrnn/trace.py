@@ -66,9 +66,9 @@ def run(policy: Policy, logits=LOGITS):
         position = t - 1                                           # x_t sits at position t - 1
         key = torch.zeros(1, HKV, 1, D)
         key[..., position] = 1.0                                   # K_t = e_t in both KV heads
-        q = torch.zeros(1, HQ, t, D)
+        q = torch.zeros(1, HQ, 1, D)
         q[0, :, 0, :t] = torch.tensor(rows) * D ** 0.5             # q_{t,h} · K_j / sqrt(D)
-        q = q[:, :, :1].view(1, HKV, HQ // HKV, 1, D)              # grouped by KV head
+        q = q.view(1, HKV, HQ // HKV, 1, D)                        # grouped by KV head
         before = state.pos[0].tolist()
         slots = [[p + 1 if p >= 0 else None for p in head] for head in before]
         for head in slots:
