@@ -1,16 +1,18 @@
 """A LLaMA-style decoder (LLaMA, Mistral, Qwen2, Qwen3), written as a multi-state RNN
-(Oren et al., 2024).
+(Oren et al., 2024). Read tests/reference.py first: the same model in plain Python lists.
 
 A decoder-only transformer is an RNN whose hidden state is its key-value cache: one state (a
 key and a value) per past token, per layer. The step function is
 
-    (x_t, H_{t-1}) -> (y_t, H_t)
+    (x_t, H_{t-1}) -> (y_t, H_t)        token x_t in, logits y_t out; H_0 is empty
 
 and every block is an MSRNN cell, block.step(x_t, H^l_{t-1}) -> (x'_t, H^l_t):
 
-    1. q_t, k_t, v_t = x_t W_q, x_t W_k, x_t W_v;  rotate q_t and k_t by RoPE at position t
+    1. q_t, K_t, V_t = u W_Q, u W_K, u W_V (u: the layer's normed input);  rotate q_t and K_t
+       by RoPE at the token's position (steps t count from 1 as in the paper, positions from 0:
+       x_t sits at position t - 1)
     2. candidates C = H^l_{t-1} ∪ {t};  a_h = softmax(q_h · K_C / sqrt(D)) for each query head h
-    3. y = sum_j a_h(j) V_j  (GQA: a query head reads the states of its KV head)
+    3. o_h = sum_j a_h(j) V_j  (GQA: a query head reads the states of its KV head)
     4. if |C| > k, the policy evicts one candidate:  H^l_t = C \\ {e}
 
 With the Full policy nothing is evicted and this is exactly the ordinary transformer. This file
@@ -20,8 +22,11 @@ schedule that feeds a prompt in (prompt.py) and decodes (generate.py) drives `Tr
 through the few methods every backend has: init_state, parallel, step, logits.
 
 Shapes: B batch, T tokens, E model width, Hq query heads, Hkv KV heads, G = Hq / Hkv query
-heads per KV head, D head dim, S slots of the multi-state, V vocabulary. As in the paper, H is
-the multi-state, C the candidate set and k the multi-state size (`policy.size`).
+heads per KV head, D head dim, S slots of the multi-state, V vocabulary (a shape letter; V_j,
+with an index, is a value). As in the paper, H is the multi-state, C the candidate set and k the
+multi-state size (`policy.size`); docs/msrnn.md has the symbol table. In the code, `t` inside a
+step is the new token's position (the paper's t - 1), and the tensors `k`, `v` are the new
+token's key K_t and value V_t, not the size k.
 """
 
 import torch

@@ -2,7 +2,8 @@
 
 A bounded multi-state holds at most k states per layer. At step t the candidates are the k kept
 states plus the new token, C = H_{t-1} ∪ {t}; the query attends over all of C, and then, if
-|C| > k, the policy evicts one candidate e (the new token may be the one):
+|C| > k, the policy evicts one candidate e (the new token may be the one; tests/reference.py,
+`Reference.evict`, writes this rule in plain lists):
 
     H_t = C \\ {e},    e = argmin_{j in C} score(j)
 
@@ -35,7 +36,8 @@ class Candidates:
     a_sum   [B, n, S]       attention summed over the queries of this call: a itself for a step,
                             the column sums over all prompt queries for a `oneshot` prompt
     pos     [B, Hkv, S]     each candidate's absolute position (-1: an empty slot)
-    t       [] or [B, 1, 1] the current position (the new token's; a prompt's last)
+    t       [] or [B, 1, 1] the current position (the new token's; a prompt's last), counted
+                            from 0: the paper's step t - 1
     keys    [B, Hkv, S, D]  the candidates' keys (after RoPE) and values
     values  [B, Hkv, S, D]
     memory  {name: [B, Hkv, S]}  the policy's own per-state memory (see Policy.memory)
@@ -162,11 +164,11 @@ class H2O(Policy):
     """Heavy-Hitter Oracle (Zhang et al., 2023): keep the k//2 most recent candidates, and evict
     among the others the one with the lowest accumulated attention
 
-        A_j = sum over steps s >= j of mean_h a^s_h(j)
+        acc_j = sum over steps τ >= j of mean_h a_{τ,h}(j)
 
     the mean over the KV head's query group (per_head=True, the default) or over all heads of
-    the layer (per_head=False: "H2O-layer", one choice shared by the layer). A_j is the policy's
-    own memory, "acc": 0 when j enters, this step's attention added at every step."""
+    the layer (per_head=False: "H2O-layer", one choice shared by the layer). acc_j is the
+    policy's own memory, "acc": 0 when j enters, this step's attention added at every step."""
 
     size: int
     per_head: bool = field(default=True, kw_only=True)

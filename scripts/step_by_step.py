@@ -11,6 +11,10 @@ attention, averaged over heads), and the token evicted.
     python scripts/step_by_step.py --chat --prompt "What is the capital of France?" --size 32 \\
         --compact --plot kept.png --layers 0,15,29     # and draw what layers 0, 15, 29 keep
 
+Positions count from 0, as in the code: `t=p` and `[p]` are the paper's step and token p + 1
+(docs/msrnn.md, "Notation"). --plot draws in the paper's count (steps and tokens from 1), with a
+panel of what Window(k) would keep beside the policy's layers.
+
 The chat prompt alone is 37 tokens, more than the 32 states: watch TOVA keep the first token (the
 "attention sink") and the question's words while it evicts most of the rest, and the model still
 answers.
@@ -117,7 +121,8 @@ def main(argv=None):
         ap.error("--layers chooses the layers of --plot; give --plot FILE too")
 
     print(f"{n_layers} layers; policy {policy.inner}; showing layer {layer}"
-          f"{', KV head 0' if policy.per_head else ''}. [p]'token' = position p.")
+          f"{', KV head 0' if policy.per_head else ''}. [p]'token' = position p "
+          f"(t=p: the step at position p, the paper's step p + 1; positions count from 0).")
     print(f"prompt mode: {args.prompt_mode} ("
           + ("every prompt token is a step" if args.prompt_mode == "sequential" else
              "the prompt in one parallel pass, then each layer keeps the k it ranks best; "
@@ -175,7 +180,8 @@ def main(argv=None):
         name = args.model.rstrip("/").split("/")[-1]
         plot_multistate({l: kept_matrix(h) for l, h in history.items()}, args.plot,
                         f"{policy.inner}, {name}, prompt {n_prompt} tokens ({args.prompt_mode})"
-                        f"{', KV head 0' if policy.per_head else ''}", prompt=n_prompt)
+                        f"{', KV head 0' if policy.per_head else ''}", prompt=n_prompt,
+                        window=policy.size)
         print(f"plot: {args.plot}")
 
 

@@ -4,6 +4,7 @@ runs a prompt either way (sequential or oneshot); `msrnn retention --plot` draws
 
 import importlib
 import importlib.util
+import inspect
 import re
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 
 import msrnn
 from msrnn import cli, evaluate, trace
-from msrnn.policies import TOVA
+from msrnn.policies import H2O, TOVA
 from msrnn.prompt import prefill
 from tiny import save, save_char_tokenizer, tiny_hf
 
@@ -27,28 +28,44 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def test_trace_tables_are_in_the_doc_verbatim():
     """Regenerate the trace with the library (python -m msrnn.trace) and find it in the page."""
     doc = DOC.read_text()
-    tova, comparison = trace.tables().split("\n\n")
-    assert tova in doc, "docs/msrnn.md's TOVA trace is stale: paste `python -m msrnn.trace`"
-    assert comparison in doc, "docs/msrnn.md's policy comparison is stale"
+    tables = trace.tables()
+    assert len(tables) == 4
+    for name, table in zip(["TOVA trace", "step 4 head by head", "TOVA against TOVA-head",
+                            "other policies"], tables):
+        assert table in doc, f"docs/msrnn.md's {name} is stale: paste `python -m msrnn.trace`"
 
 
 def test_trace_shows_what_the_doc_says_it_shows():
-    """Fill phase, an ordinary eviction, the new token leaving, a tie to the oldest."""
+    """In the paper's time (steps and tokens from 1, H_0 empty): fill phase, an ordinary
+    eviction, the new token leaving, a tie to the oldest; per layer against per KV head."""
     steps = trace.run(TOVA(trace.K))
-    assert len(steps) == 6 and all(len(s["slots"]) == trace.K + 1 for s in steps)
-    assert [s["evicted"] for s in steps[:3]] == [None] * 3                 # filling
-    assert [s["kept"] for s in steps[:3]] == [[0], [0, 1], [0, 1, 2]]
-    assert steps[3]["evicted"] not in (0, 3)                               # an ordinary eviction
-    assert steps[4]["evicted"] == 4 and steps[4]["kept"] == steps[3]["kept"]   # the new token
+    assert [s["t"] for s in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(len(slots) == trace.K + 1 for s in steps for slots in s["slots"])
+    assert all(s["kept"][0] == s["kept"][1] for s in steps)          # one choice per layer
+    kept = [s["kept"][0] for s in steps]
+    evicted = [s["evicted"][0] for s in steps]
+    assert evicted[:3] == [None] * 3 and kept[:3] == [[1], [1, 2], [1, 2, 3]]   # filling
+    assert all(len(h) == min(t, trace.K) for t, h in enumerate(kept, 1))         # g(t)
+    assert evicted[3] not in (1, 4)                                  # an ordinary eviction
+    assert evicted[4] == 5 and kept[4] == kept[3]                    # the new token leaves
     s = steps[5]
-    a = dict(zip(s["slots"], s["attention"]))
-    tied = [p for p in a if p >= 0 and a[p] == a[s["evicted"]]]
-    assert len(tied) == 2 and s["evicted"] == min(tied)                     # oldest on ties
-    for s in steps:                                   # attention over the filled slots sums to 1
-        assert sum(a for p, a in zip(s["slots"], s["attention"]) if p >= 0) == pytest.approx(1)
-        assert all(a == 0 for p, a in zip(s["slots"], s["attention"]) if p < 0)
-    # The freed slot takes the next token: slot of position 2 holds 4, then 5.
-    assert [steps[t]["slots"][2] for t in (3, 4, 5)] == [2, 4, 5]
+    a = dict(zip(s["slots"][0], s["score"][0]))
+    tied = [j for j in a if j is not None and a[j] == a[evicted[5]]]
+    assert len(tied) == 2 and evicted[5] == min(tied)                # oldest on ties
+    for s in steps:                           # each head's attention over the filled slots is 1
+        for h, row in enumerate(s["attention"]):
+            slots = s["slots"][h // (trace.HQ // trace.HKV)]
+            assert sum(x for j, x in zip(slots, row) if j is not None) == pytest.approx(1)
+            assert all(x == 0 for j, x in zip(slots, row) if j is None)
+    # The freed slot takes the next token: the slot of token 3 holds 5, then 6.
+    assert [steps[t - 1]["slots"][0][2] for t in (4, 5, 6)] == [3, 5, 6]
+    # Step 4: each KV head's group would drop its own token, the layer's mean a third one.
+    head = trace.run(TOVA(trace.K, per_head=True))[3]["evicted"]
+    assert len({*head, evicted[3]}) == 3
+    # H2O's KV heads choose differently at some step.
+    assert any(s["evicted"][0] != s["evicted"][1] for s in trace.run(H2O(trace.K)))
+    doc = DOC.read_text()
+    assert "H_0 = ∅" in doc and "| 0 | empty, empty, empty, empty | — | — | ∅ |" in doc
 
 
 # ----------------------------------------------------------------------------- names in the doc
@@ -59,16 +76,21 @@ MISSING = object()
 
 def resolve(name: str):
     """Find a dotted name of the doc in msrnn: a module path (msrnn.trace.run), a class or
-    function of one of msrnn's modules (LayerState.evict, visible), or an instance alias
+    function of one of msrnn's modules (LayerState.evict, visible) or of the plain reference
+    (Reference.evict, tests/reference.py), or an instance alias
     (policy.size, cfg.dim: a class attribute or a dataclass field). MISSING if not found."""
     parts = name.split(".")
     if parts[0] == "msrnn":
-        obj, rest = msrnn, parts[1:]
+        n = 1                         # the longest prefix that is a module (msrnn.hf too)
+        while n < len(parts) and (REPO / "/".join(parts[:n + 1])).with_suffix(".py").is_file():
+            n += 1
+        obj, rest = importlib.import_module(".".join(parts[:n])), parts[n:]
     else:
         first = INSTANCES.get(parts[0], parts[0])
         modules = ["msrnn.model", "msrnn.state", "msrnn.attention", "msrnn.prompt",
                    "msrnn.policies", "msrnn.generate", "msrnn.evaluate", "msrnn.trace",
-                   "msrnn.loading", "msrnn.config", "msrnn"]
+                   "msrnn.loading", "msrnn.config", "msrnn",
+                   "reference"]       # tests/reference.py, the plain reference
         if parts[0] in {"model", "state", "attention", "prompt", "policies", "generate",
                         "evaluate", "trace"} and \
                 len(parts) > 1 and parts[0] not in INSTANCES:
@@ -114,8 +136,9 @@ def code_names(text: str) -> set[str]:
         elif name in {"TOVA", "H2O"}:
             names.add(name)
     # The code blocks' right-hand column names functions too: Class.method there.
-    for block in re.findall(r"^```\n(.*?)^```", text, re.M | re.S):
-        names |= set(re.findall(r"\b([A-Z]\w*\.[a-z_]\w*)\b", block))
+    for lang, block in re.findall(r"^```(\w*)\n(.*?)^```$", text, re.M | re.S):
+        if not lang:
+            names |= set(re.findall(r"\b([A-Z]\w*\.[a-z_]\w*)\b", block))
     return names
 
 
@@ -140,6 +163,119 @@ def test_doc_numbers_the_papers_equations():
         assert f"Eq. {n}" in doc, n
     assert "g(t) = min(t, k)" in doc
     assert "![" in doc and (REPO / "docs/img/multistate.png").read_bytes()[:8] == PNG
+
+
+# ----------------------------------------------------------------------------- the doc's claims
+
+READ_FIRST = REPO / "tests/reference.py"
+
+
+def test_the_plain_reference_is_the_first_read():
+    """msrnn.md and the README send a reader to tests/reference.py before model.py, and the
+    branch msrnn.md quotes next to Eq. 9 is the reference's, verbatim."""
+    doc, readme = DOC.read_text(), (REPO / "README.md").read_text()
+    for text in (doc, readme):
+        first = text.index("tests/reference.py")
+        assert first < text.index("msrnn/model.py") and first < text.index("Read it")
+        assert "`Reference.layer_step`" in text and "`Reference.evict`" in text
+    quoted = re.search(r"^```python\n(.*?)^```$", doc[doc.index("(Eq. 9)"):], re.M | re.S)[1]
+    lines = [line.strip() for line in quoted.splitlines()]
+    assert lines == ["if k is None or len(C[0]) <= k:      # Full, or |C| <= k: nothing leaves",
+                     "return C"]
+    source = [line.strip() for line in READ_FIRST.read_text().splitlines()]
+    i = source.index(lines[0])
+    assert source[i + 1] == lines[1], "tests/reference.py's branch changed: quote it again"
+    import reference
+    assert "def evict" in inspect.getsource(reference.Reference.evict)
+
+
+def test_the_hops_from_step_to_score():
+    """msrnn.md lists the calls from Transformer.step down to TOVA.score: each calls the next."""
+    from msrnn import attention as multistate
+    from msrnn.model import Attention, Block, Transformer
+    from msrnn.state import LayerState
+
+    doc = DOC.read_text()
+    block = doc[doc.index("```\nTransformer.step"):]
+    listed = [line.split()[0] for line in block.split("```")[1].strip().splitlines()]
+    hops = [(Transformer.step, "self.decode("), (Transformer.decode, "block.step("),
+            (Block.step, "self.attn.step("), (Attention.step, "attention.step("),
+            (multistate.step, "state.evict("), (LayerState.evict, "self.priority("),
+            (LayerState.priority, "self.policy.score(")]
+    assert listed == ["Transformer.step", "Transformer.decode", "Block.step", "Attention.step",
+                      "attention.step", "LayerState.evict", "LayerState.priority", "TOVA.score"]
+    for function, call in hops:
+        assert call in inspect.getsource(function), (function.__qualname__, call)
+    assert inspect.getsource(TOVA.score).strip().splitlines()[-1].strip() == "return c.a"
+
+
+def test_g_of_t_is_what_the_doc_says(tiny):
+    """g(t) = min(t, k) comes from k + 1 slots and one eviction a step: after step t,
+    MultiState.length is t and MultiState.positions lists min(t, k) positions (0-based: token
+    j at j - 1); a ragged batch pads the shorter row with -1s in front."""
+    model = msrnn.load(tiny[0])
+    k = 3
+    state = model.init_state(1, TOVA(k))
+    assert state.length == 0 and state.positions(0).shape[-1] == 0             # H_0 = ∅
+    for t in range(1, 8):
+        model.step(torch.tensor([t]), state)
+        assert state.length == t and state.slots == k + 1
+        for l in range(model.cfg.n_layers):
+            kept = state.positions(l)
+            assert kept.shape == (1, model.cfg.n_kv_heads, min(t, k))
+            assert int(kept.max()) <= t - 1                                     # positions j - 1
+    doc = DOC.read_text()
+    assert "[B, Hkv, min(t, k)]" in doc and "starts with `-1`s" in doc
+    rows = []
+    for n in (3, 1):
+        row = model.init_state(1, TOVA(k))
+        for t in range(n):
+            model.step(torch.tensor([5 + t]), row)
+        rows.append(row)
+    batch = model.init_state(2, TOVA(k))
+    for b, row in enumerate(rows):
+        batch.set_row(b, row)
+    kept = batch.positions(0)
+    assert kept.shape[-1] == 3 and (kept[1, :, :2] == -1).all() and (kept[1, :, 2] == 0).all()
+
+
+def test_the_policy_table_says_who_chooses_per_head():
+    """The "per" column of msrnn.md's policy table is each policy's per_head."""
+    from msrnn.policies import H2O, KeyNorm, Sinks, Window
+
+    doc = DOC.read_text()
+    rows = {"`TOVA` (Eq. 9)": TOVA(4), "`TOVA(k, per_head=True)`": TOVA(4, per_head=True),
+            "`Window`": Window(4), "`Sinks` (Window+i)": Sinks(4, 1), "`H2O`": H2O(4),
+            "`KeyNorm`": KeyNorm(4)}
+    for name, policy in rows.items():
+        row = re.search(r"^\| " + re.escape(name) + r" \|.*$", doc, re.M)[0]
+        per = row.split(" | ")[2]
+        assert per == ("KV head" if policy.per_head else "layer"), (name, per)
+    assert H2O.memory == ("acc",) and "(`H2O.memory` names it, `\"acc\"`)" in doc
+
+
+def test_one_meaning_per_symbol():
+    """The symbol table names each symbol once, and the spellings it retired are gone from the
+    teaching text (msrnn.md, README, design.md, model.py's and policies.py's docstrings)."""
+    doc = DOC.read_text()
+    table = doc[doc.index("| symbol | meaning | code | renamed from |"):]
+    table = table[:table.index("\n\n")].splitlines()[2:]
+    symbols = [row.split(" | ")[0].lstrip("| ") for row in table]
+    assert len(symbols) == len(set(symbols)) > 25, symbols
+    import msrnn.model
+    import msrnn.policies
+
+    prose = doc.replace("\n".join(table), "")        # the table names what it renamed
+    texts = {"docs/msrnn.md": prose, "README.md": (REPO / "README.md").read_text(),
+             "docs/design.md": (REPO / "docs/design.md").read_text(),
+             "docs/policies.md": (REPO / "docs/policies.md").read_text(),
+             "msrnn/model.py": msrnn.model.__doc__, "msrnn/policies.py": msrnn.policies.__doc__
+             + msrnn.policies.H2O.__doc__ + msrnn.policies.TOVA.__doc__}
+    retired = ["sqrt(d)", "A_j", "k_t", "min(t + 1, k)", "y = sum", "y = Σ", "y_t = Σ",
+               "s(j)", "H_0 = {0}", "a^s_h"]
+    for name, text in texts.items():
+        for old in retired:
+            assert old not in text, f"{name} still writes {old!r}"
 
 
 # ----------------------------------------------------------------------------- the pictures
@@ -201,6 +337,25 @@ def test_step_by_step_rejects_bad_layers(tiny, capsys):
     with pytest.raises(SystemExit):
         step_by_step().main([model_dir, "--prompt", "abc", "--plot", "x.png", "--layers", "0,7"])
     assert "--layers must name layers in 0..1" in capsys.readouterr().err
+
+
+def test_multistate_picture(tmp_path):
+    """The picture msrnn.md describes: a panel per layer and a Window(k) panel beside them, a
+    legend that says what "kept" and the new token's diagonal look like; labelled axes."""
+    from msrnn.cli.evaluate import kept_matrix, plot_multistate, plot_retention
+
+    # A hand-made run of k = 2: token 1 stays throughout, token 3 leaves at once.
+    m = kept_matrix(list(enumerate([[0], [0, 1], [0, 1], [0, 3], [0, 4]])))
+    assert m[:, 2].tolist() == [True, True, False, False, False]
+    titles, legend = plot_multistate({7: m}, str(tmp_path / "m.png"), "t", prompt=2, window=2)
+    assert (tmp_path / "m.png").read_bytes()[:8] == PNG
+    assert titles == ["layer 7", "Window(2), every layer"]
+    assert legend == ["kept: j in H_t", "new token x_t (j = t), kept",
+                      "new token x_t, evicted at once", "last prompt token"]
+    summary = {"layers": [{"layer": 0, "recent": 0.5, "first_kept": 1.0}]}
+    labels = plot_retention(summary, {"lifetime": torch.tensor([[1, 2, 3]])},
+                            str(tmp_path / "r.png"), "t")
+    assert len(labels) == 2 and all(x and y for x, y in labels), labels
 
 
 def test_retention_plot(tiny, tmp_path, capsys):

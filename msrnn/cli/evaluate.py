@@ -189,20 +189,28 @@ def text_digest(files):
 
 
 def plot_retention(summary, r, path: str, title: str):
+    """Two panels: per layer, the share of kept states that are recent and how often the first
+    token stays throughout; and how many steps tokens stay in the multi-state. Saved atomically;
+    returns each panel's (x label, y label)."""
     layers = summary["layers"]
     fig, (a, b) = figure(1, 2, figsize=(10, 3.8))
     a.bar([l["layer"] for l in layers], [l["recent"] for l in layers], color="tab:blue",
-          label="share of kept states that are recent")
+          label="kept states that are recent (share of kept states)")
     a.plot([l["layer"] for l in layers], [l["first_kept"] for l in layers], "k^",
            label="first token kept throughout (share of chunks)")
     a.set_ylim(0, 1.05)
-    a.set_xlabel("layer")
+    a.set_xlabel("layer l")
+    a.set_ylabel("share (0 to 1)")
+    a.set_title("what each layer keeps", fontsize=9)
     a.legend(fontsize=7, loc="lower right")
     b.hist(r["lifetime"].flatten().numpy(), bins=50, color="tab:orange", log=True)
     b.set_xlabel("steps a token stays in the multi-state (capped)")
-    b.set_ylabel("tokens x layers")
+    b.set_ylabel("tokens x layers (log)")
+    b.set_title("how long tokens stay", fontsize=9)
     fig.suptitle(title, fontsize=9)
+    labels = [(ax.get_xlabel(), ax.get_ylabel()) for ax in (a, b)]
     save_figure(fig, path)
+    return labels
 
 
 def kept_matrix(history):
@@ -218,34 +226,58 @@ def kept_matrix(history):
     return m
 
 
-def plot_multistate(kept, path: str, title: str, prompt: int | None = None):
+def plot_multistate(kept, path: str, title: str, prompt: int | None = None,
+                    window: int | None = None):
     """The multi-state as a picture (the paper's kind of figure): one panel per layer, x the
-    step t, y the position p, a dark mark where p is in H_t. kept: {layer: bool [P, T]} (see
-    kept_matrix). A window is a band along the diagonal; a kept token is a horizontal line.
-    prompt: the prompt's length, drawn as a dashed line at its last step. Saved atomically."""
+    step t, y the token j, in the paper's count from 1 (token x_j sits at position j - 1), a
+    dark mark where j is in H_t. kept: {layer: bool [P, T]}, entry [p, t] for position p after
+    the step at position t (see kept_matrix). The new token's own cell (j = t) is orange where
+    it stays and red where it leaves at once. A window is a band along the diagonal; a kept
+    token is a horizontal line. prompt: the prompt's length, drawn as a dashed line at its last
+    step. window: a last panel with what Window(window) keeps over the same steps (the same in
+    every layer; `Window.visible` says which positions it holds). Saved atomically; returns the
+    panels' titles and the legend's labels."""
+    import torch
     from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
-    layers = list(kept)
-    fig, axes = figure(1, len(layers), figsize=(min(4.2 * len(layers), 16), 4.2))
-    axes = axes if len(layers) > 1 else [axes]
-    cmap = ListedColormap(["white", "#1f3b73"])
-    for ax, layer in zip(axes, layers):
-        m = kept[layer]
+    from ..policies import Window
+
+    panels = {f"layer {layer}": m for layer, m in kept.items()}
+    if window is not None:
+        m = next(iter(kept.values()))
         P, T = m.shape
-        ax.imshow(m.numpy(), origin="lower", aspect="auto", interpolation="nearest", cmap=cmap,
-                  vmin=0, vmax=1, extent=(-0.5, T - 0.5, -0.5, P - 0.5))
-        ax.plot([0, T - 1], [0, T - 1], color="tab:orange", lw=0.6, alpha=0.6,
-                label="new token (p = t)")
-        if prompt is not None and prompt - 1 < T:
-            ax.axvline(prompt - 1, color="tab:red", lw=0.8, ls="--", label="last prompt token")
-        ax.set_title(f"layer {layer}", fontsize=9)
+        p, t = torch.arange(P)[:, None], torch.arange(T)[None]
+        held = (p <= t) & Window(window).visible(t + 1, p)       # H_t: what step t + 1 still sees
+        panels[f"Window({window}), every layer"] = held & m.any(0)
+    fig, axes = figure(1, len(panels), figsize=(min(4.2 * len(panels), 16), 4.2))
+    axes = axes if len(panels) > 1 else [axes]
+    colors = ["white", "#1f3b73", "tab:orange", "tab:red"]
+    for ax, (name, m) in zip(axes, panels.items()):
+        P, T = m.shape
+        picture = m.long()
+        steps = torch.arange(min(P, T))
+        recorded = m[:, :len(steps)].any(0)                       # steps that were recorded
+        new = picture[steps, steps]
+        picture[steps, steps] = torch.where(recorded, torch.where(new > 0, 2, 3), new)
+        ax.imshow(picture.numpy(), origin="lower", aspect="auto", interpolation="nearest",
+                  cmap=ListedColormap(colors), vmin=0, vmax=3,
+                  extent=(0.5, T + 0.5, 0.5, P + 0.5))
+        if prompt is not None and prompt <= T:
+            ax.axvline(prompt, color="tab:red", lw=0.8, ls="--", label="last prompt token")
+        ax.set_title(name, fontsize=9)
         ax.set_xlabel("step t")
-        ax.set_ylabel("position p kept in H_t")
-        ax.set_xlim(-0.5, T - 0.5)
-        ax.set_ylim(-0.5, P - 0.5)
-    axes[0].legend(fontsize=7, loc="upper left")
+        ax.set_ylabel("token j (dark: j in H_t, kept)")
+        ax.set_xlim(0.5, T + 0.5)
+        ax.set_ylim(0.5, P + 0.5)
+    handles = [Patch(color=colors[1], label="kept: j in H_t"),
+               Patch(color=colors[2], label="new token x_t (j = t), kept"),
+               Patch(color=colors[3], label="new token x_t, evicted at once")]
+    handles += axes[0].get_legend_handles_labels()[0]
+    legend = axes[0].legend(handles=handles, fontsize=7, loc="upper left")
     fig.suptitle(title, fontsize=9)
     save_figure(fig, path)
+    return [ax.get_title() for ax in axes], [x.get_text() for x in legend.get_texts()]
 
 
 def plot_layers(args, n_layers: int) -> list[int]:
