@@ -155,7 +155,7 @@ def parts(task, rng, words, depth) -> Parts:
 def cwe_counts(pieces, budget):
     """cwe: how often each word appears (pieces: its token ids, common words first) so that the
     body fits `budget` tokens, or None: the 10 common words c times each (c <= 30, about half
-    the budget), then rare words c' < c times each (c' <= 3) while they fit. Only the words
+    the budget), then rare words c' < c times each (c' <= 3) until one does not fit. Only the words
     used are encoded (`pieces` is lazy)."""
     common = [next(pieces) for _ in range(COMMON)]
     c = min(30, budget // (2 * sum(len(p) for p in common)))
@@ -163,12 +163,11 @@ def cwe_counts(pieces, budget):
         return None
     out, left, rare = [(p, c) for p in common], budget - c * sum(len(p) for p in common), \
         min(3, c - 1)
-    for p in pieces:
-        if left < rare:
+    for p in pieces:                          # until the first that does not fit
+        if rare * len(p) > left:
             break
-        if rare * len(p) <= left:
-            out.append((p, rare))
-            left -= rare * len(p)
+        out.append((p, rare))
+        left -= rare * len(p)
     return out
 
 
