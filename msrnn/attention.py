@@ -85,7 +85,8 @@ def prompt(states: list, q, k, v, pos, start: int, scale: float, softcap=None, w
 
     Full appends the tokens to its multi-state and attends over all of it. A bounded multi-state
     must be empty: the prompt attends to itself (causal), then the policy keeps the best k,
-    ranked from what it reads (the last query's row, the column sums, the keys). Neither builds
+    ranked from what it reads (the last query's row, or the mean of the last
+    `policy.observation` rows; the column sums; the keys). Neither builds
     the [T, T] attention matrix: the output comes from the fused kernel, and only what a ranking
     reads is computed, so memory grows as O(T). Within the pass every scheme numbers the tokens
     by their absolute positions (nothing has left yet); a renumbered multi-state keeps its
@@ -109,15 +110,27 @@ def prompt(states: list, q, k, v, pos, start: int, scale: float, softcap=None, w
     mask = visible(q_pos, k_pos, window) | (own & (q_pos < 0))              # [B, 1, 1, T, S]
     if restrict:
         mask = mask & states[0].policy.visible(q_pos, k_pos)
-    last = sums = None
+    rows, sums = {}, None                     # the ranking rows, by observation window w
     for state in (s for s in states if s.policy.bounded):    # empty: the pass's keys are k
-        if "row" in state.policy.reads and last is None:
-            last = probabilities(q[:, :, :, -1:], k, mask[:, :, :, -1:], scale, softcap)[:, :, :, 0]
+        w = state.policy.observation
+        if "row" in state.policy.reads and w not in rows:
+            rows[w] = last_rows(q, k, mask, q_pos >= 0, w, scale, softcap)
         if "sums" in state.policy.reads and sums is None:
             sums = column_sums(q, k, mask, q_pos >= 0, scale, softcap)
         kept = k if state.rotation is None else state.rotation.back(k, pos[:, None])
-        state.keep_best(kept, v, pos[:, None], last, sums)
+        state.keep_best(kept, v, pos[:, None], rows.get(w), sums)
     return fused(q, keys, values, mask, scale, softcap)
+
+
+def last_rows(q, keys, mask, real, w: int, scale: float, softcap=None):
+    """The attention row a oneshot prompt is ranked by, [B, Hkv, G, S]: the last query's (w = 1,
+    the paper's rule), or the mean of the last w queries' rows over those that are real (not
+    padding; SnapKV's observation window). Only those w rows are computed."""
+    a = probabilities(q[:, :, :, -w:], keys, mask[:, :, :, -w:], scale, softcap)  # [B,Hkv,G,w,S]
+    if w == 1:
+        return a[:, :, :, 0]
+    real = real[:, :, :, -w:].to(a.dtype)                                    # [B, 1, 1, w, 1]
+    return (a * real).sum(3) / real.sum(3).clamp(min=1)
 
 
 def column_sums(q, keys, mask, real, scale: float, softcap=None, block: int = 64):

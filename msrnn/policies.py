@@ -71,17 +71,30 @@ class Policy:
 
     A policy is data: a frozen dataclass, checked when it is made. What it reads is declared, so
     that the prompt pass computes only that (`reads`): "row", this step's attention row (a
-    oneshot prompt: its last query's); "sums", attention summed over the queries (a oneshot
-    prompt: its column sums); "keys", the candidates' keys. A policy that reads nothing decides
-    from positions alone and says which keys a query still sees (`visible`)."""
+    oneshot prompt: its last query's, or the mean of its last `observation` queries' rows);
+    "sums", attention summed over the queries (a oneshot prompt: its column sums); "keys", the
+    candidates' keys. A policy that reads nothing decides from positions alone and says which
+    keys a query still sees (`visible`).
+
+    `observation` (w): a oneshot prompt is ranked by the mean attention row of its last w queries
+    (SnapKV's observation window) instead of its last query's alone (w = 1, the paper's rule).
+    Only a policy that reads the row uses it; decoding steps always use the step's own row."""
 
     size: int | None                     # k, the multi-state size (None: unbounded)
     sinks: int = 0                       # positions < sinks are never evicted (Window+i, TOVA+i)
+    observation: int = field(default=1, kw_only=True)   # oneshot: rows averaged to rank it
     per_head: ClassVar[bool] = False     # True: each KV head evicts on its own; False: per layer
     reads: ClassVar[frozenset] = frozenset({"row"})
     memory: ClassVar[tuple] = ()         # names of per-state buffers the multi-state keeps for it
 
     def __post_init__(self):
+        w = self.observation
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ValueError(f"observation must be a positive integer (the prompt queries whose "
+                             f"attention ranks a oneshot prompt), got {w!r}")
+        if w > 1 and "row" not in self.reads:
+            raise ValueError(f"{type(self).__name__} does not rank a prompt by attention rows, "
+                             f"so observation={w} would change nothing; use it with TOVA")
         if not self.bounded:
             return
         size, sinks = self.size, self.sinks
@@ -114,8 +127,9 @@ class Policy:
     def __repr__(self):
         """Name(size, sinks if any, the other arguments that differ from their defaults)."""
         args = [] if self.size is None else [str(self.size)]
+        default = {"sinks": 0, "observation": 1}
         args += [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)[1:]
-                 if getattr(self, f.name) != (0 if f.name == "sinks" else f.default)]
+                 if getattr(self, f.name) != default.get(f.name, f.default)]
         return f"{type(self).__name__}({', '.join(args)})"
 
 
@@ -216,9 +230,12 @@ class KeyNorm(Policy):
 NAMES = tuple(REGISTRY)
 
 
-def from_name(name: str, size: int | None = None, sinks: int | None = None) -> Policy:
+def from_name(name: str, size: int | None = None, sinks: int | None = None,
+              observation: int = 1) -> Policy:
     """A policy from its command-line name (REGISTRY). `sinks`: the first tokens never evicted
-    (the sinks policy's i, default 4; TOVA+i; Window+i)."""
+    (the sinks policy's i, default 4; TOVA+i; Window+i). `observation`: the oneshot observation
+    window of a policy that ranks by the attention row (TOVA); the others rank otherwise and
+    ignore it."""
     if name not in REGISTRY:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(NAMES)}")
     cls, fixed, _ = REGISTRY[name]
@@ -231,18 +248,20 @@ def from_name(name: str, size: int | None = None, sinks: int | None = None) -> P
     if sinks is not None and cls is H2O:
         raise ValueError(f"policy {name!r} has no sinks (it keeps the recent half and heavy "
                          f"hitters); drop --sinks or use sinks, tova or window")
+    if "row" in cls.reads:
+        fixed = {**fixed, "observation": observation}
     return cls(size, **fixed) if sinks is None else cls(size, sinks, **fixed)
 
 
-def grid(names, sizes, sinks: int | None = None) -> list:
+def grid(names, sizes, sinks: int | None = None, observation: int = 1) -> list:
     """[(name, size or None, Policy)] for every policy name and size, Full once: the
-    configurations every sweep (ppl, needle) runs."""
+    configurations every sweep (ppl, needle, tasks) runs."""
     out = []
     for name in names:
         if name == "full":
             out.append(("full", None, from_name("full", sinks=sinks)))
         else:
-            out += [(name, size, from_name(name, size, sinks)) for size in sizes]
+            out += [(name, size, from_name(name, size, sinks, observation)) for size in sizes]
     if not out:
         raise ValueError("no configuration to run: give --policies (and --sizes)")
     return out

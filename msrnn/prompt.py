@@ -9,8 +9,9 @@ The two prompt modes (docs/design.md, "Prompts"):
 - `sequential`: exactly T steps, the MSRNN definition (what perplexity uses). `parallel_prefix`
   says which of them run as one parallel pass, which computes the same.
 - `oneshot`: the paper's authors' code: full causal attention over the whole prompt, then each
-  layer keeps the k states its policy ranks best from the last prompt token's attention row (H2O:
-  the column sums; KeyNorm: the key norms), and decoding continues step by step.
+  layer keeps the k states its policy ranks best from the last prompt token's attention row
+  (`Policy.observation` = w > 1: the mean of the last w rows; H2O: the column sums; KeyNorm: the
+  key norms), and decoding continues step by step.
 """
 
 from enum import Enum
@@ -73,7 +74,9 @@ def parallel_prefix(T: int, state, mode: Mode) -> tuple[int, bool]:
         the keys the policy would still hold (`Policy.visible`);
       - else the first min(T, k+1): nothing is evicted before the multi-state holds k + 1
         candidates, and the (k+1)-th token's step sees exactly those, so ranking them by its
-        attention row (`oneshot` of k + 1 tokens) makes the same one eviction."""
+        attention row (`oneshot` of k + 1 tokens) makes the same one eviction; a policy whose
+        oneshot ranking averages several rows (`observation` > 1) ranks otherwise than that
+        step, so it takes the first min(T, k), which the pass keeps whole."""
     policy = state.policy
     if not policy.bounded:
         return T, False
@@ -86,7 +89,7 @@ def parallel_prefix(T: int, state, mode: Mode) -> tuple[int, bool]:
         return T, False
     if not policy.reads and state.scheme is Scheme.ORIGINAL:
         return T, True
-    return min(T, policy.size + 1), False
+    return min(T, policy.size + (policy.observation == 1)), False
 
 
 def prefill(model: Backend, token_ids, state, mode="sequential", logits: bool = True):

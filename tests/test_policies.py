@@ -502,3 +502,47 @@ def test_prefill_shared_equals_oneshot_for_each_policy(llama):
         a, _ = model.step(ids[:, 0], state)
         b, _ = model.step(ids[:, 0], own)
         assert (a - b).abs().max() <= EXACT, name
+
+
+# ----------------------------------------------------------------- the observation window
+
+@pytest.mark.parametrize("w", [4, 40, 100])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_observation_window_ranks_by_the_mean_of_the_last_rows(llama, hf_attentions, w,
+                                                               per_head):
+    """TOVA(K, observation=w) oneshot keeps the K positions with the highest attention from the
+    last w prompt queries (all of them when w >= T), mean over those rows and over the heads
+    that share the choice, from Hugging Face's own attention matrices."""
+    _, model, _ = llama
+    attentions, _, _ = hf_attentions
+    _, state = prefill(model, PROMPT, model.init_state(1, TOVA(K, per_head=per_head,
+                                                              observation=w)), mode="oneshot")
+    n_kv = model.cfg.n_kv_heads
+    for l, att in enumerate(attentions):                 # [H, T, T]
+        rows = att[:, -w:, :].mean(1)                     # [H, T]
+        groups = rows.view(n_kv, -1, rows.shape[-1]).mean(1) if per_head else \
+            rows.mean(0, keepdim=True).expand(n_kv, -1)
+        for g, row in enumerate(groups):
+            expected = row.topk(K).indices.sort().values
+            assert state.positions(l)[0, g].tolist() == expected.tolist(), (l, g)
+
+
+def test_observation_one_is_todays_oneshot_and_others_refuse_it(llama):
+    """observation=1 is the default (the same policy, printed the same); a window changes what
+    TOVA keeps; a policy that never ranks by rows refuses it; sequential prompts are unchanged
+    (their parallel prefix never ranks)."""
+    _, model, _ = llama
+    assert TOVA(K, observation=1) == TOVA(K) and repr(TOVA(K, observation=1)) == "TOVA(16)"
+    assert repr(TOVA(K, observation=8)) == "TOVA(16, observation=8)"
+    assert from_name("tova", K, observation=8) == TOVA(K, observation=8)
+    assert from_name("h2o", K, observation=8) == from_name("h2o", K)     # ignored: no row
+    for bad in (lambda: TOVA(K, observation=0), lambda: Window(K, observation=2)):
+        with pytest.raises(ValueError, match="observation"):
+            bad()
+    ids = tokens(1, 40, seed=3)
+    one, _ = prefill(model, ids, model.init_state(1, TOVA(K)), mode="sequential")
+    eight, _ = prefill(model, ids, model.init_state(1, TOVA(K, observation=8)), mode="sequential")
+    assert (one - eight).abs().max() <= EXACT
+    _, a = prefill(model, ids, model.init_state(1, TOVA(K)), mode="oneshot")
+    _, b = prefill(model, ids, model.init_state(1, TOVA(K, observation=8)), mode="oneshot")
+    assert any(not torch.equal(a.positions(l), b.positions(l)) for l in range(len(a.layers)))

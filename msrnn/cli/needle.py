@@ -23,8 +23,6 @@ FIELDS = ["policy", "size", "length", "depth", "accuracy", "samples", "correct",
 def add_commands(commands):
     import argparse
 
-    from ..policies import NAMES
-
     p = commands.add_parser("needle", help="needle / passkey retrieval: accuracy against "
                             "length, depth and multi-state size, as heat maps",
                             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -34,25 +32,67 @@ def add_commands(commands):
                    "from (--task needle; default: the two public-domain books msrnn ships)")
     p.add_argument("--task", choices=("needle", "passkey"), default="needle",
                    help="needle: a book passage; passkey: the classic repeated filler")
-    p.add_argument("--lengths", default="512,1024,2048,4096", help="prompt lengths in tokens")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="relative depths of the fact")
-    p.add_argument("--policies", default="full,sinks,h2o,tova",
-                   help=f"comma-separated, from: {', '.join(NAMES)}")
-    p.add_argument("--sizes", default="64,128,256,512", help="multi-state sizes k")
-    p.add_argument("--sinks", type=int, help="first tokens never evicted (sinks: default 4)")
-    p.add_argument("--samples", type=int, default=5, help="prompts per cell (one batch)")
-    p.add_argument("--seed", type=int, default=0)
-    add_prompt_mode_arg(p)
-    add_positions_args(p)
+    add_grid_args(p, "512,1024,2048,4096", "full,sinks,h2o,tova", "64,128,256,512", 5)
     p.add_argument("--max-new-tokens", type=int, default=24,
                    help="answer tokens at most (a verbose answer needs about 20)")
+    p.set_defaults(run=run_needle)
+
+
+def add_grid_args(p, lengths, policies, sizes, samples):
+    """The arguments `msrnn needle` and `msrnn tasks` share: the grid (lengths, depths, policies,
+    sizes), the prompts (samples, seed, mode, chat, observation window), positions, output and
+    backend."""
+    from ..policies import NAMES
+
+    p.add_argument("--lengths", default=lengths, help="prompt lengths in tokens")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="relative depths of the fact")
+    p.add_argument("--policies", default=policies,
+                   help=f"comma-separated, from: {', '.join(NAMES)}")
+    p.add_argument("--sizes", default=sizes, help="multi-state sizes k")
+    p.add_argument("--sinks", type=int, help="first tokens never evicted (sinks: default 4)")
+    p.add_argument("--samples", type=int, default=samples, help="prompts per cell (one batch)")
+    p.add_argument("--seed", type=int, default=0)
+    add_prompt_mode_arg(p)
+    p.add_argument("--observe", type=int, default=1, help="oneshot: rank the prompt by the mean "
+                   "attention of its last w queries (TOVA; default 1, the paper's rule)")
+    add_positions_args(p)
     p.add_argument("--no-chat", action="store_true", help="the raw prompt, no chat template")
     p.add_argument("--json", action="store_true", help="print one JSON list on stdout")
     p.add_argument("--out", help="directory for results.json/.csv and the heat maps "
                    "(resumable)")
     add_backend_arg(p)
     add_device_args(p)
-    p.set_defaults(run=run_needle)
+
+
+def check_grid(args, extra: int):
+    """(lengths, depths, [(name, size, Policy)], model directory, Config), every argument of
+    add_grid_args checked before any work; `extra`: new tokens after the longest prompt."""
+    from ..policies import NAMES
+
+    lengths = parse_list("--lengths", args.lengths, int)
+    if any(n < 1 for n in lengths):
+        raise UsageError(f"--lengths must be positive, got {args.lengths!r}")
+    lengths = sorted(set(lengths))
+    depths = sorted(set(parse_depths(args.depths)))
+    names = parse_list("--policies", args.policies)
+    unknown = [n for n in names if n not in NAMES]
+    if unknown:
+        raise UsageError(f"unknown policy {unknown[0]!r}; choose from {', '.join(NAMES)}")
+    sizes = parse_list("--sizes", args.sizes, int)
+    if any(s < 1 for s in sizes):
+        raise UsageError(f"--sizes must be positive, got {args.sizes!r}")
+    check_positive("--observe", args.observe)
+    configs = configurations(names, sizes, args.sinks, lengths, args.observe)
+    check_positive("--samples", args.samples)
+    check_seed(args.seed)
+    check_device(args.device)
+    check_out_dir(args.out)
+    directory, cfg = model_config(args.model)
+    for _, _, policy in configs:
+        check_reach(cfg, policy, args.positions, max(lengths) + extra - 1,
+                    f"--lengths {max(lengths)} plus {extra} new tokens ({policy})",
+                    max(lengths) if args.prompt_mode == "oneshot" else 0, args.past_range)
+    return lengths, depths, configs, directory, cfg
 
 
 def parse_depths(text: str) -> list[float]:
@@ -70,12 +110,12 @@ def parse_depths(text: str) -> list[float]:
     return depths
 
 
-def configurations(names, sizes, sinks, lengths):
+def configurations(names, sizes, sinks, lengths, observe: int = 1):
     """[(name, size or None, Policy)] (policies.grid); a size that is not smaller than any
     length is refused (it would never evict)."""
     from ..policies import check_fits, grid
 
-    out = grid(names, sizes, sinks)
+    out = grid(names, sizes, sinks, observe)
     for _, _, policy in out:
         check_fits(policy, max(lengths), f"--lengths {max(lengths)}", name="--sizes")
     return out
@@ -84,35 +124,13 @@ def configurations(names, sizes, sinks, lengths):
 def run_needle(args):
     from .. import load_tokenizer, needle
     from ..evaluate import read_text
-    from ..policies import NAMES
 
-    lengths = parse_list("--lengths", args.lengths, int)
-    if any(n < 1 for n in lengths):
-        raise UsageError(f"--lengths must be positive, got {args.lengths!r}")
-    lengths = sorted(set(lengths))
-    depths = sorted(set(parse_depths(args.depths)))
-    names = parse_list("--policies", args.policies)
-    unknown = [n for n in names if n not in NAMES]
-    if unknown:
-        raise UsageError(f"unknown policy {unknown[0]!r}; choose from {', '.join(NAMES)}")
-    sizes = parse_list("--sizes", args.sizes, int)
-    if any(s < 1 for s in sizes):
-        raise UsageError(f"--sizes must be positive, got {args.sizes!r}")
-    configs = configurations(names, sizes, args.sinks, lengths)
-    check_positive("--samples", args.samples)
     check_positive("--max-new-tokens", args.max_new_tokens)
-    check_seed(args.seed)
-    check_device(args.device)
+    lengths, depths, configs, directory, cfg = check_grid(args, args.max_new_tokens)
     if args.task == "needle" and not args.haystack:
         from ..data import BOOKS
         args.haystack = list(BOOKS)                    # shipped in the package: any directory
     texts = [read_text(path) for path in args.haystack or []]
-    check_out_dir(args.out)
-    directory, cfg = model_config(args.model)
-    for _, _, policy in configs:
-        check_reach(cfg, policy, args.positions, max(lengths) + args.max_new_tokens - 1,
-                    f"--lengths {max(lengths)} plus {args.max_new_tokens} new tokens ({policy})",
-                    max(lengths) if args.prompt_mode == "oneshot" else 0, args.past_range)
     tok = load_tokenizer(directory)
     _, _, chat = needle.template(tok, not args.no_chat)
     short = min(lengths)
@@ -139,6 +157,8 @@ def run_needle(args):
              "seed": args.seed, "prompt_mode": args.prompt_mode, "chat": chat,
              "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "sinks": args.sinks,
              "backend": args.backend, "positions": args.positions}
+    if args.observe != 1:                  # older results directories stay valid without it
+        setup["observe"] = args.observe
     results = Results(args.out, setup, key=("policy", "size", "length", "depth"), fields=FIELDS)
     cells = [(n, d) for n in lengths for d in depths]
     skipped = sorted({(name, size, n) for name, size, _ in configs for n in lengths
@@ -197,26 +217,28 @@ def label(policy: str, size) -> str:
     return policy if size is None else f"{policy}({size})"
 
 
-def grid(rows, policy, size):
-    """(lengths, depths, accuracy matrix [depths][lengths], None where not run)."""
+def grid(rows, policy, size, value="accuracy"):
+    """(lengths, depths, matrix of `value` [depths][lengths], None where not run)."""
     mine = [r for r in rows if r["policy"] == policy and r["size"] == size]
     lengths = sorted({r["length"] for r in rows})
-    depths = sorted({r["depth"] for r in rows})
-    acc = {(r["length"], r["depth"]): r["accuracy"] for r in mine}
+    depths = sorted({r["depth"] for r in rows}, key=lambda d: -1 if d is None else d)
+    acc = {(r["length"], r["depth"]): r[value] for r in mine}
     return lengths, depths, [[acc.get((n, d)) for n in lengths] for d in depths]
 
 
-def draw_heatmap(ax, rows, policy, size):
+def draw_heatmap(ax, rows, policy, size, value="accuracy", top=1):
+    """One (policy, size)'s `value` (0..top) against length and depth (None: a task without)."""
     import numpy as np
 
-    lengths, depths, m = grid(rows, policy, size)
+    lengths, depths, m = grid(rows, policy, size, value)
     data = np.array([[np.nan if v is None else v for v in row] for row in m], dtype=float)
-    image = ax.imshow(data, origin="upper", aspect="auto", cmap="RdYlGn", vmin=0, vmax=1)
+    image = ax.imshow(data, origin="upper", aspect="auto", cmap="RdYlGn", vmin=0, vmax=top)
     for i, row in enumerate(m):
         for j, v in enumerate(row):
-            ax.text(j, i, "-" if v is None else f"{v:.2f}", ha="center", va="center", fontsize=7)
+            ax.text(j, i, "-" if v is None else f"{v:.{0 if top > 1 else 2}f}", ha="center",
+                    va="center", fontsize=7)
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_yticks(range(len(depths)), ["-" if d is None else f"{d:g}" for d in depths])
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("depth of the fact")
     ax.set_title(label(policy, size), fontsize=9)
@@ -232,11 +254,45 @@ def plot_all(rows, out: str, title: str):
         fig.colorbar(draw_heatmap(ax, rows, policy, size), ax=ax, label="accuracy")
         ax.set_title(f"{label(policy, size)}: {title}", fontsize=8)
         save_figure(fig, os.path.join(out, f"needle-{policy}-{size or 'full'}.png"))
+    heatmap_page(rows, os.path.join(out, "needle-grid.png"), title)
+    fig, ax = figure(figsize=(6.5, 4.2))
+    draw_sizes(ax, rows)
+    ax.set_ylabel("retrieval accuracy (mean over lengths, depths)")
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, os.path.join(out, "needle-sizes.png"))
+
+
+def draw_sizes(ax, rows, value="accuracy", top=1):
+    """`value` (mean over lengths and depths) against multi-state size, a line per policy; Full
+    (or any policy without a size) as a dashed level."""
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        mean = {}
+        for r in rows:
+            if r["policy"] == policy:
+                mean.setdefault(r["size"], []).append(r[value])
+        if policy == "full" or None in mean:
+            level = sum(mean[None]) / len(mean[None])
+            ax.axhline(level, color="black", linestyle="--",
+                       label=f"{policy} ({level:.{0 if top > 1 else 2}f})")
+            continue
+        pts = sorted((s, sum(v) / len(v)) for s, v in mean.items())
+        ax.plot(*zip(*pts), marker="o", label=policy)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.03 * top, 1.03 * top)
+    ax.set_xlabel("multi-state size k (log2)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def heatmap_page(rows, path: str, title: str, value="accuracy", top=1):
+    """Every (policy, size)'s heat map on one page: a row per policy, a column per size."""
+    import numpy as np
+
+    configs = list(dict.fromkeys((r["policy"], r["size"]) for r in rows))
     policies = list(dict.fromkeys(p for p, _ in configs))
     sizes = sorted({s for _, s in configs if s is not None})
     cols = max(len(sizes), 1)
     fig, axes = figure(len(policies), cols, figsize=(3.3 * cols, 2.6 * len(policies)))
-    import numpy as np
     axes = np.array(axes).reshape(len(policies), cols)
     for i, policy in enumerate(policies):
         for j in range(cols):
@@ -245,27 +301,6 @@ def plot_all(rows, out: str, title: str):
             if (policy == "full" and j) or (policy, size) not in configs:
                 ax.axis("off")
                 continue
-            draw_heatmap(ax, rows, policy, size)
+            draw_heatmap(ax, rows, policy, size, value, top)
     fig.suptitle(title, fontsize=9)
-    save_figure(fig, os.path.join(out, "needle-grid.png"))
-
-    fig, ax = figure(figsize=(6.5, 4.2))
-    for policy in policies:
-        mean = {}
-        for r in rows:
-            if r["policy"] == policy:
-                mean.setdefault(r["size"], []).append(r["accuracy"])
-        if policy == "full" or None in mean:
-            value = sum(mean[None]) / len(mean[None])
-            ax.axhline(value, color="black", linestyle="--", label=f"{policy} ({value:.2f})")
-            continue
-        pts = sorted((s, sum(v) / len(v)) for s, v in mean.items())
-        ax.plot(*zip(*pts), marker="o", label=policy)
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_xlabel("multi-state size k (log2)")
-    ax.set_ylabel("retrieval accuracy (mean over lengths, depths)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save_figure(fig, os.path.join(out, "needle-sizes.png"))
+    save_figure(fig, path)

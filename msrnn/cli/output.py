@@ -22,13 +22,13 @@ def write_atomic(path: str, text: str):
         raise
 
 
-def figure(*grid, figsize):
+def figure(*grid, figsize, **options):
     """A new matplotlib figure and its axes (plt.subplots), drawn off-screen."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(*grid, figsize=figsize)
+    return plt.subplots(*grid, figsize=figsize, **options)
 
 
 def save_figure(fig, path: str):
