@@ -301,3 +301,20 @@ def test_ppl_past_the_range_reports_buckets(tmp_path, capsys):
     assert cli.main(argv + ["--past-range", "--positions", "original,cache"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["positions"] for r in rows] == ["original", "cache"]
+
+
+def test_generate_command_streams_past_the_range(tmp_path, capsys):
+    """`msrnn generate --positions cache` on a tiny model whose range is 32: 120 new tokens, a
+    bounded multi-state all the way (no end token: the model's EOS is not in its vocabulary)."""
+    from msrnn import cli
+    from tiny import save_char_tokenizer
+
+    hf = tiny_hf("llama", seed=2, max_position_embeddings=32, eos_token_id=None)
+    model_dir = save(hf, tmp_path / "model")
+    save_char_tokenizer(model_dir)
+    argv = ["generate", model_dir, "--prompt", "The keeper", "--policy", "tova", "--size", "8",
+            "--max-new-tokens", "120"]
+    assert cli.main(argv + ["--positions", "cache"]) == 0
+    out, err = capsys.readouterr()
+    assert "120 new tokens" in err and "129 tokens seen" in err and "9 slots" in err
+    assert cli.main(argv) == 2 and "--past-range" in capsys.readouterr().err
