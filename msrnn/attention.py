@@ -41,7 +41,7 @@ def probabilities(q, keys, mask, scale: float, softcap: float | None = None):
 
 
 def weighted(probs, values):
-    """o = sum_j a(j) V_j (Eq. 7 before W_o): probs [B, Hkv, G, T, S], values [B, Hkv, S, D] ->
+    """o_h = sum_j a_h(j) V_j (Eq. 7 before W_o): probs [B, Hkv, G, T, S], values [B, Hkv, S, D] ->
     [B, Hkv, G, T, D]."""
     B, Hkv, G, T, S = probs.shape
     y = probs.to(values.dtype).view(B, Hkv, G * T, S) @ values
@@ -56,10 +56,11 @@ def step(state: LayerState, q, k, v, t, scale: float, softcap=None, window=None)
         o = sum_j a_h(j) V_j                      (Eq. 7)   weighted
         H^l_t = C \\ {e}  if |C| > k               (Eq. 9)   state.evict (the policy scores)
 
-    q [B, Hkv, G, 1, D] and k [B, Hkv, 1, D] rotated by RoPE at t; v [B, Hkv, 1, D]; t [B, 1, 1],
-    each row's position (-1: a pad, which never becomes a state). A renumbered multi-state
-    (positions.py) stores k un-rotated and turns the candidates' keys and the query to the
-    scheme's positions. Returns o [B, Hkv, G, 1, D] and the attention a over the candidates,
+    q [B, Hkv, G, 1, D] and k [B, Hkv, 1, D] rotated by RoPE at t; v [B, Hkv, 1, D] (k and v:
+    the new token's key K_t and value V_t, not the size k); t [B, 1, 1], each row's position,
+    0-based (the paper's step t - 1; -1: a pad, which never becomes a state). A renumbered
+    multi-state (positions.py) stores k un-rotated and turns the candidates' keys and the query
+    to the scheme's positions. Returns o [B, Hkv, G, 1, D] and the attention a over the candidates,
     [B, Hkv, G, 1, S] (what the policy saw; msrnn.trace prints it)."""
     rotation = state.rotation
     if rotation is not None:

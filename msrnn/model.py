@@ -226,9 +226,10 @@ class Transformer(nn.Module):
                           self.rope)
 
     def step(self, token_ids, state: MultiState, head: bool = True):
-        """(x_t, H_{t-1}) -> (y_t, H_t): token_ids [B] at position t = state.length -> logits
-        [B, V] (head=False: the final hidden state [B, E]). H_t overwrites H_{t-1} in place (its
-        buffers are preallocated) and is returned."""
+        """(x_t, H_{t-1}) -> (y_t, H_t): token_ids [B], the tokens x_t, at position state.length
+        (the paper's t - 1: positions count from 0) -> logits [B, V] (head=False: the final
+        hidden state [B, E]). H_t overwrites H_{t-1} in place (its buffers are preallocated) and
+        is returned."""
         check(state, token_ids, 1, self.shape, self.vocab_size)
         state.reserve(1)
         out = self.decode(token_ids, state, head)

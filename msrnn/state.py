@@ -56,7 +56,8 @@ class LayerState:
         static(self.keys, self.values, self.pos, *self.memory.values())
 
     def insert(self, k, v, t):
-        """C = H_{t-1} ∪ {t}: write the new token's key and value [B, Hkv, D] into a free slot.
+        """C = H_{t-1} ∪ {t}: write the new token's key K_t and value V_t (k, v [B, Hkv, D]; k is
+        not the size) into a free slot.
 
         The free slot is the first empty one (pos = -1 is the smallest position, and argmin
         returns the first minimum). One always exists: a step evicts before it returns.
@@ -223,7 +224,8 @@ class MultiState:
 
     @property
     def length(self) -> int:
-        """Tokens seen so far: the position of the next token (the furthest row's)."""
+        """Tokens seen so far (the paper's t after step t): the position of the next token (the
+        furthest row's)."""
         return self._length
 
     def advance(self, n: int):
@@ -251,7 +253,9 @@ class MultiState:
 
     def positions(self, layer: int) -> torch.Tensor:
         """The absolute positions layer `layer` keeps: LongTensor [B, Hkv, n], ascending. In a
-        ragged (or padded) batch a row that keeps fewer than n states starts with -1s."""
+        ragged (or padded) batch a row that keeps fewer than n states starts with -1s. After t
+        tokens a bounded layer keeps n = min(t, k): k + 1 slots, one emptied per step
+        (docs/msrnn.md, g(t))."""
         pos = self.layers[layer].pos.sort(-1).values
         n = int((pos >= 0).sum(-1).max()) if pos.numel() else 0
         return pos[..., pos.shape[-1] - n:]

@@ -87,7 +87,7 @@ class Rule:
 @dataclass
 class State:
     """One state of the multi-state, for one KV head: (absolute position p, K_p before RoPE,
-    V_p), plus A_p, the attention it has received summed over the steps since it entered (H2O).
+    V_p), plus acc_p, the attention it has received summed over the steps since it entered (H2O).
     `rotated` remembers the key's last rotation (rotary position, rotated key), since under most
     schemes a key keeps its rotary position for many steps."""
 
@@ -317,7 +317,7 @@ class Reference:
                     s.rotated = (at[s.pos], rope(s.key, at[s.pos], self.theta))
                 keys[g, s.pos] = s.rotated[1]
         q = [rope(x_h, query_at[self.kv_head(h)], self.theta) for h, x_h in enumerate(q)]
-        # a_h = softmax(q_h · K_C * scale) over C; 3. y_h = Σ_j a_h(j) V_j.
+        # a_h = softmax(q_h · K_C * scale) over C; 3. o_h = Σ_j a_h(j) V_j.
         # A layer with a sliding window attends only to candidates with t - p < window; the
         # others get attention 0 (they stay candidates for the policy).
         # a[h] maps each candidate position to query head h's attention weight on it.
@@ -363,8 +363,8 @@ class Reference:
     def evict(self, C, a, t):
         rule, k = self.rule, self.rule.size
         if rule.kind == "h2o":
-            # "A_j = Σ_s mean_{h∈group} a^s_h(j), summed over every step s since j entered, this
-            # one included" (H2O-layer: mean over all heads). Accumulate at every step.
+            # "acc_j = Σ_τ mean_{h∈group} a_{τ,h}(j), summed over every step τ since j
+            # entered, this one included" (H2O-layer: mean over all heads). Accumulate at every step.
             for g in range(self.n_kv):
                 for s in C[g]:
                     s.acc += self.mean_attention(a, s.pos, self.scoring_heads(g))
@@ -392,7 +392,7 @@ class Reference:
             eligible, score = [s for s in cands if s.pos >= rule.sinks], (lambda s: s.pos)
         elif rule.kind == "h2o":
             # H2O(k): "among candidates other than the k//2 most recent (the new token counts as
-            # one of them): lowest accumulated score A_j".
+            # one of them): lowest accumulated score acc_j".
             by_age = sorted(cands, key=lambda s: s.pos, reverse=True)   # newest first
             eligible, score = by_age[k // 2:], (lambda s: s.acc)
         elif rule.kind == "tova":
