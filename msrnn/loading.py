@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import Config, read_config
+from . import quantize as quantization
 from . import tp as tensor_parallel
 from .model import RoPE, Transformer
 
@@ -31,12 +32,19 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"    # the offline default model: `msrnn f
 
 
 def load(path_or_repo_id: str, dtype: torch.dtype = torch.float32, device="cpu",
-         tp: int | None = None) -> Transformer:
+         tp: int | None = None, quantize: str | None = None) -> Transformer:
     """Load a checkpoint from a local directory, or from the Hugging Face Hub by repo id.
+
+    quantize="int8": every projection and the LM head stored as int8 with one scale per output
+    channel, computed here from the checkpoint's weights (msrnn.quantize); activations and the
+    multi-state stay in `dtype`.
 
     tp=N (N > 1): this process's shard of the model, one of N processes (started by torchrun,
     or after torch.distributed.init_process_group): its KV heads, query heads and MLP units,
     read alone from the files (msrnn.tp). Every rank must load the same model."""
+    if quantize is not None and quantize not in quantization.KINDS:
+        raise ValueError(f"quantize={quantize!r}: msrnn quantizes weights to "
+                         f"{', '.join(quantization.KINDS)}, or None for the checkpoint's own")
     directory = resolve(path_or_repo_id)
     cfg = read_config(directory)
     checkpoint = Checkpoint(directory)
@@ -52,6 +60,8 @@ def load(path_or_repo_id: str, dtype: torch.dtype = torch.float32, device="cpu",
         params[name] = combine(*tensors).to(device=device, dtype=dtype).contiguous()
     model.load_state_dict(params, assign=True, strict=True)
     model.rope = RoPE(cfg).to(device)  # computed from the config, not stored in checkpoints
+    if quantize is not None:
+        quantization.quantize(model, quantize)
     return model.eval().requires_grad_(False)
 
 

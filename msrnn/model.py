@@ -80,8 +80,12 @@ def linear(x, w, b=None):
     how fast the weights stream from memory. Compiled on a CPU, we write it as a sum of
     products, which inductor turns into one vectorized loop that reads each weight once, about
     twice as fast here as the library's matrix multiply (docs/performance.md). Several rows (a
-    prompt, a batch) reuse each weight, which the library's matrix multiply does best."""
+    prompt, a batch) reuse each weight, which the library's matrix multiply does best. W may be
+    int8 (msrnn.quantize): the loop widens each weight in registers, so it still reads 1 byte."""
     if torch.compiler.is_compiling() and x.device.type == "cpu" and x[..., 0].numel() == 1:
+        # x is computed once, into memory, before the loop: left to itself, inductor inlines
+        # x's producers (the norm, SiLU) into the loop and recomputes them for every output row
+        x = torch.as_strided(x, x.shape, x.stride())
         wide = torch.promote_types(x.dtype, torch.float32)     # bfloat16 sums in float32
         y = (x[..., None, :].to(wide) * w.to(wide)).sum(-1).to(x.dtype)
         return y if b is None else y + b

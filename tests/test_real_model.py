@@ -35,11 +35,18 @@ def test_greedy_full_equals_transformers_generate(smol):
     assert torch.equal(ours, theirs[:, 48:])
 
 
+@pytest.fixture(scope="module")
+def smol_int8(smol):
+    return msrnn.load(smol[0], quantize="int8")
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
 @pytest.mark.parametrize("policy", [Full(), TOVA(16)], ids=repr)
-def test_answers_paris(smol, policy):
+def test_answers_paris(smol, smol_int8, policy, quantize):
     """The chat prompt is 37 tokens; with `oneshot` TOVA(16) keeps 16 of them and still
-    answers."""
+    answers; so does the model with int8 weights."""
     _, model, tok = smol
+    model = smol_int8 if quantize else model
     text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     prompt = torch.tensor([tok.encode(text)])
     ids = msrnn.generate(model, prompt, policy, max_new_tokens=16, eos_ids=tok.eos_ids)

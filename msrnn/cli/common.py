@@ -32,6 +32,9 @@ def add_policy_args(parser, multiple=False):
 def add_device_args(parser):
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--quantize", choices=("int8",), help="int8: weight-only int8 "
+                        "projections and LM head, one scale per output channel, activations in "
+                        "--dtype (msrnn's decoder; docs/performance.md)")
 
 
 def check_device(name: str):
@@ -148,11 +151,23 @@ def ranks(args) -> int:
     return rank
 
 
+def check_decoder_options(backend: str, compile: bool = False, quantize: str | None = None):
+    """--compile and --quantize change msrnn's own decoder: refused with --backend transformers."""
+    if backend != "transformers":
+        return
+    if compile:
+        raise UsageError("--compile compiles msrnn's own decode step; drop it with --backend "
+                         "transformers")
+    if quantize:
+        raise UsageError(f"--quantize {quantize} quantizes msrnn's own decoder; drop it with "
+                         f"--backend transformers (or use transformers' own quantization)")
+
+
 def load_model(directory: str, dtype: str, device: str, backend: str = "msrnn", tp: int = 1,
-               compile: bool = False):
-    """The backend a command runs on: msrnn's decoder (compile: its decode step compiled), or a
-    transformers model (msrnn.hf); with tp > 1, this rank's part of it (on CUDA, the GPU
-    cuda:LOCAL_RANK)."""
+               compile: bool = False, quantize: str | None = None):
+    """The backend a command runs on: msrnn's decoder (compile: its decode step compiled;
+    quantize: its weights int8), or a transformers model (msrnn.hf); with tp > 1, this rank's
+    part of it (on CUDA, the GPU cuda:LOCAL_RANK)."""
     import torch
 
     from ..config import read_config
@@ -165,14 +180,12 @@ def load_model(directory: str, dtype: str, device: str, backend: str = "msrnn", 
                                 "heads evenly)" if backend == "transformers" else ""))
         if torch.device(device).type == "cuda":
             device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    check_decoder_options(backend, compile, quantize)
     if backend == "transformers":
-        if compile:
-            raise UsageError("--compile compiles msrnn's own decode step; drop it with "
-                             "--backend transformers")
         from .. import hf
         return hf.Backend(hf.load(directory, dtype=getattr(torch, dtype), device=device, tp=tp))
     from .. import load
-    model = load(directory, dtype=getattr(torch, dtype), device=device, tp=tp)
+    model = load(directory, dtype=getattr(torch, dtype), device=device, tp=tp, quantize=quantize)
     return model.compile_step() if compile else model
 
 

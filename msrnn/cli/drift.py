@@ -89,6 +89,8 @@ def run_drift(args):
              "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
              "prompt_mode": args.prompt_mode, "observe": args.observe, "dtype": args.dtype,
              "sinks": args.sinks, "backend": args.backend, "positions": args.positions}
+    if args.quantize:                      # older results directories stay valid without it
+        setup["quantize"] = args.quantize
     results = Results(args.out, setup, key=("kind", "policy", "size"), fields=FIELDS)
     everything = [("full", None, Full())] + configs
     todo = [(kind, c) for kind in KINDS for c in everything
@@ -96,8 +98,8 @@ def run_drift(args):
     log = sys.stderr
     print(f"[msrnn drift] {len(everything)} configurations x {len(KINDS)} kinds x "
           f"{args.samples} prompts, {args.new_tokens} new tokens; {len(todo)} to run", file=log)
-    model = load_model(directory, args.dtype, args.device, args.backend, args.tp) if todo \
-        else None
+    model = load_model(directory, args.dtype, args.device, args.backend, args.tp,
+                       quantize=args.quantize) if todo else None
     scheme = dict(mode=args.prompt_mode, positions=args.positions,
                   allow_past_range=args.past_range)
     started = time.perf_counter()

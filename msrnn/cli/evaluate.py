@@ -11,8 +11,9 @@ import sys
 from tqdm import tqdm
 
 from .common import (UsageError, add_backend_arg, add_device_args, add_policy_args,
-                     add_positions_args, check_device, check_out_dir, check_positive,
-                     check_reach, load_model, model_config, parse_list, policy_help)
+                     add_positions_args, check_decoder_options, check_device, check_out_dir,
+                     check_positive, check_reach, load_model, model_config, parse_list,
+                     policy_help)
 from .output import Results, figure, save_figure, write_atomic
 
 
@@ -89,13 +90,13 @@ def run_ppl(args):
     for _, _, policy, scheme in configs:
         check_reach(cfg, policy, scheme, args.context, f"--context {args.context} ({policy}, "
                     f"positions {scheme})", past_range=args.past_range)
-    if args.compile and args.backend == "transformers":
-        raise UsageError("--compile compiles msrnn's own decode step; drop it with --backend "
-                         "transformers")
+    check_decoder_options(args.backend, args.compile, args.quantize)
     setup = {"model": os.path.abspath(directory), "texts": [os.path.basename(t) for t in
              args.text], "digest": text_digest(args.text), "context": args.context,
              "max_chunks": args.max_chunks, "dtype": args.dtype, "backend": args.backend,
              "sinks": args.sinks, "buckets": args.buckets, "past_range": args.past_range}
+    if args.quantize:                      # older results directories stay valid without it
+        setup["quantize"] = args.quantize
     results = Results(args.out, setup, key=("policy", "size", "positions"),
                       fields=["policy", "size", "positions", "ppl", "tokens", "seconds"])
     chunks = evaluate.load_chunks(load_tokenizer(directory), args.text, args.context,
@@ -105,7 +106,7 @@ def run_ppl(args):
     print(f"[msrnn ppl] {len(chunks)} chunks x {args.context} tokens, {len(configs)} "
           f"configurations, {len(configs) - len(todo)} done before", file=log)
     load = functools.partial(load_model, directory, args.dtype, args.device, args.backend,
-                             args.tp, args.compile)
+                             args.tp, args.compile, args.quantize)
     for name, size, policy, scheme, losses, seconds in evaluate.sweep(
             load, chunks, todo, args.batch, args.jobs, log, args.past_range):
         tokens = len(chunks) * losses.numel()
@@ -318,7 +319,8 @@ def run_retention(args):
     layers = plot_layers(args, cfg.n_layers)
     tok = load_tokenizer(directory)
     chunks = evaluate.load_chunks(tok, args.text, args.context, args.max_chunks)
-    model = load_model(directory, args.dtype, args.device, args.backend, args.tp)
+    model = load_model(directory, args.dtype, args.device, args.backend, args.tp,
+                       quantize=args.quantize)
     r = evaluate.retention(model, chunks, args.size, args.batch, record=layers,
                            positions=args.positions, allow_past_range=args.past_range)
     if args.plot:

@@ -7,10 +7,9 @@ import sys
 import time
 
 from . import output
-from .common import (DEFAULT_MODEL, UsageError, add_backend_arg, add_device_args,
-                     add_policy_args, add_positions_args, add_prompt_mode_arg, check_device,
-                     check_out_dir, check_reach, check_seed, load_model, model_config,
-                     policy_help)
+from .common import (DEFAULT_MODEL, UsageError, add_backend_arg, add_device_args, add_policy_args,
+                     add_positions_args, add_prompt_mode_arg, check_decoder_options, check_device,
+                     check_out_dir, check_reach, check_seed, load_model, model_config, policy_help)
 
 
 def add_commands(commands):
@@ -93,9 +92,7 @@ def run_generate(args):
         raise UsageError("--out goes with --prompt-file (one file per row)")
     check_out_dir(args.out)
     policy = policies.from_name(args.policy, args.size, args.sinks)
-    if args.compile and args.backend == "transformers":
-        raise UsageError("--compile compiles msrnn's own decode step; drop it with --backend "
-                         "transformers")
+    check_decoder_options(args.backend, args.compile, args.quantize)
     directory, cfg = model_config(args.model)
     policies.check_fits(policy, cfg.max_positions,
                         f"the model's range of {cfg.max_positions} positions", name="--size")
@@ -107,7 +104,8 @@ def run_generate(args):
                 f"prompt {i} ({len(row)} tokens)") + f" and {args.max_new_tokens} new tokens"
         check_reach(cfg, policy, args.positions, len(row) + max(args.max_new_tokens - 1, 0),
                     what, len(row) if args.prompt_mode == "oneshot" else 0, args.past_range)
-    model = load_model(directory, args.dtype, args.device, args.backend, args.tp)
+    model = load_model(directory, args.dtype, args.device, args.backend, args.tp,
+                       quantize=args.quantize)
 
     writers = [Row(tok, None if args.prompt_file is None else i,
                    None if args.out is None else os.path.join(args.out, f"row-{i}.txt"))

@@ -159,6 +159,8 @@ def run_needle(args):
              "backend": args.backend, "positions": args.positions}
     if args.observe != 1:                  # older results directories stay valid without it
         setup["observe"] = args.observe
+    if args.quantize:                      # older results directories stay valid without it
+        setup["quantize"] = args.quantize
     results = Results(args.out, setup, key=("policy", "size", "length", "depth"), fields=FIELDS)
     cells = [(n, d) for n in lengths for d in depths]
     skipped = sorted({(name, size, n) for name, size, _ in configs for n in lengths
@@ -172,8 +174,8 @@ def run_needle(args):
     print(f"[msrnn needle] {args.task}, {args.prompt_mode} prompts, {len(configs)} "
           f"configurations x {len(cells)} (length, depth) cells x {args.samples} samples; "
           f"{len(todo)} cells to run", file=log)
-    model = load_model(directory, args.dtype, args.device, args.backend, args.tp) if todo \
-        else None
+    model = load_model(directory, args.dtype, args.device, args.backend, args.tp,
+                       quantize=args.quantize) if todo else None
     if todo:             # the first steps of a process are slow: keep them out of the timings
         from ..policies import Full
         needle.answer(model, [haystacks[0][:8]], [Full()], max_new_tokens=2)

@@ -83,6 +83,8 @@ def run_tasks(args):
              "prompt_mode": args.prompt_mode, "observe": args.observe, "chat": chat,
              "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "sinks": args.sinks,
              "backend": args.backend, "positions": args.positions}
+    if args.quantize:                      # older results directories stay valid without it
+        setup["quantize"] = args.quantize
     results = Results(args.out, setup, key=("task", "policy", "size", "length", "depth"),
                       fields=FIELDS)
     todo = [(t, n, d, [c for c in configs if (c[1] is None or c[1] < n) and
@@ -91,8 +93,8 @@ def run_tasks(args):
     print(f"[msrnn tasks] {', '.join(names)}; {args.prompt_mode} prompts (observe "
           f"{args.observe}), {len(configs)} configurations x {len(cells)} cells x "
           f"{args.samples} samples; {len(todo)} cells to run", file=log)
-    model = load_model(directory, args.dtype, args.device, args.backend, args.tp) if todo \
-        else None
+    model = load_model(directory, args.dtype, args.device, args.backend, args.tp,
+                       quantize=args.quantize) if todo else None
     if todo:             # the first steps of a process are slow: keep them out of the timings
         from ..policies import Full
         needle.answer(model, [haystacks[0][:8]], [Full()], max_new_tokens=2)
