@@ -4,16 +4,18 @@
 Four parts, all in one run on one model, prompt and machine (docs/performance.md):
 
   speed       decode tokens/s and peak memory at batch 1: transformers `generate` (DynamicCache),
-              msrnn eager and compiled, Full and TOVA, float32 and bfloat16; each row also as a
-              ratio to transformers in the same dtype and to transformers float32. Every row runs
-              in a fresh process, so its peak resident memory is its own.
+              msrnn eager and compiled, Full and TOVA, float32 and bfloat16 (and int8 weights
+              with float32 activations, `quantize`); each row also as a ratio to transformers in
+              the same dtype and to transformers float32. Every row runs in a fresh process, so
+              its peak resident memory is its own.
   latency     per-token latency as the sequence grows (to 8,192): Full grows, TOVA stays flat.
   throughput  the paper's experiment scaled to this machine: 4,096-token sequences under a fixed
               key-value memory budget (what a batch of 8 full-cache sequences needs); a bounded
               multi-state fits a larger batch. Equal and ragged rows, eager and compiled.
   prefill     prompt tokens/s against transformers' forward.
   ceiling     bytes of weights read per token against the measured memory bandwidth: the
-              fastest batch-1 decoding this machine allows, and each speed as a fraction of it.
+              fastest batch-1 decoding this machine allows, per kind of weights (float32,
+              bfloat16, int8), and each speed as a fraction of its own.
 """
 
 import json
@@ -26,6 +28,7 @@ import time
 import torch
 
 from . import load, policies
+from . import quantize as quantization
 from .policies import Full, TOVA
 from .prompt import prefill
 
@@ -105,7 +108,7 @@ def run_row(spec: dict) -> dict:
         prompt = prompt_ids(spec["prompt_tokens"], cfg["vocab_size"], device)
         result = transformers_speed(spec["model"], prompt, spec["new_tokens"], dtype, device)
     else:
-        model = load(spec["model"], dtype=dtype, device=device)
+        model = load(spec["model"], dtype=dtype, device=device, quantize=spec["quantize"])
         prompt = prompt_ids(spec["prompt_tokens"], model.cfg.vocab_size, device)
         policy = policies.from_name(spec["policy"], spec["size"])
         result = msrnn_speed(model, prompt, policy, spec["new_tokens"],
@@ -114,26 +117,32 @@ def run_row(spec: dict) -> dict:
 
 
 def speed(model: str, dtypes, device: str, size: int, prompt_tokens: int, new_tokens: int,
-          compiled: bool = True, log=sys.stderr):
+          compiled: bool = True, quantize: str | None = None, log=sys.stderr):
     """Batch-1 decode speed rows: transformers, msrnn eager (and compiled), Full and TOVA(size),
-    for each dtype, each row in a fresh process."""
+    for each dtype, each row in a fresh process; with `quantize`, msrnn's rows again with those
+    weights and float32 activations. A row's `weights` is its dtype or `quantize`."""
     rows = []
     impls = ["transformers", "msrnn eager"] + (["msrnn compiled"] if compiled else [])
-    for dtype in dtypes:
-        for impl in impls:
+    kinds = [(dtype, dtype, impls) for dtype in dtypes]
+    if quantize:
+        kinds.append((quantize, "float32", impls[1:]))
+    for weights, dtype, kind_impls in kinds:
+        for impl in kind_impls:
             for policy in (["full"] if impl == "transformers" else ["full", "tova"]):
                 spec = {"impl": impl, "policy": policy, "size": size if policy != "full"
-                        else None, "dtype": dtype, "model": model, "device": device,
-                        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
+                        else None, "dtype": dtype, "weights": weights, "model": model,
+                        "device": device, "prompt_tokens": prompt_tokens,
+                        "new_tokens": new_tokens,
+                        "quantize": None if weights == dtype else weights}
                 out = subprocess.run([sys.executable, "-m", "msrnn.bench", json.dumps(spec)],
                                      capture_output=True, text=True)
                 if out.returncode != 0:
                     raise RuntimeError(f"benchmark row {spec} failed:\n{out.stderr[-3000:]}")
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(row)
-                print(f"  {impl:15s} {policy:5s} {dtype:9s} {row['tok_s']:7.1f} tok/s  peak "
+                print(f"  {impl:15s} {policy:5s} {weights:9s} {row['tok_s']:7.1f} tok/s  peak "
                       f"{row['peak_mb']:7.0f} MB", file=log, flush=True)
-    for row in rows:
+    for row in rows:                      # int8 rows: against transformers' float32 (their dtype)
         same = next(r for r in rows if r["impl"] == "transformers" and r["dtype"] == row["dtype"])
         fp32 = next((r for r in rows if r["impl"] == "transformers" and r["dtype"] == "float32"),
                     same)
@@ -298,22 +307,28 @@ def read_bandwidth_gbs(device, mb: int = 1024) -> float:
     return x.numel() * 4 / best / 1e9
 
 
-def weight_bytes_per_token(model, dtype) -> int:
-    """Bytes of weights a batch-1 step reads: every matrix once (a tied embedding once, as the
-    LM head; the embedding lookup reads one row)."""
-    size = torch.finfo(getattr(torch, dtype)).bits // 8
-    n = sum(p.numel() for name, p in model.named_parameters())
-    return n * size
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights a batch-1 step of `model` (as loaded: its dtype, int8 or not) reads:
+    every projection, scale, norm and the LM head once; the embedding table only where it is
+    the LM head (tied, not quantized), as a lookup reads one row of it."""
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    del tensors["rope.inv_freq"]                            # computed, not weights
+    if model.lm_head is not None:
+        del tensors["embed.weight"]
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def ceiling(model, device, dtypes) -> dict:
+def ceiling(directory: str, device, kinds) -> dict:
     """The fastest batch-1 decoding this machine allows: read bandwidth against the bytes of
-    weights a step reads, per dtype."""
+    weights a step reads, per kind of weights: a dtype (float32, bfloat16) or int8."""
     gbs = read_bandwidth_gbs(device)
     out = {"read_gb_s": gbs}
-    for dtype in dtypes:
-        nbytes = weight_bytes_per_token(model, dtype)
-        out[dtype] = {"weight_mb_per_token": nbytes / 2**20, "max_tok_s": gbs * 1e9 / nbytes}
+    for kind in kinds:
+        quantize = kind if kind in quantization.KINDS else None
+        model = load(directory, dtype=torch.float32 if quantize else getattr(torch, kind),
+                     device=device, quantize=quantize)
+        nbytes = weight_bytes_per_token(model)
+        out[kind] = {"weight_mb_per_token": nbytes / 2**20, "max_tok_s": gbs * 1e9 / nbytes}
     return out
 
 

@@ -13,25 +13,36 @@ def test_bench_latency_throughput_ceiling(tmp_path, capsys):
     code = cli.main(["bench", model, "--parts", "prefill,latency,throughput,ceiling", "--lengths",
                      "64,128", "--latency-size", "16", "--length", "256", "--full-batch", "2",
                      "--throughput-sizes", "32,16", "--dtypes", "float32", "--prefill-tokens",
-                     "48", "--size", "8", "--no-compile", "--out", str(out)])
+                     "48", "--size", "8", "--no-compile", "--quantize", "int8",
+                     "--out", str(out)])
     assert code == 0
     report = json.loads((out / "bench.json").read_text())
     assert [(r["policy"], r["size"], r["length"]) for r in report["latency"]] == [
         ("full", None, 64), ("full", None, 128), ("tova", 16, 64), ("tova", 16, 128)]
     assert all(r["ms"] > 0 for r in report["latency"])
     # The key-value budget holds 2 full sequences of 256 tokens = 512 slots; TOVA(k) needs k + 1.
+    # The same table with int8 weights: the key-value budget is the same (float32 states).
     rows = report["throughput"]
-    assert [(r["policy"], r["size"], r["batch"], r["ragged"]) for r in rows] == [
-        ("full", None, 2, False), ("tova", 32, 512 // 33, False), ("tova", 16, 512 // 17, False),
-        ("full", None, 2, True), ("tova", 32, 512 // 33, True), ("tova", 16, 512 // 17, True)]
-    assert rows[0]["vs_full"] == rows[3]["vs_full"] == 1 and all(r["tok_s"] > 0 for r in rows)
+    assert [(r["weights"], r["policy"], r["size"], r["batch"], r["ragged"]) for r in rows] == [
+        (w, *row) for w in ("float32", "int8") for row in [
+            ("full", None, 2, False), ("tova", 32, 512 // 33, False),
+            ("tova", 16, 512 // 17, False), ("full", None, 2, True),
+            ("tova", 32, 512 // 33, True), ("tova", 16, 512 // 17, True)]]
+    assert all(rows[i]["vs_full"] == 1 for i in (0, 3, 6, 9))
+    assert all(r["tok_s"] > 0 for r in rows)
     assert [(r["impl"], r["policy"], r["mode"]) for r in report["prefill"]] == [
         ("transformers", "full", "-"), ("msrnn", "full", "-"), ("msrnn", "tova(8)", "oneshot"),
         ("msrnn", "tova(8)", "sequential")]
     assert all(r["tok_s"] > 0 for r in report["prefill"])
-    # 2 layers of (q 64 + k, v 2 * 32 + o 64) x 64 + MLP 3 x 64 x 96, norms, embeddings and head.
-    n_params = 2 * (128 * 64 + 64 * 64 + 3 * 64 * 96 + 2 * 64) + 64 + 2 * 128 * 64
+    # 2 layers of (q 64 + k, v 2 * 32 + o 64) x 64 + MLP 3 x 64 x 96, their norms, the final norm
+    # and the (untied) head; the embedding table is only looked up, one row a token.
+    matrices = 128 * 64 + 64 * 64 + 3 * 64 * 96
+    n_params = 2 * (matrices + 2 * 64) + 64 + 128 * 64
     assert report["ceiling"]["float32"]["weight_mb_per_token"] == n_params * 4 / 2**20
+    # int8: a byte per matrix entry, a float32 scale per output row (q/k/v 128, o 64, gate/up
+    # 192, down 64; head 128), the norms in float32.
+    int8 = 2 * (matrices + 4 * (128 + 64 + 192 + 64) + 4 * 2 * 64) + 4 * 64 + 128 * 64 + 4 * 128
+    assert report["ceiling"]["int8"]["weight_mb_per_token"] == int8 / 2**20
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
-    assert "| tova(32) | 15 |" in printed and "| full | eager | 128 |" in printed
+    assert "| tova(32) | float32 | 15 |" in printed and "| tova(32) | int8 | 15 |" in printed and "| full | eager | 128 |" in printed

@@ -17,6 +17,8 @@ def add_commands(commands):
     b.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     b.add_argument("--parts", default=",".join(PARTS), help=f"from: {', '.join(PARTS)}")
     b.add_argument("--dtypes", default="float32,bfloat16")
+    b.add_argument("--quantize", choices=("int8",), help="also msrnn's rows with these weights "
+                   "(float32 activations): speed, throughput and their ceiling")
     b.add_argument("--prompt-tokens", type=int, default=128)
     b.add_argument("--new-tokens", type=int, default=128)
     b.add_argument("--size", type=int, default=64, help="TOVA size in the speed table")
@@ -75,7 +77,8 @@ def run_bench(args):
         print("[msrnn bench] speed (each row in a fresh process)", file=log)
         report["speed"] = bench.speed(directory, dtypes, args.device, args.size,
                                       args.prompt_tokens, args.new_tokens,
-                                      compiled=not args.no_compile, log=log)
+                                      compiled=not args.no_compile, quantize=args.quantize,
+                                      log=log)
     if "prefill" in parts:
         print(f"[msrnn bench] prefill: a {args.prefill_tokens}-token prompt, float32, batch 1",
               file=log)
@@ -84,22 +87,30 @@ def run_bench(args):
     model = load(directory, dtype=torch.float32, device=device)
     compiled = None if args.no_compile else load(directory, dtype=torch.float32,
                                                  device=device).compile_step()
+    weights = [("float32", model, compiled)]
+    if args.quantize and "throughput" in parts:
+        q = load(directory, dtype=torch.float32, device=device, quantize=args.quantize)
+        weights.append((args.quantize, q, None if args.no_compile else load(
+            directory, dtype=torch.float32, device=device, quantize=args.quantize).compile_step()))
     if "latency" in parts:
         print("[msrnn bench] latency against sequence length, float32, batch 1", file=log)
         report["latency"] = bench.latency(compiled if args.compile_latency else model, lengths,
                                           args.latency_size, log, compiled=compiled)
     if "throughput" in parts:
         print(f"[msrnn bench] throughput under a key-value budget of {args.full_batch} full "
-              f"sequences of {args.length} tokens, float32", file=log)
+              f"sequences of {args.length} tokens, float32 activations and multi-states",
+              file=log)
         report["throughput"] = [
-            row for ragged in (False, True) for step, is_compiled in
-            [(model, False)] + ([(compiled, True)] if compiled is not None else [])
+            {**row, "weights": kind} for kind, eager, step_compiled in weights
+            for ragged in (False, True) for step, is_compiled in
+            [(eager, False)] + ([(step_compiled, True)] if step_compiled is not None else [])
             for row in bench.throughput(step, args.length, args.full_batch, sizes, log,
                                         ragged=ragged, compiled=is_compiled)]
     if "ceiling" in parts:
-        report["ceiling"] = bench.ceiling(model, device, dtypes)
+        report["ceiling"] = bench.ceiling(directory, device,
+                                          dtypes + ([args.quantize] if args.quantize else []))
         for row in report.get("speed", []):
-            row["of_ceiling"] = row["tok_s"] / report["ceiling"][row["dtype"]]["max_tok_s"]
+            row["of_ceiling"] = row["tok_s"] / report["ceiling"][row["weights"]]["max_tok_s"]
         print(f"[msrnn bench] ceiling: read bandwidth {report['ceiling']['read_gb_s']:.1f} GB/s",
               file=log)
     print_report(report)
@@ -117,13 +128,14 @@ def name(row) -> str:
 
 def print_report(r):
     if "speed" in r:
-        print("\n| implementation | policy | dtype | decode tok/s | vs transformers (same dtype) "
-              "| vs transformers fp32 | of ceiling | peak MB | multi-state MB |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n| implementation | policy | weights | activations | decode tok/s | vs "
+              "transformers (same activations) | vs transformers fp32 | of ceiling | peak MB | "
+              "multi-state MB |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for s in r["speed"]:
             policy = name(s)
             ceiling = f"{s['of_ceiling']:.0%}" if "of_ceiling" in s else "-"
-            print(f"| {s['impl']} | {policy} | {s['dtype']} | {s['tok_s']:.1f} | "
+            print(f"| {s['impl']} | {policy} | {s['weights']} | {s['dtype']} | {s['tok_s']:.1f} | "
                   f"{s['vs_transformers']:.2f}x | {s['vs_transformers_fp32']:.2f}x | {ceiling} | "
                   f"{s['peak_mb']:.0f} | {s['state_mb']:.1f} |")
     if "latency" in r:
@@ -139,15 +151,17 @@ def print_report(r):
             print(f"| {s['impl']} | {s['policy']} | {s['mode']} | {s['tok_s']:.0f} | "
                   f"{s['vs_transformers']:.2f}x |")
     if "throughput" in r:
-        print("\n| policy | batch | rows | step | key-value budget MB | tok/s | vs full (same rows "
-              "and step) |")
-        print("|---|---|---|---|---|---|---|")
+        print("\n| policy | weights | batch | rows | step | key-value budget MB | tok/s | vs full "
+              "(same weights, rows and step) |")
+        print("|---|---|---|---|---|---|---|---|")
         for s in r["throughput"]:
-            print(f"| {name(s)} | {s['batch']} | {'ragged' if s['ragged'] else 'equal'} | "
+            print(f"| {name(s)} | {s['weights']} | {s['batch']} | "
+                  f"{'ragged' if s['ragged'] else 'equal'} | "
                   f"{'compiled' if s['compiled'] else 'eager'} | {s['kv_budget_mb']:.0f} | "
                   f"{s['tok_s']:.1f} | {s['vs_full']:.2f}x |")
         print("\nfastest step per row: " + "; ".join(
-            f"{name(v)} {'ragged' if v['ragged'] else 'equal'}: {v['tok_s']:.1f} tok/s "
+            f"{name(v)} {v['weights']} {'ragged' if v['ragged'] else 'equal'}: "
+            f"{v['tok_s']:.1f} tok/s "
             f"({'compiled' if v['compiled'] else 'eager'})"
             for v in fastest(r["throughput"]).values()))
     if "ceiling" in r:
@@ -158,10 +172,11 @@ def print_report(r):
 
 
 def fastest(rows) -> dict:
-    """(policy, size, ragged) -> the throughput row of the faster step, eager or compiled."""
+    """(policy, size, ragged, weights) -> the throughput row of the faster step, eager or
+    compiled."""
     best = {}
     for row in rows:
-        key = (row["policy"], row["size"], row["ragged"])
+        key = (row["policy"], row["size"], row["ragged"], row["weights"])
         if key not in best or row["tok_s"] > best[key]["tok_s"]:
             best[key] = row
     return best
@@ -179,8 +194,9 @@ def plot(latency_rows, throughput_rows, path):
     a.set_ylim(bottom=0)
     a.legend()
     a.grid(alpha=0.3)
-    equal = [r for (_, _, ragged), r in fastest(throughput_rows).items() if not ragged]
+    equal = [r for (_, _, ragged, _), r in fastest(throughput_rows).items() if not ragged]
     labels = [(r["policy"] if r["size"] is None else f"{r['policy']} {r['size']}") +
+              ("" if r["weights"] == "float32" else f" {r['weights']}") +
               f"\nbatch {r['batch']}" for r in equal]
     b.bar(labels, [r["tok_s"] for r in equal], color="tab:green")
     b.set_ylabel("tokens/s under one key-value budget")
