@@ -57,6 +57,13 @@ def total(x, group):
     return x
 
 
+def largest(x, group):
+    """x's elementwise max over the group's ranks, in place (x itself without a group)."""
+    if group is not None:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+    return x
+
+
 def mean(x, dims: tuple, group):
     """The mean of x over dimensions `dims` that hold heads, over the heads of every rank: each
     rank sums its own and counts them, one all-reduce adds both up (ranks may hold different

@@ -25,11 +25,13 @@ from .model import Linear, Transformer, linear
 KINDS = ("int8",)            # what `msrnn.load(..., quantize=)` and `--quantize` accept
 
 
-def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_rows(w: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """W [out, in] -> (Q int8 [out, in], s float32 [out]) with W ≈ Q * s[:, None], each row
-    rounded to nearest over its own symmetric range (an all-zero row gets s = 1, Q = 0)."""
+    rounded to nearest over its own symmetric range (an all-zero row gets s = 1, Q = 0).
+    group: W is this rank's columns of a row-parallel projection; the range is the whole row's,
+    the max over the ranks, so that the ranks quantize as one process would."""
     w = w.detach().float()
-    s = w.abs().amax(1) / 127
+    s = groups.largest(w.abs().amax(1), group) / 127
     s = torch.where(s > 0, s, torch.ones_like(s))
     return torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8), s
 
@@ -43,12 +45,12 @@ class Int8Linear(nn.Module):
     product (a CPU kernel); otherwise Q is widened to x's dtype for the library's matrix product
     (a prompt's many rows amortize that copy; on CUDA, compiled, inductor fuses it).
 
-    `group`: a row-parallel projection's tensor-parallel group (msrnn.tp.RowLinear), whose
-    partial products are summed over the ranks."""
+    `group`: a row-parallel projection's tensor-parallel group (msrnn.tp.RowLinear): its rows'
+    scales are the whole rows', and its partial products are summed over the ranks."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group=None):
         super().__init__()
-        q, s = int8_rows(weight)
+        q, s = int8_rows(weight, group)
         self.register_buffer("weight", q)                                # [out, in] int8
         self.register_buffer("scale", s.to(weight.dtype))               # [out]
         self.bias, self.group = bias, group

@@ -72,6 +72,8 @@ def ranks_uneven(directory):
     model = msrnn.load(directory, dtype=torch.float64, tp=2)
     out = {(repr(p), mode): run(model, p, mode, 40) for p in policies()
            for mode in ("oneshot", "sequential")}
+    int8 = msrnn.load(directory, dtype=torch.float64, tp=2, quantize="int8")
+    out["int8"] = run(int8, TOVA(K), "sequential", 40)
     out["kv"] = model.plan.kv
     return out
 
@@ -200,6 +202,9 @@ def test_an_uneven_split_equals_one_process(tiny, tmp_path):
     one = msrnn.load(directory, dtype=torch.float64)
     reference = {(repr(p), mode): run(one, p, mode, 40) for p in policies()
                  for mode in ("oneshot", "sequential")}
+    # int8 weights: a row-parallel shard's rows take the whole row's scale, as one process's
+    reference["int8"] = run(msrnn.load(directory, dtype=torch.float64, quantize="int8"),
+                            TOVA(K), "sequential", 40)
     assert [r["kv"] for r in ranks] == [(0, 2), (2, 3)]
     assert_same(ranks, reference, list(reference))
 
