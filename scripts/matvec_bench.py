@@ -11,7 +11,11 @@ q/k/v, output, gate/up and down matrices, for M rows, four ways:
     compiled sum         torch.compile of (x[:, None, :] * W).sum(-1), which inductor turns
                          into its own vectorized loop: what msrnn compiles for one row
 
-    python scripts/matvec_bench.py [--rows 1,2,4,8] [--dtypes float32,bfloat16]
+int8 (msrnn.quantize: int8 W, a float32 scale per row, float32 x): the library column widens W
+to float32 for F.linear (eager, a copy per call), "compiled F.linear" is the same compiled, and
+"compiled sum" is the loop msrnn compiles, reading 1 byte per weight; W is stored [out, in] only.
+
+    python scripts/matvec_bench.py [--rows 1,2,4,8] [--dtypes float32,bfloat16,int8]
 """
 
 import argparse
@@ -37,7 +41,7 @@ def seconds(f, repeat=10):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="1,2,4,8")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default="float32,bfloat16,int8")
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per pass over "
@@ -46,6 +50,9 @@ def main():
           "compiled sum |")
     print("|---|---|---|---|---|---|")
     for name in args.dtypes.split(","):
+        if name == "int8":
+            int8_rows(name, [int(r) for r in args.rows.split(",")])
+            continue
         dtype = getattr(torch, name)
         out_in = [[torch.randn(o, i, dtype=dtype) for i, o in SHAPES] for _ in range(LAYERS)]
         in_out = [[w.t().contiguous() for w in layer] for layer in out_in]
@@ -67,6 +74,27 @@ def main():
                                           torch.compile(summed))]
             print(f"| {name} | {rows} | " + " | ".join(
                 f"{s * 1e3:.1f} ({nbytes / s / 1e9:.0f})" for s in cells) + " |", flush=True)
+
+
+def int8_rows(name, all_rows):
+    """The int8 rows of the table: int8 W [out, in] with a scale per row, float32 x."""
+    ws = [[(torch.randint(-127, 128, (o, i), dtype=torch.int8), torch.rand(o))
+           for i, o in SHAPES] for _ in range(LAYERS)]
+    nbytes = sum(w.numel() + 4 * s.numel() for layer in ws for w, s in layer)
+    for rows in all_rows:
+        xs = {i: torch.randn(rows, i) for i, _ in SHAPES}
+
+        def library():
+            return [F.linear(xs[i], w.float()) * s for layer in ws
+                    for (i, _), (w, s) in zip(SHAPES, layer)]
+
+        def summed():
+            return [(xs[i][:, None, :] * w.float()).sum(-1) * s for layer in ws
+                    for (i, _), (w, s) in zip(SHAPES, layer)]
+
+        cells = [seconds(f) for f in (library, torch.compile(library), torch.compile(summed))]
+        a, b, c = (f"{t * 1e3:.1f} ({nbytes / t / 1e9:.0f})" for t in cells)
+        print(f"| {name} | {rows} | {a} | - | {b} | {c} |", flush=True)
 
 
 if __name__ == "__main__":
