@@ -6,9 +6,9 @@ policy, and this reports per policy:
 
     first_divergence   the mean step at which int8's tokens first differ from float's
     same_tokens        the fraction of the N positions where the two generations agree
-    top1_forced        teacher-forced agreement: on float's own text, the fraction of positions
-                       where int8's greedy choice is float's (free of the compounding that
-                       follows a first difference)
+    top1_forced        Full only: teacher-forced agreement, on float's own text, the fraction
+                       of positions where int8's greedy choice is float's (free of the
+                       compounding that follows a first difference)
     full_ppl           the float Full model's perplexity of each model's text
 
     python scripts/int8_agreement.py weights/SmolLM2-135M-Instruct --new-tokens 512
@@ -66,12 +66,13 @@ def main(argv=None):
         policy = policies.from_name(name, int(size) if size else None)
         a = drift.run(float_model, prompts, policy, args.new_tokens, eos_ids=set())
         b = drift.run(int8_model, prompts, policy, args.new_tokens, eos_ids=set())
-        forced = [x for p, t in zip(prompts, a) for x in forced_top1(int8_model, p, t)]
+        forced = [x for p, t in zip(prompts, a) for x in forced_top1(int8_model, p, t)] \
+            if policy == Full() else None
         same = [x == y for s, t in zip(a, b) for x, y in zip(s, t)]
         report.append({
             "policy": str(policy), "prompts": len(prompts), "new_tokens": args.new_tokens,
             "first_divergence": sum(drift.first_divergence(s, t) for s, t in zip(b, a)) / len(a),
-            "same_tokens": sum(same) / len(same), "top1_forced": sum(forced) / len(forced),
+            "same_tokens": sum(same) / len(same), "top1_forced": forced and sum(forced) / len(forced),
             "full_ppl_float": drift.measure(float_model, prompts, a, a)["full_ppl"],
             "full_ppl_int8": drift.measure(float_model, prompts, b, a)["full_ppl"]})
     print("| policy | first divergence (mean step) | same tokens | teacher-forced top-1 | "
@@ -79,7 +80,8 @@ def main(argv=None):
     print("|---|---|---|---|---|---|")
     for r in report:
         print(f"| {r['policy']} | {r['first_divergence']:.1f} | {r['same_tokens']:.1%} | "
-              f"{r['top1_forced']:.1%} | {r['full_ppl_float']:.2f} | {r['full_ppl_int8']:.2f} |")
+              f"{'-' if r['top1_forced'] is None else format(r['top1_forced'], '.1%')} | "
+              f"{r['full_ppl_float']:.2f} | {r['full_ppl_int8']:.2f} |")
     if args.out:
         from msrnn.cli.output import write_atomic
         write_atomic(args.out, json.dumps(report, indent=1))
