@@ -212,8 +212,9 @@ def shortest_latency_length(steps: int = 12, rounds: int = 3) -> int:
 
 
 def kv_bytes_per_slot(model) -> int:
-    c, p = model.cfg, next(model.parameters())
-    return 2 * c.n_layers * c.n_kv_heads * c.head_dim * p.element_size()
+    """A slot's key and value in every layer, in the multi-state's dtype (a model or a Compiled)."""
+    s = model.shape
+    return 2 * s.layers * s.kv_heads * s.head_dim * torch.finfo(s.dtype).bits // 8
 
 
 def throughput(model, length: int, full_batch: int, sizes, log=sys.stderr, ragged=False,

@@ -3,8 +3,16 @@ benchmarks, not tested; the arithmetic around them is)."""
 
 import json
 
-from msrnn import cli
+import msrnn
+from msrnn import bench, cli
 from tiny import save, tiny_hf
+
+
+def test_kv_bytes_per_slot_of_a_model_and_its_compiled_step(tmp_path):
+    """A slot: a key and a value of head_dim 16 for 2 KV heads in 2 layers, float32."""
+    model = msrnn.load(save(tiny_hf("llama"), tmp_path / "model"))
+    assert bench.kv_bytes_per_slot(model) == 2 * 2 * 2 * 16 * 4
+    assert bench.kv_bytes_per_slot(model.compile_step()) == 2 * 2 * 2 * 16 * 4
 
 
 def test_bench_latency_throughput_ceiling(tmp_path, capsys):
