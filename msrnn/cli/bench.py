@@ -5,8 +5,8 @@ import json
 import os
 import sys
 
-from .common import (DEFAULT_MODEL, DTYPES, UsageError, check_device, check_out_dir,
-                     check_positive, model_config, parse_list)
+from .common import (DEFAULT_MODEL, DTYPES, QUANTIZE, UsageError, check_device,
+                     check_out_dir, check_positive, model_config, parse_list)
 from .output import figure, save_figure, write_atomic
 
 PARTS = ("speed", "prefill", "latency", "throughput", "ceiling")
@@ -17,7 +17,7 @@ def add_commands(commands):
     b.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     b.add_argument("--parts", default=",".join(PARTS), help=f"from: {', '.join(PARTS)}")
     b.add_argument("--dtypes", default="float32,bfloat16")
-    b.add_argument("--quantize", choices=("int8",), help="also msrnn's rows with these weights "
+    b.add_argument("--quantize", choices=QUANTIZE, help="also msrnn's rows with these weights "
                    "(float32 activations): speed, throughput and their ceiling")
     b.add_argument("--prompt-tokens", type=int, default=128)
     b.add_argument("--new-tokens", type=int, default=128)

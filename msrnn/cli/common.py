@@ -4,6 +4,7 @@ any expensive work (arguments, devices, ranges, output directories)."""
 import os
 
 from ..loading import DEFAULT_MODEL                    # a name: found in the model home
+from ..quantize import KINDS as QUANTIZE
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -32,7 +33,7 @@ def add_policy_args(parser, multiple=False):
 def add_device_args(parser):
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--quantize", choices=("int8",), help="int8: weight-only int8 "
+    parser.add_argument("--quantize", choices=QUANTIZE, help="int8: weight-only int8 "
                         "projections and LM head, one scale per output channel, activations in "
                         "--dtype (msrnn's decoder; docs/performance.md)")
 
