@@ -111,18 +111,24 @@ def build_prompts(tok, haystacks: list[list[int]], length: int, depth: float, sa
         if hay < 0:
             raise ValueError(f"length {length} is too short: the template, fact and question "
                              f"alone take {length - hay} tokens")
-        usable = [h for h in haystacks if len(h) >= hay]
-        if not usable:
-            raise ValueError(f"every haystack is shorter than the {hay} tokens a {length}-token "
-                             f"prompt needs; give a longer text")
-        source = usable[rng.randrange(len(usable))]
-        offset = rng.randrange(len(source) - hay + 1)
-        passage = source[offset:offset + hay]
+        text = passage(rng, haystacks, hay, f"a {length}-token prompt")
         before = min(max(round(depth * length) - len(head), 0), hay)
-        rows.append(head + passage[:before] + fact + passage[before:] + q + tail)
+        rows.append(head + text[:before] + fact + text[before:] + q + tail)
         numbers.append(n)
         where.append(len(head) + before)
     return torch.tensor(rows), numbers, where
+
+
+def passage(rng, haystacks, n: int, what: str = "a prompt") -> list[int]:
+    """n consecutive tokens of a haystack long enough, the haystack and the offset drawn from
+    rng (the needle and the tasks cut their passages this one way)."""
+    usable = [h for h in haystacks if len(h) >= n]
+    if not usable:
+        raise ValueError(f"every haystack is shorter than the {n} tokens {what} needs; give a "
+                         f"longer text")
+    source = usable[rng.randrange(len(usable))]
+    offset = rng.randrange(len(source) - n + 1)
+    return source[offset:offset + n]
 
 
 FIVE_DIGITS = re.compile(r"(?<!\d)\d{5}(?!\d)")

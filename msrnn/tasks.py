@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .needle import FILLER, plain, template
+from .needle import FILLER, passage, plain, template
 
 NIAH = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery")
 TASKS = NIAH + ("vt", "cwe", "fwe")
@@ -240,19 +240,13 @@ def build(tok, task, haystacks, words, length, depth, samples, seed, chat=True):
 def weave(rng, haystacks, inserts, n):
     """A passage of n tokens from a random haystack and offset, each insert (depth, ids) placed
     at token round(depth * n) of it (in depth order)."""
-    usable = [h for h in haystacks if len(h) >= n]
-    if not usable:
-        raise ValueError(f"every haystack is shorter than the {n} tokens a prompt needs; give a "
-                         f"longer text")
-    source = usable[rng.randrange(len(usable))]
-    offset = rng.randrange(len(source) - n + 1)
-    passage = source[offset:offset + n]
+    text = passage(rng, haystacks, n)
     out, at = [], 0
     for d, ids in sorted(inserts, key=lambda x: x[0]):
         cut = min(max(round(d * n), at), n)
-        out += passage[at:cut] + ids
+        out += text[at:cut] + ids
         at = cut
-    return out + passage[at:]
+    return out + text[at:]
 
 
 def noise(tok, length: int) -> list[list[int]]:
