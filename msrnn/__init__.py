@@ -4,11 +4,11 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import policies, positions
 from .config import Config
-from .loading import download, load
+from .checkpoint.loading import download, load
 from .model import Transformer
 from .generate import generate
 from .state import MultiState
-from .tokenizer import load_tokenizer
+from .checkpoint.tokenizer import load_tokenizer
 
 try:
     __version__ = version("msrnn")        # pyproject.toml's, as installed: its one source

@@ -13,7 +13,7 @@ units. Then
 and the embedding, the norms and the LM head are replicated, so every rank ends a step with the
 same logits. A layer-wise policy's score is reduced across ranks by the multi-state itself
 (msrnn.group.mean, through Shape.group). Each rank reads only its rows and columns from the
-safetensors files (msrnn.loading.load(..., tp=N) with a `Plan`): no rank holds the whole model.
+safetensors files (msrnn.load(..., tp=N) with a `Plan`): no rank holds the whole model.
 """
 
 from dataclasses import dataclass, replace

@@ -25,10 +25,11 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import msrnn                                                   # noqa: E402
-from msrnn import drift, policies                              # noqa: E402
+from msrnn.experiments import drift
+from msrnn import policies                              # noqa: E402
 from msrnn.data import BOOKS                                   # noqa: E402
-from msrnn.evaluate import read_text                           # noqa: E402
-from msrnn.needle import haystack_ids                          # noqa: E402
+from msrnn.experiments.evaluate import read_text                           # noqa: E402
+from msrnn.experiments.needle import haystack_ids                          # noqa: E402
 from msrnn.policies import Full                                # noqa: E402
 from msrnn.prompt import prefill                               # noqa: E402
 

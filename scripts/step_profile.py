@@ -27,7 +27,7 @@ import torch._inductor.config
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import msrnn                                                   # noqa: E402
-from msrnn.bench import prompt_ids, weight_bytes_per_token     # noqa: E402
+from msrnn.experiments.bench import prompt_ids, weight_bytes_per_token     # noqa: E402
 from msrnn.policies import TOVA                                # noqa: E402
 from msrnn.prompt import prefill                               # noqa: E402
 

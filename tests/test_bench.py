@@ -4,7 +4,8 @@ benchmarks, not tested; the arithmetic around them is)."""
 import json
 
 import msrnn
-from msrnn import bench, cli
+from msrnn.experiments import bench
+from msrnn import cli
 from tiny import save, tiny_hf
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import msrnn
-from msrnn import convert, data
+from msrnn.checkpoint import convert
+from msrnn import data
 from msrnn.prompt import prefill
 
 REPO = Path(__file__).resolve().parent.parent

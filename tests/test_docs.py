@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from msrnn.evaluate import load_chunks, perplexity
+from msrnn.experiments.evaluate import load_chunks, perplexity
 from msrnn.policies import TOVA
 from test_convert import BOOKS, default_model_dir
 

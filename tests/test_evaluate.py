@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import msrnn
-from msrnn import cli, evaluate
+from msrnn import cli
+from msrnn.experiments import evaluate
 from msrnn.cli import output
 from msrnn.policies import TOVA, Sinks, Window
 from reference import Reference, Rule

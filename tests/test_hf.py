@@ -17,7 +17,7 @@ from transformers import (BertConfig, BertModel, DynamicCache, Gemma2Config, Gem
                           Qwen3Config, Qwen3ForCausalLM)
 
 import msrnn
-import msrnn.evaluate
+import msrnn.experiments.evaluate
 import msrnn.hf
 from msrnn.hf import MultiStateCache
 from msrnn.policies import H2O, REGISTRY, TOVA, Full, from_name
@@ -181,7 +181,7 @@ def test_sequential_equals_msrnn_prefill(llama, name):
     ours = torch.cat(ours, 1)
     assert (ours - theirs).abs().max() <= TOL
     assert kept(cache, 2) == kept(state, 2)
-    nll = msrnn.evaluate.chunk_nll(msrnn.hf.Backend(hf), ids, policy)
+    nll = msrnn.experiments.evaluate.chunk_nll(msrnn.hf.Backend(hf), ids, policy)
     expect = torch.nn.functional.cross_entropy(theirs[0, :-1].float(), ids[0, 1:],
                                                reduction="none")
     assert nll.shape == (1, 39) and (nll[0] - expect).abs().max() <= 1e-4

@@ -1,7 +1,7 @@
 """msrnn as an installed tool: models are found by name in the model home from any directory, and
 the built wheel, installed into a fresh virtual environment, runs from an empty directory.
 
-The lookup order (msrnn.loading.resolve): a directory as given; NAME in the model home
+The lookup order (msrnn.checkpoint.loading.resolve): a directory as given; NAME in the model home
 ($MSRNN_HOME); weights/NAME under the current directory (a clone); a Hub repo id downloaded."""
 
 import os
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 import msrnn
-from msrnn import convert
-from msrnn.loading import DEFAULT_MODEL, CheckpointError, home, resolve
+from msrnn.checkpoint import convert
+from msrnn.checkpoint.loading import DEFAULT_MODEL, CheckpointError, home, resolve
 from test_hostile import refused, run
 from tiny import save, save_char_tokenizer, tiny_hf
 

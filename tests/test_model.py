@@ -141,7 +141,7 @@ def checkpoint(tmp_path):
 
 
 def test_missing_directory(tmp_path):
-    with pytest.raises(msrnn.loading.CheckpointError, match="model directory not found"):
+    with pytest.raises(msrnn.checkpoint.loading.CheckpointError, match="model directory not found"):
         msrnn.load(str(tmp_path / "no-such-model"))
 
 
@@ -171,7 +171,7 @@ def test_truncated_safetensors(checkpoint):
     path = os.path.join(checkpoint, "model.safetensors")
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
-    with pytest.raises(msrnn.loading.CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(msrnn.checkpoint.loading.CheckpointError, match="corrupt or truncated"):
         msrnn.load(checkpoint)
 
 
@@ -180,7 +180,7 @@ def test_weight_of_wrong_shape(checkpoint):
     weights = load_file(path)
     weights["model.layers.1.mlp.up_proj.weight"] = torch.zeros(95, 64)
     save_file(weights, path, metadata={"format": "pt"})
-    with pytest.raises(msrnn.loading.CheckpointError,
+    with pytest.raises(msrnn.checkpoint.loading.CheckpointError,
                        match=r"'model.layers.1.mlp.up_proj.weight' has shape \[95, 64\], but "
                              r"config.json implies \[96, 64\]"):
         msrnn.load(checkpoint)
@@ -191,7 +191,7 @@ def test_missing_weight(checkpoint):
     weights = load_file(path)
     del weights["model.layers.1.self_attn.v_proj.weight"]
     save_file(weights, path, metadata={"format": "pt"})
-    with pytest.raises(msrnn.loading.CheckpointError,
+    with pytest.raises(msrnn.checkpoint.loading.CheckpointError,
                        match="has no weight 'model.layers.1.self_attn.v_proj.weight'"):
         msrnn.load(checkpoint)
 
@@ -199,7 +199,7 @@ def test_missing_weight(checkpoint):
 def test_unreachable_hub_says_where_to_put_files(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("MSRNN_HOME", str(tmp_path))            # a repo id goes to the model home
-    with pytest.raises(msrnn.loading.CheckpointError,
+    with pytest.raises(msrnn.checkpoint.loading.CheckpointError,
                        match=f"to {tmp_path / 'No-Such-Model'}/ and pass that directory"):
         msrnn.load("nobody-here/No-Such-Model")
 

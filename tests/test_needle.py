@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import msrnn
-from msrnn import needle
+from msrnn.experiments import needle
 from msrnn.data import BOOKS                      # the two books msrnn ships
 from msrnn.policies import TOVA, Full, Window
 from test_hostile import refused, run

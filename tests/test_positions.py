@@ -266,11 +266,12 @@ def test_ragged_rows_keep_their_own_positions(models, scheme):
 
 def test_ppl_past_the_range_reports_buckets(tmp_path, capsys):
     """`msrnn ppl --context` three times a tiny model's range (32): a bounded policy with
-    `--positions cache` runs (the same perplexity as msrnn.evaluate's), with each block of
-    `--buckets` positions in the JSON; original is refused unless `--past-range`; Full too."""
+    `--positions cache` runs (the same perplexity as msrnn.experiments.evaluate's), with each
+    block of `--buckets` positions in the JSON; original is refused unless `--past-range`; Full too."""
     import json
 
-    from msrnn import cli, evaluate
+    from msrnn import cli
+    from msrnn.experiments import evaluate
     from tiny import save_char_tokenizer
 
     hf = tiny_hf("llama", seed=2, max_position_embeddings=32)

@@ -73,7 +73,7 @@ def test_no_import_cycle():
 
 def test_the_graph_was_read():
     assert "msrnn.state" in GRAPH["msrnn.model"]
-    assert "msrnn.evaluate" in GRAPH["msrnn.cli.evaluate"]
+    assert "msrnn.experiments.evaluate" in GRAPH["msrnn.cli.evaluate"]
 
 
 def test_no_library_class_is_over_150_lines():

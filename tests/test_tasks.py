@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import msrnn
-from msrnn import drift, needle, tasks
+from msrnn.experiments import drift, needle, tasks
 from msrnn.data import BOOKS
 from msrnn.policies import Full, Window
 from test_hostile import refused, run

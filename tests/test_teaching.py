@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import msrnn
-from msrnn import cli, evaluate, trace
+from msrnn import cli, trace
+from msrnn.experiments import evaluate
 from msrnn.policies import H2O, TOVA
 from msrnn.prompt import prefill
 from tiny import save, save_char_tokenizer, tiny_hf
@@ -88,8 +89,8 @@ def resolve(name: str):
     else:
         first = INSTANCES.get(parts[0], parts[0])
         modules = ["msrnn.model", "msrnn.state", "msrnn.attention", "msrnn.prompt",
-                   "msrnn.policies", "msrnn.generate", "msrnn.evaluate", "msrnn.trace",
-                   "msrnn.loading", "msrnn.config", "msrnn",
+                   "msrnn.policies", "msrnn.generate", "msrnn.experiments.evaluate", "msrnn.trace",
+                   "msrnn.checkpoint.loading", "msrnn.config", "msrnn",
                    "reference"]       # tests/reference.py, the plain reference
         if parts[0] in {"model", "state", "attention", "prompt", "policies", "generate",
                         "evaluate", "trace"} and \

@@ -41,7 +41,8 @@ def add_commands(commands):
 def run_bench(args):
     import torch
 
-    from .. import bench, load
+    from ..experiments import bench
+    from .. import load
 
     parts = parse_list("--parts", args.parts)
     unknown = [p for p in parts if p not in PARTS]

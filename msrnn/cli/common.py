@@ -3,7 +3,7 @@ any expensive work (arguments, devices, ranges, output directories)."""
 
 import os
 
-from ..loading import DEFAULT_MODEL                    # a name: found in the model home
+from ..checkpoint.loading import DEFAULT_MODEL                    # a name: found in the model home
 from ..quantize import KINDS as QUANTIZE
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -84,9 +84,9 @@ def parse_list(name: str, text: str, kind=str) -> list:
 def model_config(path: str):
     """(local checkpoint directory, its Config): read before loading any weight, so that ranges
     are checked first. `path` is a directory, a name in the model home or a Hub repo id
-    (msrnn.loading.resolve); a repo id not in the model home is downloaded here, once."""
+    (msrnn.checkpoint.loading.resolve); a repo id not in the model home is downloaded here, once."""
     from ..config import read_config
-    from ..loading import resolve
+    from ..checkpoint.loading import resolve
     directory = resolve(path)
     return directory, read_config(directory)
 

@@ -49,10 +49,11 @@ def add_commands(commands):
 
 
 def run_drift(args):
-    from .. import drift, load_tokenizer
+    from ..experiments import drift
+    from .. import load_tokenizer
     from ..data import BOOKS
-    from ..evaluate import read_text
-    from ..needle import haystack_ids
+    from ..experiments.evaluate import read_text
+    from ..experiments.needle import haystack_ids
     from ..policies import NAMES, Full, grid
 
     names = parse_list("--policies", args.policies)

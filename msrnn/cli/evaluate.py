@@ -66,7 +66,8 @@ def add_commands(commands):
 
 
 def run_ppl(args):
-    from .. import evaluate, load_tokenizer
+    from ..experiments import evaluate
+    from .. import load_tokenizer
     from ..positions import Scheme
 
     if args.context < 2:
@@ -304,7 +305,8 @@ def plot_layers(args, n_layers: int) -> list[int]:
 
 
 def run_retention(args):
-    from .. import evaluate, load_tokenizer
+    from ..experiments import evaluate
+    from .. import load_tokenizer
 
     if not 0 < args.size < args.context:
         raise UsageError(f"--size must be between 1 and --context - 1, got {args.size}")

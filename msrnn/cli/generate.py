@@ -186,12 +186,12 @@ class Row:
 
 
 def run_download(args):
-    from ..loading import download
+    from ..checkpoint.loading import download
     print(download(args.repo_id, args.dir))            # where it is
     return 0
 
 
 def run_fetch_default(args):
-    from ..convert import fetch_default
+    from ..checkpoint.convert import fetch_default
     print(fetch_default(args.dir))
     return 0

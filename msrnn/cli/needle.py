@@ -122,8 +122,9 @@ def configurations(names, sizes, sinks, lengths, observe: int = 1):
 
 
 def run_needle(args):
-    from .. import load_tokenizer, needle
-    from ..evaluate import read_text
+    from .. import load_tokenizer
+    from ..experiments import needle
+    from ..experiments.evaluate import read_text
 
     check_positive("--max-new-tokens", args.max_new_tokens)
     lengths, depths, configs, directory, cfg = check_grid(args, args.max_new_tokens)

@@ -21,7 +21,7 @@ JSON = ("task", "policy", "size", "length", "depth", "score", "samples", "prompt
 def add_commands(commands):
     import argparse
 
-    from ..tasks import MAX_NEW_TOKENS, TASKS
+    from ..experiments.tasks import MAX_NEW_TOKENS, TASKS
 
     p = commands.add_parser("tasks", help="RULER's synthetic tasks (needles, variable tracking, "
                             "word extraction): score against length, depth and multi-state size",
@@ -41,9 +41,10 @@ def add_commands(commands):
 
 
 def run_tasks(args):
-    from .. import load_tokenizer, needle, tasks
+    from .. import load_tokenizer
+    from ..experiments import needle, tasks
     from ..data import BOOKS
-    from ..evaluate import read_text
+    from ..experiments.evaluate import read_text
     from .common import check_positive
 
     names = list(dict.fromkeys(parse_list("--tasks", args.tasks)))

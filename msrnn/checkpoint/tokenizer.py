@@ -24,7 +24,7 @@ SPECIAL = ("bos", "eos", "unk", "pad")                  # the special tokens, by
 
 def load_tokenizer(model: str) -> "Tokenizer":
     """The tokenizer of a checkpoint (tokenizer.json preferred over tokenizer.model): a directory,
-    or a name or repo id that msrnn.loading.resolve finds, as msrnn.load takes."""
+    or a name or repo id that msrnn.checkpoint.loading.resolve finds, as msrnn.load takes."""
     from .loading import resolve
     directory = resolve(model)
     for cls in (JsonTokenizer, SentencePieceTokenizer):

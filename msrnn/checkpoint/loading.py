@@ -16,10 +16,10 @@ import os
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import Config, read_config
-from . import quantize as quantization
-from . import tp as tensor_parallel
-from .model import RoPE, Transformer
+from ..config import Config, read_config
+from .. import quantize as quantization
+from .. import tp as tensor_parallel
+from ..model import RoPE, Transformer
 
 
 class CheckpointError(ValueError):

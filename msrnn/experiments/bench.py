@@ -27,10 +27,10 @@ import time
 
 import torch
 
-from . import load, policies
-from . import quantize as quantization
-from .policies import Full, TOVA
-from .prompt import prefill
+from .. import load, policies
+from .. import quantize as quantization
+from ..policies import Full, TOVA
+from ..prompt import prefill
 
 
 def now(device):
@@ -134,7 +134,8 @@ def speed(model: str, dtypes, device: str, size: int, prompt_tokens: int, new_to
                         "device": device, "prompt_tokens": prompt_tokens,
                         "new_tokens": new_tokens,
                         "quantize": None if weights == dtype else weights}
-                out = subprocess.run([sys.executable, "-m", "msrnn.bench", json.dumps(spec)],
+                out = subprocess.run([sys.executable, "-m", "msrnn.experiments.bench",
+                                      json.dumps(spec)],
                                      capture_output=True, text=True)
                 if out.returncode != 0:
                     raise RuntimeError(f"benchmark row {spec} failed:\n{out.stderr[-3000:]}")

@@ -21,9 +21,9 @@ import random
 import torch
 import torch.nn.functional as F
 
-from .generate import generate
+from ..generate import generate
 from .needle import plain
-from .prompt import prefill
+from ..prompt import prefill
 
 TOPICS = ("a lighthouse keeper who finds a message in a bottle", "two rival bakers in a small "
           "town", "a robot learning to paint", "a girl who can talk to rivers", "the last train "
@@ -78,7 +78,7 @@ def repeat_4gram(ids) -> float:
 def full_nll(model, prompt, new) -> tuple[float, int]:
     """(sum of -log p_Full(new_i | prompt, new_<i), len(new)) by one Full prompt pass over
     prompt + new (1-D token id lists)."""
-    from .policies import Full
+    from ..policies import Full
     if not new:
         return 0.0, 0
     ids = torch.tensor([list(prompt) + list(new)], device=model.shape.device)

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import policies
-from .prompt import Mode, prefill
+from .. import policies
+from ..prompt import Mode, prefill
 
 # ----------------------------------------------------------------------------- data
 

@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from .generate import decode
-from .prompt import Mode, prefill, prefill_shared
+from ..generate import decode
+from ..prompt import Mode, prefill, prefill_shared
 
 NEEDLE = ("The secret number is {n}. Remember it: the secret number is {n}.",
           "What is the secret number? Answer with the number only.")
