@@ -42,7 +42,6 @@ class Config:
     qkv_bias: bool = False        # Qwen2
     qk_norm: bool = False         # Qwen3
     bos_id: int | None = None
-    eos_id: int | list | None = None
 
     @property
     def group(self) -> int:
@@ -105,7 +104,6 @@ class Config:
             qkv_bias=family.get("qkv_bias", False),
             qk_norm=family.get("qk_norm", False),
             bos_id=hf.get("bos_token_id"),
-            eos_id=hf.get("eos_token_id"),
         )
 
     @classmethod
@@ -172,3 +170,29 @@ def read_config(directory: str) -> Config:
         raise ConfigError(f"no config.json in {directory}: a checkpoint directory needs "
                           f"config.json and its *.safetensors files")
     return Config.from_file(path)
+
+
+def stop_tokens(*found) -> list:
+    """The token ids that end generation, from the values of `eos_token_id` a checkpoint gives
+    (config.json's, generation_config.json's: an id, a list of ids or None), as one sorted list
+    without repeats. The one rule, for both backends and the tokenizer."""
+    ids = set()
+    for value in found:
+        ids |= set(value if isinstance(value, (list, tuple)) else [value]) - {None}
+    return sorted(int(i) for i in ids)
+
+
+def read_stop_tokens(directory: str) -> list:
+    """stop_tokens of a checkpoint directory: config.json's eos_token_id with
+    generation_config.json's (chat models often list several there)."""
+    found = []
+    for name in ("config.json", "generation_config.json"):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    found.append(json.load(f).get("eos_token_id"))
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+                raise ConfigError(f"{path} is not valid JSON ({e}); restore the checkpoint's "
+                                  f"{name}") from None
+    return stop_tokens(*found)

@@ -1,5 +1,5 @@
 """Decoding: run the prompts into the multi-state, then step the MSRNN one new token at a time,
-on either backend (msrnn's decoder, or a transformers model through msrnn.hf.Backend).
+on either backend (msrnn's decoder, or a transformers model through msrnn.hf.HFBackend).
 
 Prompts of different lengths (a ragged batch) share one multi-state: each row has its own
 positions, so each prompt runs on its own into its row (prompt.fill), and then all rows step
@@ -11,7 +11,8 @@ import torch
 
 from .policies import Policy
 from .positions import check_range
-from .prompt import Backend, Mode, fill
+from .backend import Backend
+from .prompt import Mode, fill
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None):
@@ -149,7 +150,7 @@ def generate(model: Backend, prompts, policy: Policy, max_new_tokens=256, temper
     feeds the last token back: (x_t, H_{t-1}) -> (y_t, H_t). Stops after max_new_tokens or when
     every row has produced one of `eos_ids` (default: the model config's eos_token_id). With a
     seed, each row draws from its own generator seeded with it. `model`: msrnn's decoder, or any
-    Backend (msrnn.hf.Backend(transformers_model)). `positions`: "original", "cache" or
+    Backend (msrnn.hf.HFBackend(transformers_model)). `positions`: "original", "cache" or
     "compressed", how the kept states are numbered for RoPE (msrnn.positions; a bounded policy
     with "cache" or "compressed" runs past the model's range); `allow_past_range`: run absolute
     positions past the range anyway."""

@@ -7,13 +7,13 @@
         out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=200)
     cache.positions(layer)                     # LongTensor [B, H_kv, n]: kept positions, ascending
 
-    msrnn.generate(msrnn.hf.Backend(model), ids, policy)   # every msrnn loop, on transformers
+    msrnn.generate(msrnn.hf.HFBackend(model), ids, policy)   # every msrnn loop, on transformers
 
 The semantics are docs/design.md's, computed by the one multi-state step (msrnn.attention) on
 msrnn's own multi-state (msrnn.state.MultiState): at a step the new token joins the candidates,
 the query attends over all of them, then the policy evicts one. A multi-token forward into an
 empty cache is the `oneshot` prompt (full causal attention over the prompt, then each layer
-keeps the best k); `Backend` runs the `sequential` schedule of msrnn.prompt as well.
+keeps the best k); `HFBackend` runs the `sequential` schedule of msrnn.prompt as well.
 
 How it gets into the model, and out again (docs/transformers.md). The model's attention
 implementation `base` (sdpa, eager, ...) is replaced by "msrnn_<base>", which transformers'
@@ -36,9 +36,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import attention
-from .policies import Policy, check_fits
+from .backend import Backend, enter, leave
+from .config import stop_tokens
+from .policies import Policy
 from .positions import Scheme
-from .state import MultiState, Shape, check
+from .state import MultiState, Shape, check_policy
 
 PREFIX = "msrnn_"
 LAYER = "msrnn_layer"     # the keyword that carries (cache, layer index) to the attention function
@@ -116,25 +118,25 @@ class MultiStateCache(Cache):
     make a new one for the next sequence. `positions`: how the kept states are numbered for
     RoPE ("original", "cache", "compressed": msrnn.positions), `allow_past_range`: run absolute
     positions past the model's range anyway. `state`: a MultiState to continue, and `modules`:
-    the model's attention modules, already checked (msrnn.hf.Backend, which makes a cache per
+    the model's attention modules, already checked (msrnn.hf.HFBackend, which makes a cache per
     forward and so checks the model once, not at every step)."""
 
     def __init__(self, model, policy: Policy, state: MultiState | None = None, *,
                  modules: list | None = None, positions="original",
                  allow_past_range: bool = False):
-        if not isinstance(policy, Policy):
-            raise TypeError(f"policy must be an msrnn.policies.Policy (e.g. "
-                            f"msrnn.policies.TOVA(64)), got {policy!r}")
         modules = attention_modules(model) if modules is None else modules
         self.model, self.policy, self.state = model, policy, state
         self.shape = shape_of(model)
-        check_fits(policy, self.shape.positions,
-                   f"the model's range of {self.shape.positions} positions")
+        check_policy(policy, self.shape)          # now, though the multi-state comes later
         self.scheme, self.allow_past_range = Scheme.of(positions), allow_past_range
         self.rope = rope_of(model) if self.scheme is not Scheme.ORIGINAL and state is None \
             else None
         self.modules = {id(m) for m in modules}
-        self.restrict, self.waiting = False, None    # see Backend.parallel; update -> attend
+        self.restrict, self.waiting = False, None    # see HFBackend.parallel; update -> attend
+        # Driven by an HFBackend, the backend counts the tokens (backend.enter/leave); driven
+        # by transformers (model.generate, model(...)), the cache does, at the first and last
+        # layer of each forward.
+        self.counts = True
         super().__init__(layers=[MultiStateLayer(self) for _ in modules])
         self.base = prepare(model)
 
@@ -175,8 +177,8 @@ class MultiStateCache(Cache):
                              f"{self.shape.kv_heads} KV heads of dim {self.shape.head_dim}, but "
                              f"got batch {B}, {Hkv} KV heads of dim {D}; make a new "
                              f"MultiStateCache for each batch")
-        if layer_idx == 0:
-            self.state.reserve(T, parallel=T > 1)
+        if layer_idx == 0 and self.counts:
+            enter(self.state, T, parallel=T > 1)
         forward_kwargs[LAYER] = (self, layer_idx)
         self.waiting = layer_idx
         return key_states, value_states
@@ -208,8 +210,8 @@ class MultiStateCache(Cache):
         else:
             o = attention.prompt([state.layers[layer]], q, k, v, pos, start, scale, softcap,
                                  window, self.restrict)
-        if layer == len(self.layers) - 1:
-            state.advance(T)
+        if layer == len(self.layers) - 1 and self.counts:
+            leave(state, T)
         return o.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D)
 
     def positions(self, layer: int) -> torch.Tensor:
@@ -325,50 +327,64 @@ def shape_of(model) -> Shape:
 
 # ------------------------------------------------------------------------------ the backend
 
-class Backend:
-    """A transformers causal LM as an msrnn backend (msrnn.prompt.Backend): msrnn.generate,
+class HFBackend(Backend):
+    """A transformers causal LM as an msrnn backend (backend.Backend): msrnn.generate,
     perplexity, retention and needle run on it as on msrnn's decoder. Its multi-states are
-    msrnn MultiStates; each forward wraps one in a MultiStateCache."""
+    msrnn MultiStates; each forward wraps one in a MultiStateCache.
+
+    It routes the model's attention through msrnn's and puts it in eval mode; `release()` (or
+    leaving `with HFBackend(model) as backend:`) gives the model back its own attention
+    implementation and training mode, as it found them."""
 
     def __init__(self, model):
         self.modules = attention_modules(model)
+        self.model, self.training = model, model.training
+        self.base = prepare(model)
+        model.eval()
         self.rope = None                                 # rope_of(model), when a scheme needs it
-        prepare(model)
-        self.model = model.eval()
         self.body = model.get_decoder()                 # hidden states after the final norm
         self.head = model.get_output_embeddings()
         cfg = model.config.get_text_config()
         self.softcap = getattr(cfg, "final_logit_softcapping", None)   # Gemma2
         self.shape, self.vocab_size = shape_of(model), cfg.vocab_size
-        eos = model.generation_config.eos_token_id
-        self.eos_ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        self.eos_ids = stop_tokens(getattr(cfg, "eos_token_id", None),
+                                   getattr(model.generation_config, "eos_token_id", None))
+        self.source = getattr(model, "name_or_path", None) or None
 
-    def init_state(self, batch_size: int, policy: Policy, capacity: int | None = None,
-                   positions="original", allow_past_range: bool = False):
-        if Scheme.of(positions) is not Scheme.ORIGINAL and self.rope is None:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def release(self):
+        """Give the model back its own attention implementation and training mode."""
+        if self.model.config._attn_implementation.startswith(PREFIX):
+            self.model.set_attn_implementation(self.base)
+        self.model.train(self.training)
+
+    def rotary(self):
+        if self.rope is None:
             self.rope = rope_of(self.model)
-        return MultiState(self.shape, policy, batch_size, capacity, positions, allow_past_range,
-                          self.rope)
+        return self.rope
 
     def forward(self, token_ids, state: MultiState, restrict: bool = False):
         """token_ids [B, T] at each row's next positions through the model -> hidden [B, T, E]."""
         T = token_ids.shape[1]
         positions = state.t[:, None] + torch.arange(T, device=state.t.device)
         cache = MultiStateCache(self.model, state.policy, state, modules=self.modules)
-        cache.restrict = restrict
+        cache.restrict, cache.counts = restrict, False
         return self.body(input_ids=token_ids, cache=cache, position_ids=positions,
                          use_cache=True).last_hidden_state
 
-    def parallel(self, token_ids, states: list, restrict: bool = False):
+    def compute_parallel(self, token_ids, states: list, restrict: bool = False, tick=None):
         for state in states:
-            check(state, token_ids, 2, self.shape, self.vocab_size)
             hidden = self.forward(token_ids, state, restrict)
         return hidden
 
-    def step(self, token_ids, state: MultiState, head: bool = True):
-        check(state, token_ids, 1, self.shape, self.vocab_size)
+    def compute_step(self, token_ids, state: MultiState, head: bool = True):
         hidden = self.forward(token_ids[:, None], state)[:, 0]
-        return (self.logits(hidden) if head else hidden), state
+        return self.logits(hidden) if head else hidden
 
     def logits(self, hidden):
         logits = self.head(hidden)
@@ -394,4 +410,4 @@ def load(path, dtype=torch.float32, device="cpu", tp: int | None = None):
     return model.eval()
 
 
-__all__ = ["Backend", "MultiStateCache", "load"]
+__all__ = ["HFBackend", "MultiStateCache", "load"]

@@ -19,7 +19,7 @@ With the Full policy nothing is evicted and this is exactly the ordinary transfo
 is the network; steps 2-4 are the multi-state's own (attention.py, written once for this decoder
 and for transformers), the multi-state lives in state.py, the policies in policies.py, and the
 schedule that feeds a prompt in (prompt.py) and decodes (generate.py) drives `Transformer`
-through the few methods every backend has: init_state, parallel, step, logits.
+through the few methods every backend has (backend.py: init_state, parallel, step, logits).
 
 Shapes: B batch, T tokens, E model width, Hq query heads, Hkv KV heads, G = Hq / Hkv query
 heads per KV head, D head dim, S slots of the multi-state, V vocabulary (a shape letter; V_j,
@@ -32,13 +32,12 @@ token's key K_t and value V_t, not the size k.
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
-
 from . import attention
+from .backend import Backend, Compiled, compiled
 from .config import Config, rope_frequencies
-from .policies import Full, Policy
+from .policies import Full
 from .positions import rotate
-from .state import LayerState, MultiState, Shape, check
+from .state import LayerState, MultiState, Shape
 
 
 class RMSNorm(nn.Module):
@@ -145,7 +144,7 @@ class Attention(nn.Module):
         o, _ = attention.step(state, q, k, v, t, self.scale, window=self.cfg.sliding_window)
         return self.output(o)[:, 0]
 
-    def prefill(self, x, states: list, pos, start: int, cos, sin, restrict: bool):
+    def parallel(self, x, states: list, pos, start: int, cos, sin, restrict: bool):
         """T tokens x [B, T, E] at positions pos [1, T] in one parallel pass (attention.prompt)."""
         q, k, v = self.qkv(x, cos, sin)
         return self.output(attention.prompt(states, q, k, v, pos, start, self.scale,
@@ -179,28 +178,28 @@ class Block(nn.Module):
         x = x + self.attn.step(self.attn_norm(x), state, t, cos, sin)
         return x + self.mlp(self.mlp_norm(x))
 
-    def prefill(self, x, states, pos, start, cos, sin, restrict):
-        x = x + self.attn.prefill(self.attn_norm(x), states, pos, start, cos, sin, restrict)
+    def parallel(self, x, states, pos, start, cos, sin, restrict):
+        x = x + self.attn.parallel(self.attn_norm(x), states, pos, start, cos, sin, restrict)
         return x + self.mlp(self.mlp_norm(x))
 
 
-class Transformer(nn.Module):
-    """The decoder. As an MSRNN: `init_state` gives H_0, `step` is (x_t, H_{t-1}) -> (y_t, H_t).
-    `source` is the checkpoint directory it was loaded from (its tokenizer files are there).
+class Transformer(Backend, nn.Module):
+    """The decoder, as an MSRNN: `init_state` gives H_0, `step` is (x_t, H_{t-1}) -> (y_t, H_t).
 
-    It is also a backend: what msrnn.prompt and msrnn.generate drive (init_state, parallel,
-    step, logits), as msrnn.hf.Backend is for a transformers model."""
+    This class is the network: the tensor work of a step (`compute_step`), of a prompt's
+    parallel pass (`compute_parallel`) and of the LM head (`logits`). What surrounds it (checks,
+    counting tokens, room for Full's states, the stop tokens, progress) is every backend's, and
+    lives in backend.py."""
 
-    def __init__(self, cfg: Config, source: str | None = None):
+    def __init__(self, cfg: Config):
         super().__init__()
-        self.cfg, self.source = cfg, source
+        self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.rope = RoPE(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # Tied checkpoints share the embedding matrix ([V, E]) as the output projection.
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size)
-        self.compiled = None                                             # see compile_step
 
     @property
     def shape(self) -> Shape:
@@ -212,37 +211,18 @@ class Transformer(nn.Module):
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
 
-    @property
-    def eos_ids(self) -> list:
-        eos = self.cfg.eos_id
-        return eos if isinstance(eos, list) else [] if eos is None else [eos]
+    def rotary(self):
+        return self.rope
 
     def logits(self, x):
         """Final norm and the LM head: [..., E] -> [..., V]."""
         x = self.norm(x)
         return self.lm_head(x) if self.lm_head is not None else linear(x, self.embed.weight)
 
-    def init_state(self, batch_size: int, policy: Policy, capacity: int | None = None,
-                   positions="original", allow_past_range: bool = False):
-        """H_0: an empty multi-state for `batch_size` sequences, bounded by `policy`, its states
-        numbered for RoPE by the scheme `positions` (msrnn.positions)."""
-        return MultiState(self.shape, policy, batch_size, capacity, positions, allow_past_range,
-                          self.rope)
-
-    def step(self, token_ids, state: MultiState, head: bool = True):
-        """(x_t, H_{t-1}) -> (y_t, H_t): token_ids [B], the tokens x_t, at position state.length
-        (the paper's t - 1: positions count from 0) -> logits [B, V] (head=False: the final
-        hidden state [B, E]). H_t overwrites H_{t-1} in place (its buffers are preallocated) and
-        is returned."""
-        check(state, token_ids, 1, self.shape, self.vocab_size)
-        state.reserve(1)
-        out = self.decode(token_ids, state, head)
-        state.advance(1)
-        return out, state
-
-    def decode(self, token_ids, state: MultiState, head: bool = True):
-        """The tensor work of a step, with no Python-side bookkeeping (what gets compiled):
-        logits [B, V], or the final hidden state [B, E] with head=False."""
+    def compute_step(self, token_ids, state: MultiState, head: bool = True):
+        """The tensor work of a step (what gets compiled): token_ids [B] at each row's position
+        state.t (the paper's t - 1: positions count from 0) -> logits [B, V], or the final hidden
+        state [B, E] with head=False. The multi-state is updated in place."""
         t = state.t                                                      # [B]: each row's
         cos, sin = self.rope(t[:, None])                                 # [B, 1, D]
         x = self.embed(token_ids)                                        # [B, E]
@@ -250,24 +230,19 @@ class Transformer(nn.Module):
             x = block.step(x, layer_state, t.view(-1, 1, 1), cos, sin)
         return self.logits(x) if head else x
 
-    def parallel(self, token_ids, states: list, restrict: bool = False):
+    def compute_parallel(self, token_ids, states: list, restrict: bool = False, tick=None):
         """T tokens token_ids [B, T] in one parallel pass -> final hidden states [B, T, E] (before
         the norm and LM head), written into the multi-states (attention.prompt: Full appends, an
         empty bounded one keeps its best k; several empty ones may share the pass; `restrict`:
-        a positional policy's sequential prompt)."""
+        a positional policy's sequential prompt). `tick()` after each layer (progress)."""
         T, start = token_ids.shape[1], states[0].length
-        for state in states:
-            check(state, token_ids, 2, self.shape, self.vocab_size)
-            state.reserve(T, parallel=True)
         pos = torch.arange(start, start + T, device=token_ids.device)[None]   # [1, T]
         cos, sin = self.rope(pos)                                        # [1, T, D]
         x = self.embed(token_ids)                                        # [B, T, E]
-        layers = list(zip(self.blocks, *(state.layers for state in states)))
-        for block, *layer_states in tqdm(layers, "prompt layers", leave=False,
-                                         disable=T < 2048):
-            x = block.prefill(x, layer_states, pos, start, cos, sin, restrict)
-        for state in states:
-            state.advance(T)
+        for block, *layer_states in zip(self.blocks, *(state.layers for state in states)):
+            x = block.parallel(x, layer_states, pos, start, cos, sin, restrict)
+            if tick is not None:
+                tick()
         return x
 
     def forward(self, token_ids):
@@ -275,35 +250,6 @@ class Transformer(nn.Module):
         state = self.init_state(len(token_ids), Full(), capacity=token_ids.shape[-1])
         return self.logits(self.parallel(token_ids, [state]))
 
-    def compile_step(self, mode: str | None = None) -> "Compiled":
-        """This model with its decode step compiled (one Compiled per model)."""
-        if self.compiled is None:
-            self.compiled = Compiled(self, mode)
-        return self.compiled
-
-
-class Compiled:
-    """A Transformer whose decode step runs through torch.compile: the whole step (every layer's
-    attention, policy scoring and eviction) is one graph (fullgraph=True) with static shapes,
-    so it compiles once per (policy, batch size, dtype) and never again as positions grow.
-    mode: default "reduce-overhead" (CUDA graphs) on CUDA, inductor's default on the CPU.
-    Everything else (the prompt pass, the state) is the model's own: it is a backend too."""
-
-    def __init__(self, model: Transformer, mode: str | None = None):
-        if mode is None and model.embed.weight.is_cuda:
-            mode = "reduce-overhead"
-        self.model = model
-        # Every Compiled shares one code object (Transformer.decode), and each (policy, batch
-        # size, position scheme) is one more graph of it: a sweep over a few dozen
-        # configurations in one process must not hit dynamo's default limit of 8 and fall back
-        # to the eager step.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.decode = torch.compile(model.decode, fullgraph=True, dynamic=False, mode=mode)
-        self.cfg, self.shape, self.eos_ids = model.cfg, model.shape, model.eos_ids
-        self.vocab_size = model.vocab_size
-        self.init_state, self.parallel, self.logits = model.init_state, model.parallel, model.logits
-
-    step = Transformer.step          # the same bookkeeping around the compiled `decode`
-
-    def compile_step(self, mode: str | None = None) -> "Compiled":
-        return self
+    def compile_step(self, mode: str | None = None) -> Compiled:
+        """This model with its step compiled (backend.Compiled; made once per model)."""
+        return compiled(self, mode)

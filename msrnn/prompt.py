@@ -1,9 +1,9 @@
 """How a prompt enters a multi-state: the schedule every command shares, on either backend.
 
-A backend is what computes; this module decides what it computes. Two backends exist, msrnn's
-own decoder (`model.Transformer`, or its `Compiled` step) and a transformers model with a
-MultiStateCache (`msrnn.hf.Backend`). Each has the four methods of `Backend` below, and every
-loop (generate, perplexity, retention, needle) runs on either through them.
+A backend is what computes (backend.py); this module decides what it computes. Two backends
+exist, msrnn's own decoder (`model.Transformer`, or its `Compiled` step) and a transformers
+model with a MultiStateCache (`msrnn.hf.HFBackend`); every loop (generate, perplexity,
+retention, needle, ...) runs on either through the methods of `backend.Backend`.
 
 The two prompt modes (docs/design.md, "Prompts"):
 - `sequential`: exactly T steps, the MSRNN definition (what perplexity uses). `parallel_prefix`
@@ -15,36 +15,12 @@ The two prompt modes (docs/design.md, "Prompts"):
 """
 
 from enum import Enum
-from typing import Protocol
 
 import torch
-from tqdm import tqdm
 
+from .backend import Backend
 from .policies import Policy
 from .positions import Scheme
-from .state import Shape, check
-
-
-class Backend(Protocol):
-    """What a model must do for the schedule (prompt.py) and the loops (generate.py, ...)."""
-
-    eos_ids: list                 # stop tokens from the model's config
-    shape: Shape                  # what its multi-states are made for
-    vocab_size: int
-
-    def init_state(self, batch_size: int, policy: Policy, capacity: int | None = None,
-                   positions="original", allow_past_range: bool = False):
-        """H_0: an empty `state.MultiState` (both backends keep their states in one), its states
-        numbered by the scheme `positions` (msrnn.positions)."""
-
-    def parallel(self, token_ids, states: list, restrict: bool = False):
-        """token_ids [B, T] in one parallel pass into the multi-states -> hidden [B, T, ...]."""
-
-    def step(self, token_ids, state, head: bool = True):
-        """(x_t, H_{t-1}) -> (y_t, H_t): token_ids [B] -> (logits [B, V] or hidden, state)."""
-
-    def logits(self, hidden):
-        """Hidden states from `parallel` or `step(head=False)` -> logits [..., V]."""
 
 
 class Mode(str, Enum):
@@ -96,16 +72,9 @@ def prefill(model: Backend, token_ids, state, mode="sequential", logits: bool = 
     """Run a prompt token_ids [B, T] into `state` -> (logits [B, T, V], state); logits=False:
     the hidden states [B, T, ...] instead (a long prompt's logits may not fit in memory)."""
     mode = Mode.of(mode)
-    check(state, token_ids, 2, model.shape, model.vocab_size)
-    T = token_ids.shape[1]
-    n, restrict = parallel_prefix(T, state, mode)
-    out = []
-    if n:
-        hidden = model.parallel(token_ids[:, :n], [state], restrict)
-        out.append(model.logits(hidden) if logits else hidden)
-    for i in tqdm(range(n, T), "prompt steps", leave=False, disable=T - n < 512):
-        out.append(model.step(token_ids[:, i], state, head=logits)[0][:, None])
-    return torch.cat(out, 1), state
+    model.check(token_ids, state, 2)
+    n, restrict = parallel_prefix(token_ids.shape[1], state, mode)
+    return model.prompt(token_ids, state, n, restrict, head=logits), state
 
 
 def prefill_shared(model: Backend, token_ids, states: list, logits: bool = True):

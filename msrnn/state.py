@@ -197,11 +197,9 @@ class MultiState:
 
     def __init__(self, shape: Shape, policy: Policy, batch_size: int, capacity=None,
                  positions="original", allow_past_range: bool = False, rope=None):
-        if not isinstance(policy, Policy):
-            raise TypeError(f"policy must be an msrnn.policies.Policy, got {policy!r}")
+        check_policy(policy, shape)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        check_fits(policy, shape.positions, f"the model's range of {shape.positions} positions")
         self.shape, self.policy, self.batch_size = shape, policy, batch_size
         # The position scheme (positions.py). Full keeps every position, which any scheme
         # numbers 0, 1, ...: its keys stay at their absolute positions.
@@ -290,22 +288,6 @@ class MultiState:
         self.batch_size = len(rows)
         return self
 
-    def fake(self, position: int, spread: int = 0):
-        """For benchmarks: make this multi-state look as it would at `position`, its slots filled
-        with random keys and values (a step's cost depends only on the shapes). spread > 0: a
-        ragged batch, row b that many tokens behind row 0 times b / B."""
-        self.reserve(position - self._length)
-        for b in range(self.batch_size):
-            at = position - spread * b // self.batch_size              # row b's position
-            n = min(at, self.policy.size) if self.policy.bounded else at
-            for layer in self.layers:
-                layer.keys[b, :, :n].normal_()
-                layer.values[b, :, :n].normal_()
-                layer.pos[b, :, :n] = torch.arange(at - n, at, device=layer.pos.device)
-            self.t[b] = at
-        self._length = position
-        return self
-
     def nbytes(self) -> int:
         """Bytes held by the multi-state's buffers (keys, values, positions, policy memory)."""
         return sum(x.numel() * x.element_size() for layer in self.layers
@@ -314,6 +296,14 @@ class MultiState:
     def __repr__(self):
         return (f"MultiState({self.policy}, batch={self.batch_size}, layers={len(self.layers)}, "
                 f"slots={self.slots}, t={self._length}, positions={self.scheme.value!r})")
+
+
+def check_policy(policy, shape: Shape):
+    """A policy a multi-state of `shape` can hold: a Policy, smaller than the model's range."""
+    if not isinstance(policy, Policy):
+        raise TypeError(f"policy must be an msrnn.policies.Policy (e.g. msrnn.policies.TOVA(64)), "
+                        f"got {policy!r}")
+    check_fits(policy, shape.positions, f"the model's range of {shape.positions} positions")
 
 
 def check(state, token_ids, dims: int, shape: Shape, vocab_size: int):

@@ -91,9 +91,9 @@ class Sharded(Transformer):
     projections row-parallel. Its multi-states hold the local KV heads and know the group, so a
     layer-wise policy's score is summed over every rank's heads (Shape.group)."""
 
-    def __init__(self, plan: Plan, group, source: str | None = None):
+    def __init__(self, plan: Plan, group):
         cfg = plan.local()
-        super().__init__(cfg, source)
+        super().__init__(cfg)
         self.plan, self.group = plan, group
         for block in self.blocks:
             block.attn.wo = RowLinear(cfg.n_heads * cfg.head_dim, cfg.dim, group)

@@ -13,11 +13,12 @@ import time
 import torch
 
 import msrnn
+from msrnn.experiments.bench import fake_state
 from msrnn.policies import TOVA
 
 
 def step_ms(model, batch: int, size: int, steps: int = 8) -> float:
-    state = model.init_state(batch, TOVA(size)).fake(2048)
+    state = fake_state(model, TOVA(size), batch, 2048)
     tok = torch.zeros(batch, dtype=torch.long)
     times = []
     with torch.inference_mode():

@@ -24,6 +24,7 @@ import traceback
 import torch
 
 import msrnn
+from msrnn.experiments.bench import fake_state
 from msrnn.policies import TOVA, Full
 from msrnn.prompt import prefill
 
@@ -67,11 +68,11 @@ def sync(device):
 def tok_s(step, model, policy, prompt, n=128, batch=1, at=None):
     """Decode tokens/s of `step` (greedy), after 8 untimed steps."""
     device = prompt.device
-    state = model.init_state(batch, policy, capacity=CAPACITY if at is None else at + n + 16)
     if at is None:
+        state = model.init_state(batch, policy, capacity=CAPACITY)
         prefill(model, prompt.expand(batch, -1), state, mode="oneshot", logits=False)
     else:
-        state.fake(at)
+        state = fake_state(model, policy, batch, at, capacity=at + n + 16)
     tok = prompt[:, -1].repeat(batch)
     for _ in range(8):
         out, state = step(tok, state)

@@ -1,4 +1,4 @@
-"""One multi-state step, two backends: msrnn's decoder and a transformers model (msrnn.hf.Backend)
+"""One multi-state step, two backends: msrnn's decoder and a transformers model (msrnn.hf.HFBackend)
 run the same schedule (msrnn.prompt) over the same step (msrnn.attention), so they must agree.
 
 For a tiny LLaMA and a tiny Qwen3 (float64), every registered policy, both prompt modes and a
@@ -31,7 +31,7 @@ TOL = 1e-5
 def backends(request, tmp_path_factory):
     hf = tiny_hf(request.param, seed=4, vocab_size=VOCAB)
     directory = save(hf, tmp_path_factory.mktemp(request.param))
-    return msrnn.load(directory, dtype=torch.float64), msrnn.hf.Backend(hf.double())
+    return msrnn.load(directory, dtype=torch.float64), msrnn.hf.HFBackend(hf.double())
 
 
 def rows(seed=7):

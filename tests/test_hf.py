@@ -181,7 +181,7 @@ def test_sequential_equals_msrnn_prefill(llama, name):
     ours = torch.cat(ours, 1)
     assert (ours - theirs).abs().max() <= TOL
     assert kept(cache, 2) == kept(state, 2)
-    nll = msrnn.experiments.evaluate.chunk_nll(msrnn.hf.Backend(hf), ids, policy)
+    nll = msrnn.experiments.evaluate.chunk_nll(msrnn.hf.HFBackend(hf), ids, policy)
     expect = torch.nn.functional.cross_entropy(theirs[0, :-1].float(), ids[0, 1:],
                                                reduction="none")
     assert nll.shape == (1, 39) and (nll[0] - expect).abs().max() <= 1e-4
@@ -194,7 +194,7 @@ def test_generate_equals_msrnn_generate(llama, mode):
     greedy tokens on msrnn's decoder."""
     hf, model = llama
     prompt = IDS[:, :30]
-    ours = msrnn.generate(msrnn.hf.Backend(hf), prompt, TOVA(K), max_new_tokens=20,
+    ours = msrnn.generate(msrnn.hf.HFBackend(hf), prompt, TOVA(K), max_new_tokens=20,
                           prompt_mode=mode, eos_ids=[])
     theirs = msrnn.generate(model, prompt, TOVA(K), max_new_tokens=20, prompt_mode=mode,
                             eos_ids=[])

@@ -38,7 +38,7 @@ def models(tmp_path_factory):
     backend, and its directory."""
     hf = tiny_hf("llama", seed=0, vocab_size=VOCAB, max_position_embeddings=RANGE).double()
     directory = save(hf, tmp_path_factory.mktemp("positions"))
-    return hf, msrnn.load(directory, dtype=torch.float64), msrnn.hf.Backend(hf), directory
+    return hf, msrnn.load(directory, dtype=torch.float64), msrnn.hf.HFBackend(hf), directory
 
 
 def ids(n=STEPS, seed=3):

@@ -191,20 +191,23 @@ def test_the_plain_reference_is_the_first_read():
 
 
 def test_the_hops_from_step_to_score():
-    """msrnn.md lists the calls from Transformer.step down to TOVA.score: each calls the next."""
+    """msrnn.md lists the calls from Backend.step down to TOVA.score: each calls the next."""
     from msrnn import attention as multistate
+    from msrnn.backend import Backend
     from msrnn.model import Attention, Block, Transformer
     from msrnn.state import LayerState
 
     doc = DOC.read_text()
-    block = doc[doc.index("```\nTransformer.step"):]
+    block = doc[doc.index("```\nBackend.step"):]
     listed = [line.split()[0] for line in block.split("```")[1].strip().splitlines()]
-    hops = [(Transformer.step, "self.decode("), (Transformer.decode, "block.step("),
+    hops = [(Backend.step, "self._step("), (Backend._step, "self.compute_step("),
+            (Transformer.compute_step, "block.step("),
             (Block.step, "self.attn.step("), (Attention.step, "attention.step("),
             (multistate.step, "state.evict("), (LayerState.evict, "self.priority("),
             (LayerState.priority, "self.policy.score(")]
-    assert listed == ["Transformer.step", "Transformer.decode", "Block.step", "Attention.step",
-                      "attention.step", "LayerState.evict", "LayerState.priority", "TOVA.score"]
+    assert listed == ["Backend.step", "Backend._step", "Transformer.compute_step", "Block.step",
+                      "Attention.step", "attention.step", "LayerState.evict",
+                      "LayerState.priority", "TOVA.score"]
     for function, call in hops:
         assert call in inspect.getsource(function), (function.__qualname__, call)
     assert inspect.getsource(TOVA.score).strip().splitlines()[-1].strip() == "return c.a"
@@ -314,7 +317,7 @@ def test_step_by_step_plot(tiny, tmp_path, capsys):
 
 def test_step_by_step_oneshot(tiny, capsys):
     """--prompt-mode oneshot says so, runs the prompt as one pass and keeps what
-    Transformer.prefill(mode="oneshot") keeps, then steps the new tokens."""
+    prefill(mode="oneshot") keeps, then steps the new tokens."""
     model_dir, _ = tiny
     prompt = "Once upon a time there was"
     step_by_step().main([model_dir, "--prompt", prompt, "--size", "6", "--compact",

@@ -80,7 +80,7 @@ def ranks_uneven(directory):
 
 def ranks_hf(directory):
     import msrnn.hf
-    backend = msrnn.hf.Backend(msrnn.hf.load(directory, dtype=torch.float64, tp=2))
+    backend = msrnn.hf.HFBackend(msrnn.hf.load(directory, dtype=torch.float64, tp=2))
     out = {(repr(p), mode): run(backend, p, mode, 30) for p in policies()
            for mode in ("oneshot", "sequential")}
     rank = dist.get_rank()
@@ -215,7 +215,7 @@ def test_transformers_tensor_parallel_equals_one_process(tiny, tmp_path):
     directory = tiny[0]
     ranks, codes = on_two_ranks("ranks_hf", directory, tmp=tmp_path)
     assert codes == [0, 0]
-    one = msrnn.hf.Backend(msrnn.hf.load(directory, dtype=torch.float64))
+    one = msrnn.hf.HFBackend(msrnn.hf.load(directory, dtype=torch.float64))
     reference = {(repr(p), mode): run(one, p, mode, 30) for p in policies()
                  for mode in ("oneshot", "sequential")}
     assert_same(ranks, reference, list(reference))

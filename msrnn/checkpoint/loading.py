@@ -16,7 +16,7 @@ import os
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..config import Config, read_config
+from ..config import Config, read_config, read_stop_tokens
 from .. import quantize as quantization
 from .. import tp as tensor_parallel
 from ..model import RoPE, Transformer
@@ -51,9 +51,8 @@ def load(path_or_repo_id: str, dtype: torch.dtype = torch.float32, device="cpu",
     recipe = _recipe(cfg)
     checkpoint.check_all_used({hf for sources, _ in recipe.values() for hf, _ in sources})
     plan, group = tensor_parallel.plan(cfg, tp, device) if tp not in (None, 1) else (None, None)
-    with torch.device("meta"):                         # source: where the tokenizer files are
-        model = Transformer(cfg, source=directory) if plan is None else \
-            tensor_parallel.Sharded(plan, group, source=directory)
+    with torch.device("meta"):
+        model = Transformer(cfg) if plan is None else tensor_parallel.Sharded(plan, group)
     params = {}
     for name, (sources, combine) in recipe.items():
         tensors = [checkpoint.get(hf, shape, plan and plan.part(hf)) for hf, shape in sources]
@@ -62,6 +61,8 @@ def load(path_or_repo_id: str, dtype: torch.dtype = torch.float32, device="cpu",
     model.rope = RoPE(cfg).to(device)  # computed from the config, not stored in checkpoints
     if quantize is not None:
         quantization.quantize(model, quantize)
+    model.source = directory                           # where the tokenizer files are
+    model.eos_ids = read_stop_tokens(directory)
     return model.eval().requires_grad_(False)
 
 

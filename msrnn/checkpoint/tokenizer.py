@@ -10,14 +10,16 @@ Checkpoints come with one of two tokenizer formats, each read by its own class:
 
 What they share (the special tokens, the ids that end generation, the chat template) is their
 base, Tokenizer. tokenizer_config.json names the special tokens and holds the chat template;
-generation_config.json may name more tokens that end generation (eos_token_id can be a list).
-Both are optional.
+the ids that end generation are the checkpoint's config.json and generation_config.json
+eos_token_id (config.read_stop_tokens, what both backends stop on). All are optional.
 """
 
 import json
 import os
 import re
 from datetime import datetime
+
+from ..config import read_stop_tokens
 
 SPECIAL = ("bos", "eos", "unk", "pad")                  # the special tokens, by their config name
 
@@ -65,12 +67,9 @@ class Tokenizer:
                                reverse=True)                  # sentencepiece: split on these
         self.bos_id, self.eos_id = (self.token_id(self.special[k]) if self.special[k] else None
                                     for k in ("bos", "eos"))
-        # Every id that ends generation: the tokenizer's EOS, and config.json's and
-        # generation_config.json's eos_token_id (chat models often list several).
-        self.eos_ids = {self.eos_id} - {None}
-        for name in ("config.json", "generation_config.json"):
-            eos = _read_json(directory, name).get("eos_token_id")
-            self.eos_ids |= set(eos if isinstance(eos, list) else [eos]) - {None}
+        # Every id that ends generation: the checkpoint's, by the rule both backends follow
+        # (config.stop_tokens: config.json's and generation_config.json's eos_token_id).
+        self.eos_ids = set(read_stop_tokens(directory))
 
     def _own_special(self, kind: str) -> str | None:
         """The special token of `kind` ("bos", ...) that the format's file names itself: none."""

@@ -184,7 +184,7 @@ def load_model(directory: str, dtype: str, device: str, backend: str = "msrnn", 
     check_decoder_options(backend, compile, quantize)
     if backend == "transformers":
         from .. import hf
-        return hf.Backend(hf.load(directory, dtype=getattr(torch, dtype), device=device, tp=tp))
+        return hf.HFBackend(hf.load(directory, dtype=getattr(torch, dtype), device=device, tp=tp))
     from .. import load
     model = load(directory, dtype=getattr(torch, dtype), device=device, tp=tp, quantize=quantize)
     return model.compile_step() if compile else model

@@ -30,6 +30,7 @@ import torch
 from .. import load, policies
 from .. import quantize as quantization
 from ..policies import Full, TOVA
+from ..backend import enter, leave
 from ..prompt import prefill
 
 
@@ -156,9 +157,22 @@ def speed(model: str, dtypes, device: str, size: int, prompt_tokens: int, new_to
 
 
 def fake_state(model, policy, batch: int, position: int, capacity=None, spread: int = 0):
-    """A multi-state as it would be at `position` (MultiState.fake)."""
+    """A multi-state as it would be at `position`, its slots filled with random keys and values
+    (a step's cost depends only on the shapes). spread > 0: a ragged batch, row b that many
+    tokens behind row 0 times b / B."""
     capacity = None if policy.bounded else capacity or position + 64
-    return model.init_state(batch, policy, capacity=capacity).fake(position, spread)
+    state = model.init_state(batch, policy, capacity=capacity)
+    enter(state, position)                         # the range check, and room for Full
+    leave(state, position)                         # `position` tokens counted as seen
+    for b in range(batch):
+        at = position - spread * b // batch                           # row b's position
+        n = min(at, policy.size) if policy.bounded else at
+        for layer in state.layers:
+            layer.keys[b, :, :n].normal_()
+            layer.values[b, :, :n].normal_()
+            layer.pos[b, :, :n] = torch.arange(at - n, at, device=layer.pos.device)
+        state.t[b] = at
+    return state
 
 
 @torch.inference_mode()

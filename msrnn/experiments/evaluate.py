@@ -77,7 +77,7 @@ def chunk_nll(model, ids, policy, positions="original", allow_past_range=False) 
     """-log p(x_t | x_<t) for t = 1..T-1 of chunks ids [B, T], each from an empty multi-state
     numbered by the scheme `positions`, run as the `sequential` prompt of docs/design.md
     (msrnn.prompt decides what runs in parallel and what steps; the chunks are the rows of one
-    batch). `model`: any backend (msrnn's decoder, its compiled step, msrnn.hf.Backend)."""
+    batch). `model`: any backend (msrnn's decoder, its compiled step, msrnn.hf.HFBackend)."""
     B, T = ids.shape
     state = model.init_state(B, policy, capacity=None if policy.bounded else T,
                              positions=positions, allow_past_range=allow_past_range)
