@@ -106,16 +106,6 @@ class Config:
             bos_id=hf.get("bos_token_id"),
         )
 
-    @classmethod
-    def from_file(cls, path: str) -> "Config":
-        try:
-            with open(path, encoding="utf-8") as f:
-                hf = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path} is not valid JSON ({e}); restore the checkpoint's "
-                              f"config.json") from None
-        return cls.from_hf(hf)
-
 
 def _rope(hf: dict) -> tuple[float, dict | None]:
     """RoPE base and scaling, from transformers >= 5 (`rope_parameters`) or older configs
@@ -169,7 +159,7 @@ def read_config(directory: str) -> Config:
     if not os.path.isfile(path):
         raise ConfigError(f"no config.json in {directory}: a checkpoint directory needs "
                           f"config.json and its *.safetensors files")
-    return Config.from_file(path)
+    return Config.from_hf(read_json(directory, "config.json"))
 
 
 def stop_tokens(*found) -> list:
@@ -182,17 +172,26 @@ def stop_tokens(*found) -> list:
     return sorted(int(i) for i in ids)
 
 
+def read_json(directory: str, name: str) -> dict:
+    """A checkpoint's JSON file `name` as a dict ({} if the checkpoint has none), with errors
+    that name the file and the fix."""
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); restore the checkpoint's "
+                          f"{name}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name} must hold a JSON object, got a {type(data).__name__}; "
+                          f"restore the checkpoint's {name}")
+    return data
+
+
 def read_stop_tokens(directory: str) -> list:
     """stop_tokens of a checkpoint directory: config.json's eos_token_id with
     generation_config.json's (chat models often list several there)."""
-    found = []
-    for name in ("config.json", "generation_config.json"):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    found.append(json.load(f).get("eos_token_id"))
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-                raise ConfigError(f"{path} is not valid JSON ({e}); restore the checkpoint's "
-                                  f"{name}") from None
-    return stop_tokens(*found)
+    return stop_tokens(*(read_json(directory, name).get("eos_token_id")
+                         for name in ("config.json", "generation_config.json")))

@@ -83,6 +83,22 @@ def padding(mask, T: int):
 
 # ------------------------------------------------------------------------------ the cache
 
+class Scoped:
+    """What prepares a model (`prepare`) leaves it as it found it: on leaving `with ...:`, or at
+    `release()`. `model` and `base` (its own attention implementation) are the subclass's."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def release(self):
+        """Give the model back its own attention implementation."""
+        if self.model.config._attn_implementation.startswith(PREFIX):
+            self.model.set_attn_implementation(self.base)
+
+
 class MultiStateLayer(CacheLayerMixin):
     """One layer of a MultiStateCache, as transformers sees it: sizes only (the states are the
     cache's MultiState, and the work happens in `MultiStateCache.attend`)."""
@@ -109,7 +125,7 @@ class MultiStateLayer(CacheLayerMixin):
         return -1
 
 
-class MultiStateCache(Cache):
+class MultiStateCache(Scoped, Cache):
     """A transformers Cache whose layers are an msrnn multi-state bounded by `policy`.
 
     The constructor prepares `model`; pass the cache to `model.generate(..., cache=cache)` or
@@ -139,17 +155,6 @@ class MultiStateCache(Cache):
         self.counts = True
         super().__init__(layers=[MultiStateLayer(self) for _ in modules])
         self.base = prepare(model)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-    def release(self):
-        """Give the model back its own attention implementation."""
-        if self.model.config._attn_implementation.startswith(PREFIX):
-            self.model.set_attn_implementation(self.base)
 
     @property
     def seen(self) -> int:
@@ -327,7 +332,7 @@ def shape_of(model) -> Shape:
 
 # ------------------------------------------------------------------------------ the backend
 
-class HFBackend(Backend):
+class HFBackend(Scoped, Backend):
     """A transformers causal LM as an msrnn backend (backend.Backend): msrnn.generate,
     perplexity, retention and needle run on it as on msrnn's decoder. Its multi-states are
     msrnn MultiStates; each forward wraps one in a MultiStateCache.
@@ -351,16 +356,9 @@ class HFBackend(Backend):
                                    getattr(model.generation_config, "eos_token_id", None))
         self.source = getattr(model, "name_or_path", None) or None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
     def release(self):
         """Give the model back its own attention implementation and training mode."""
-        if self.model.config._attn_implementation.startswith(PREFIX):
-            self.model.set_attn_implementation(self.base)
+        super().release()
         self.model.train(self.training)
 
     def rotary(self):

@@ -97,16 +97,14 @@ def fill(model: Backend, rows: list, policy: Policy, mode, extra: int = 0,
     padding never enters a multi-state. `extra`: tokens to come, so that Full allocates once.
     `positions`, `allow_past_range`: the multi-state's position scheme (msrnn.positions)."""
     lengths = [len(r) for r in rows]
-    capacity = None if policy.bounded else max(lengths) + extra
     scheme = dict(positions=positions, allow_past_range=allow_past_range)
-    state = model.init_state(len(rows), policy, capacity=capacity, **scheme)
+    state = model.init_state(len(rows), policy, capacity=max(lengths) + extra, **scheme)
     if len(set(lengths)) == 1:
         hidden, state = prefill(model, torch.stack(rows), state, mode, logits=False)
         return state, model.logits(hidden[:, -1])
     last = []
     for b, row in enumerate(rows):
-        alone = model.init_state(1, policy, capacity=None if policy.bounded else len(row),
-                                 **scheme)
+        alone = model.init_state(1, policy, capacity=len(row), **scheme)
         hidden, alone = prefill(model, row[None], alone, mode, logits=False)
         state.set_row(b, alone)
         last.append(model.logits(hidden[0, -1]))

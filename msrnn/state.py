@@ -182,9 +182,9 @@ class MultiState:
     """H_t for the whole model: one LayerState per layer, plus the position of the next token.
 
     Bounded policies hold k + 1 slots per layer for the whole run. Full (the unbounded
-    transformer) starts with `capacity` slots (default 256) and doubles them whenever the next
-    tokens would not fit, up to the model's range; pass the final length as `capacity` to
-    allocate once (msrnn.generate does).
+    transformer) starts with `capacity` slots (default 256; a bounded policy ignores it) and
+    doubles them whenever the next tokens would not fit, up to the model's range; pass the final
+    length as `capacity` to allocate once (msrnn.generate does).
 
     `positions`: the scheme that numbers the states for RoPE ("original", "cache",
     "compressed"; positions.py), with `rope` the model's RoPE (positions -> cos, sin), which

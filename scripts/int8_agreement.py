@@ -28,8 +28,8 @@ import msrnn                                                   # noqa: E402
 from msrnn.experiments import drift
 from msrnn import policies                              # noqa: E402
 from msrnn.data import BOOKS                                   # noqa: E402
-from msrnn.experiments.evaluate import read_text                           # noqa: E402
-from msrnn.experiments.needle import haystack_ids                          # noqa: E402
+from msrnn.experiments.text import read_text                                 # noqa: E402
+from msrnn.experiments.text import haystacks                               # noqa: E402
 from msrnn.policies import Full                                # noqa: E402
 from msrnn.prompt import prefill                               # noqa: E402
 
@@ -58,7 +58,7 @@ def main(argv=None):
     float_model = msrnn.load(args.model)
     int8_model = msrnn.load(args.model, quantize="int8")
     tok = msrnn.load_tokenizer(args.model)
-    books = haystack_ids(tok, [read_text(path) for path in BOOKS])
+    books = haystacks(tok, [read_text(path) for path in BOOKS])
     prompts = (drift.openings(tok, books, args.samples, args.prompt_tokens, args.seed) +
                drift.stories(tok, args.samples, args.seed))
     report = []

@@ -65,3 +65,53 @@ def test_backends_agree(backends, name, mode):
         assert ka == kb, f"{name} {mode} step {t}: kept positions differ"
     if policy.bounded:                       # the test saw evictions, not only growth
         assert len(a[-1][1][0][0][0]) == K
+
+
+def test_both_backends_stop_on_the_same_tokens(tmp_path):
+    """The stop tokens are config.json's eos_token_id with generation_config.json's, by one
+    rule (config.stop_tokens) on both backends and in the tokenizer, even where the two files
+    disagree."""
+    import json
+
+    from msrnn.config import read_stop_tokens
+    from tiny import save_char_tokenizer
+
+    hf = tiny_hf("llama", seed=1, vocab_size=VOCAB, eos_token_id=3)
+    hf.generation_config.eos_token_id = [5, 7, 3]
+    directory = save(hf, tmp_path)
+    save_char_tokenizer(directory, VOCAB)
+    assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == 3
+    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == \
+        [5, 7, 3]
+    ours = msrnn.load(directory).eos_ids
+    theirs = msrnn.hf.HFBackend(msrnn.hf.load(directory)).eos_ids
+    assert ours == theirs == read_stop_tokens(directory) == [3, 5, 7]
+    assert msrnn.load_tokenizer(directory).eos_ids == {3, 5, 7}
+    assert msrnn.load(directory).compile_step().eos_ids == [3, 5, 7]
+
+
+def test_the_default_models_stop_tokens_agree():
+    from msrnn.checkpoint.loading import resolve
+
+    directory = resolve("weights/SmolLM2-135M-Instruct")
+    ours = msrnn.load(directory).eos_ids
+    assert ours == msrnn.hf.HFBackend(msrnn.hf.load(directory)).eos_ids == [2]
+    assert msrnn.load_tokenizer(directory).eos_ids == set(ours)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("training", [False, True])
+def test_the_transformers_backend_leaves_the_model_as_it_found_it(implementation, training):
+    """HFBackend routes attention through msrnn and runs in eval mode; when it is done (`with`,
+    or release()), the model's attention implementation and training mode are its own again."""
+    hf = tiny_hf("llama", seed=2, vocab_size=VOCAB, attn_implementation=implementation)
+    hf.train(training)
+    with msrnn.hf.HFBackend(hf) as backend:
+        assert hf.config._attn_implementation == "msrnn_" + implementation
+        assert not hf.training
+        msrnn.generate(backend, torch.tensor([[1, 2, 3]]), from_name("tova", 2), 3)
+    assert hf.config._attn_implementation == implementation
+    assert hf.training is training
+    backend = msrnn.hf.HFBackend(hf)
+    backend.release()
+    assert hf.config._attn_implementation == implementation and hf.training is training

@@ -1,4 +1,4 @@
-"""The offline default model: GGUF -> Hugging Face checkpoint (msrnn/convert.py).
+"""The offline default model: GGUF -> Hugging Face checkpoint (msrnn/checkpoint/convert.py).
 
 The converted directory must hold the same model that transformers' own GGUF loader builds from
 the same file, and msrnn must run it the same way."""

@@ -1,4 +1,4 @@
-"""Long-range evaluation (msrnn/evaluate.py, `msrnn ppl`, `msrnn retention`) on a tiny model.
+"""Long-range evaluation (msrnn/experiments/evaluate.py, `msrnn ppl`, `msrnn retention`) on a tiny model.
 
 Perplexity with Full must be transformers' own (one parallel forward pass per chunk); with a
 bounded policy it must be what stepping the plain reference (tests/reference.py) gives; the
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import msrnn
 from msrnn import cli
 from msrnn.experiments import evaluate
-from msrnn.cli import output
+from msrnn.experiments import output
 from msrnn.policies import TOVA, Sinks, Window
 from reference import Reference, Rule
 from tiny import save, save_char_tokenizer, tiny_hf

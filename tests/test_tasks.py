@@ -1,4 +1,4 @@
-"""RULER's synthetic tasks (msrnn/tasks.py, `msrnn tasks`) and generation drift (msrnn/drift.py,
+"""RULER's synthetic tasks (msrnn/experiments/tasks.py, `msrnn tasks`) and generation drift (msrnn/experiments/drift.py,
 `msrnn drift`): every task's prompts have exactly the requested length and a plain-Python solver
 recovers the expected answers from the prompt text alone; the scorer's edge cases; the drift
 measures against hand-worked values on a tiny model; the two commands' files, resume and
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import msrnn
-from msrnn.experiments import drift, needle, tasks
+from msrnn.experiments import drift, needle, tasks, text
 from msrnn.data import BOOKS
 from msrnn.policies import Full, Window
 from test_hostile import refused, run
@@ -36,7 +36,7 @@ def tiny(tmp_path_factory):
     text.write_text(TEXT * 12)
     tok = msrnn.load_tokenizer(str(directory / "model"))
     words = tasks.vocabulary([open(b, encoding="utf-8").read() for b in BOOKS])
-    return str(directory / "model"), str(text), tok, needle.haystack_ids(tok, [TEXT * 12]), words
+    return str(directory / "model"), str(text), tok, text.haystacks(tok, [TEXT * 12]), words
 
 
 UNORDERED = ("niah_multivalue", "vt", "cwe")      # answers in any order
@@ -102,7 +102,7 @@ def test_the_default_tokenizer_builds_every_task_in_its_chat_template():
     from test_convert import default_model_dir
     tok = msrnn.load_tokenizer(default_model_dir())
     texts = [open(b, encoding="utf-8").read() for b in BOOKS]
-    haystacks, words = needle.haystack_ids(tok, texts), tasks.vocabulary(texts)
+    haystacks, words = text.haystacks(tok, texts), tasks.vocabulary(texts)
     for task in tasks.TASKS:
         ids, expected = tasks.build(tok, task, haystacks, words, 1024,
                                     0.5 if task in tasks.DEPTH else None, 2, seed=0)

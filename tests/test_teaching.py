@@ -148,7 +148,7 @@ def test_doc_names_only_functions_that_exist():
     # The page must cite the functions the issue asked about, by their current names.
     for needed in ["Attention.qkv", "RoPE.forward", "LayerState.priority", "LayerState.evict",
                    "Policy.score", "Policy.observe", "MultiState.advance",
-                   "prompt.parallel_prefix", "Attention.prefill", "attention.column_sums",
+                   "prompt.parallel_prefix", "Attention.parallel", "attention.column_sums",
                    "attention.step", "attention.prompt",
                    "H2O.observe", "msrnn.trace.run", "msrnn.generate"]:
         assert needed in names, needed

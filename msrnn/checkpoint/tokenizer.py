@@ -19,7 +19,7 @@ import os
 import re
 from datetime import datetime
 
-from ..config import read_stop_tokens
+from ..config import read_json, read_stop_tokens
 
 SPECIAL = ("bos", "eos", "unk", "pad")                  # the special tokens, by their config name
 
@@ -46,7 +46,7 @@ class Tokenizer:
 
     def __init__(self, directory: str):
         self.directory = directory
-        self.config = _read_json(directory, "tokenizer_config.json")
+        self.config = read_json(directory, "tokenizer_config.json")
         path = os.path.join(directory, self.filename)
         try:
             self._open(path)
@@ -251,19 +251,3 @@ def _clean_up(text: str) -> str:
 
 def _content(token):
     return token.get("content") if isinstance(token, dict) else token
-
-
-def _read_json(directory: str, name: str) -> dict:
-    path = os.path.join(directory, name)
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); copy the checkpoint's tokenizer "
-                         f"files again") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object; copy the checkpoint's tokenizer "
-                         f"files again")
-    return data

@@ -1,4 +1,4 @@
-"""`msrnn bench`: the command line of msrnn/bench.py. Every argument is checked before the first
+"""`msrnn bench`: the command line of msrnn/experiments/bench.py. Every argument is checked before the first
 measurement; the report is printed as markdown tables, saved as bench.json and plotted."""
 
 import json
@@ -7,7 +7,7 @@ import sys
 
 from .common import (DEFAULT_MODEL, DTYPES, QUANTIZE, UsageError, check_device,
                      check_out_dir, check_positive, model_config, parse_list)
-from .output import figure, save_figure, write_atomic
+from ..experiments.output import figure, save_figure, write_atomic
 
 PARTS = ("speed", "prefill", "latency", "throughput", "ceiling")
 

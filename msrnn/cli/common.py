@@ -1,6 +1,8 @@
-"""What every command shares: the policy and device arguments, and the checks that run before
-any expensive work (arguments, devices, ranges, output directories)."""
+"""What every command shares: its options as argparse parent parsers (the model, devices, the
+policy grid, positions, output), and the checks that run before any expensive work (arguments,
+devices, ranges, output directories), the library's ValueErrors as the messages."""
 
+import argparse
 import os
 
 from ..checkpoint.loading import DEFAULT_MODEL                    # a name: found in the model home
@@ -17,6 +19,40 @@ def policy_help() -> str:
     return "policies (--policy / --policies):\n" + describe()
 
 
+def options(add, *args, **kwargs) -> argparse.ArgumentParser:
+    """A parent parser (argparse's `parents=`) with the arguments `add(parser, ...)` adds."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add(parser, *args, **kwargs)
+    return parser
+
+
+def command(commands, name: str, help: str, run, *parents, model: str = "required"):
+    """A subcommand: its positional MODEL (`model`: "required", or "default" for the default
+    model), the shared options of `parents`, and the registered policies as its epilog."""
+    p = commands.add_parser(name, help=help, parents=list(parents), epilog=policy_help(),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    if model == "default":
+        p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                       help=f"checkpoint directory, name in the model home ($MSRNN_HOME, by "
+                       f"default ~/.cache/msrnn) or Hub repo id (default {DEFAULT_MODEL})")
+    else:
+        p.add_argument("model", help="checkpoint directory, name in the model home or Hub "
+                       "repo id")
+    p.set_defaults(run=run)
+    return p
+
+
+def add_output_args(parser, files: str):
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    parser.add_argument("--out", help=f"directory for {files} (resumable)")
+
+
+def add_sample_args(parser, samples: int):
+    parser.add_argument("--samples", type=int, default=samples, help="prompts per cell (one "
+                        "batch)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def add_policy_args(parser, multiple=False):
     from ..policies import NAMES
     if multiple:
@@ -31,6 +67,12 @@ def add_policy_args(parser, multiple=False):
 
 
 def add_device_args(parser):
+    """Where and how the model runs: dtype, device, weights, backend, tensor parallelism."""
+    parser.add_argument("--backend", choices=("msrnn", "transformers"), default="msrnn",
+                        help="msrnn's own decoder, or the policy inside transformers (msrnn.hf)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel over N processes, "
+                        "split by KV head: start them with torchrun --nproc-per-node N "
+                        "(docs/scale.md)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--quantize", choices=QUANTIZE, help="int8: weight-only int8 "
@@ -114,21 +156,71 @@ def check_reach(cfg, policy, scheme, end: int, what: str, parallel: int = 0,
         raise UsageError(str(e)) from None
 
 
-def add_prompt_mode_arg(parser):
+def add_prompt_mode_arg(parser, observe: bool = False):
     from ..prompt import Mode
     parser.add_argument("--prompt-mode", choices=[m.value for m in Mode],
                         default=Mode.ONESHOT.value,
                         help="oneshot: the prompt in one pass, then the best k kept (the paper "
                         "authors' code); sequential: every prompt token a step (the MSRNN "
                         "definition)")
+    if observe:
+        parser.add_argument("--observe", type=int, default=1, help="oneshot: rank the prompt "
+                            "by the mean attention of its last w queries (TOVA; default 1, the "
+                            "paper's rule)")
 
 
-def add_backend_arg(parser):
-    parser.add_argument("--backend", choices=("msrnn", "transformers"), default="msrnn",
-                        help="msrnn's own decoder, or the policy inside transformers (msrnn.hf)")
-    parser.add_argument("--tp", type=int, default=1, help="tensor parallel over N processes, "
-                        "split by KV head: start them with torchrun --nproc-per-node N "
-                        "(docs/scale.md)")
+def check_observe(args):
+    """--observe W ranks a oneshot prompt: refused with a sequential one, which never ranks."""
+    check_positive("--observe", args.observe)
+    if args.observe != 1 and args.prompt_mode != "oneshot":
+        raise UsageError(f"--observe {args.observe} ranks a oneshot prompt by its last "
+                         f"{args.observe} queries; a sequential prompt never ranks: use "
+                         f"--prompt-mode oneshot, or drop --observe")
+
+
+def check_policies(args, limit: int, what: str, schemes=None, bounded_only: bool = False):
+    """The configurations of --policies x --sizes (x position schemes), each checked: known
+    names, positive sizes, smaller than `limit` (`what` names it)."""
+    from ..experiments.sweep import configurations
+    from ..policies import NAMES
+
+    names = parse_list("--policies", args.policies)
+    unknown = [n for n in names if n not in NAMES]
+    if unknown:
+        raise UsageError(f"unknown policy {unknown[0]!r}; choose from {', '.join(NAMES)}")
+    sizes = parse_list("--sizes", args.sizes, int)
+    if any(s < 1 for s in sizes):
+        raise UsageError(f"--sizes must be positive, got {args.sizes!r}")
+    try:
+        return configurations(names, sizes, args.sinks, getattr(args, "observe", 1),
+                              schemes or (args.positions,), limit, what, bounded_only)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def setup(args, directory: str, files: dict, **fields) -> dict:
+    """What identifies a sweep's results (experiments.sweep: a results file resumes only under
+    the same setup): the model, the texts (`files`: {key: paths}) and their digest, the options
+    every sweep shares, and `fields`, the command's own."""
+    from ..experiments.text import digest
+
+    out = {"model": os.path.abspath(directory),
+           **{key: [os.path.basename(p) for p in paths] for key, paths in files.items()},
+           "digest": digest([p for paths in files.values() for p in paths]),
+           "dtype": args.dtype, "sinks": args.sinks, "backend": args.backend, **fields}
+    if args.quantize:                      # older results directories stay valid without it
+        out["quantize"] = args.quantize
+    return out
+
+
+def read_texts(paths) -> list[str]:
+    """The texts of --text / --haystack files, each checked (experiments.text.read_text)."""
+    from ..experiments.text import read_text
+
+    try:
+        return [read_text(path) for path in paths]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def ranks(args) -> int:
@@ -136,7 +228,7 @@ def ranks(args) -> int:
     speaks for the group: the others print nothing and write no files."""
     import sys
 
-    from . import output
+    from ..experiments import output
 
     tp = getattr(args, "tp", 1)
     if tp == 1:
@@ -165,13 +257,14 @@ def check_decoder_options(backend: str, compile: bool = False, quantize: str | N
 
 
 def load_model(directory: str, dtype: str, device: str, backend: str = "msrnn", tp: int = 1,
-               compile: bool = False, quantize: str | None = None):
-    """The backend a command runs on: msrnn's decoder (compile: its decode step compiled;
-    quantize: its weights int8), or a transformers model (msrnn.hf); with tp > 1, this rank's
-    part of it (on CUDA, the GPU cuda:LOCAL_RANK)."""
+               compile: bool = False, quantize: str | None = None, warm=None):
+    """The backend a command runs on (experiments.sweep.backend), its options checked first: tp
+    against the model's KV heads, --compile and --quantize with msrnn's own decoder; with tp > 1
+    on CUDA, the GPU cuda:LOCAL_RANK. `warm(model)`: a first run, kept out of the timings."""
     import torch
 
     from ..config import read_config
+    from ..experiments.sweep import backend as make
 
     if tp > 1:
         kv = read_config(directory).n_kv_heads
@@ -182,12 +275,19 @@ def load_model(directory: str, dtype: str, device: str, backend: str = "msrnn", 
         if torch.device(device).type == "cuda":
             device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     check_decoder_options(backend, compile, quantize)
-    if backend == "transformers":
-        from .. import hf
-        return hf.HFBackend(hf.load(directory, dtype=getattr(torch, dtype), device=device, tp=tp))
-    from .. import load
-    model = load(directory, dtype=getattr(torch, dtype), device=device, tp=tp, quantize=quantize)
-    return model.compile_step() if compile else model
+    model = make(directory, getattr(torch, dtype), device, backend, tp, compile, quantize)
+    if warm is not None:
+        warm(model)
+    return model
+
+
+def loader(args, directory: str, compile: bool = False, warm=None):
+    """`load_model` with the command's options, to call once there is work (it pickles: a
+    sweep's worker processes call it too)."""
+    import functools
+
+    return functools.partial(load_model, directory, args.dtype, args.device, args.backend,
+                             args.tp, compile, args.quantize, warm)
 
 
 def check_out_dir(path: str | None):

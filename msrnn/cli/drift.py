@@ -1,20 +1,16 @@
-"""`msrnn drift`: how far each policy's greedy generation drifts from Full's (msrnn/drift.py):
+"""`msrnn drift`: how far each policy's greedy generation drifts from Full's (msrnn/experiments/drift.py):
 the first step that differs, Full's perplexity of its text and its repeated 4-grams, against
 multi-state size."""
 
 import json
 import os
-import sys
 import time
 
-from tqdm import tqdm
-
-from .common import (UsageError, add_backend_arg, add_device_args, add_policy_args,
-                     add_positions_args, add_prompt_mode_arg, check_device, check_out_dir,
-                     check_positive, check_reach, check_seed, load_model, model_config,
-                     parse_list, policy_help)
-from .evaluate import text_digest
-from .output import Results, figure, save_figure
+from .common import (UsageError, add_device_args, add_output_args, add_policy_args,
+                     add_positions_args, add_prompt_mode_arg, add_sample_args, check_device,
+                     check_observe, check_out_dir, check_policies, check_positive, check_reach,
+                     check_seed, command, loader, model_config, options, read_texts, setup)
+from ..experiments.output import figure, save_figure
 
 MEASURES = ("first_divergence", "full_ppl", "repeat_4gram")
 FIELDS = ["kind", "policy", "size", *MEASURES, "tokens", "samples", "seconds"]
@@ -22,102 +18,74 @@ KINDS = ("opening", "story")
 
 
 def add_commands(commands):
-    import argparse
-
-    p = commands.add_parser("drift", help="how far a bounded generation drifts from Full's: "
-                            "first divergence, Full's perplexity of it, repeated 4-grams",
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog=policy_help())
-    p.add_argument("model")
+    p = command(commands, "drift", "how far a bounded generation drifts from Full's: first "
+                "divergence, Full's perplexity of it, repeated 4-grams", run_drift,
+                options(add_policy_args, multiple=True), options(add_sample_args, 2),
+                options(add_prompt_mode_arg, observe=True), options(add_positions_args),
+                options(add_output_args, "results.json/.csv and drift.png"),
+                options(add_device_args))
     p.add_argument("--text", nargs="+", help="texts the openings are cut from (default: the "
                    "two public-domain books msrnn ships)")
-    add_policy_args(p, multiple=True)
-    p.add_argument("--samples", type=int, default=2, help="prompts of each kind (openings, "
-                   "story requests)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--new-tokens", type=int, default=1024, help="tokens generated greedily")
     p.add_argument("--prompt-tokens", type=int, default=512, help="length of the openings")
-    add_prompt_mode_arg(p)
-    p.add_argument("--observe", type=int, default=1, help="oneshot: rank the prompt by the mean "
-                   "attention of its last w queries (TOVA; default 1, the paper's rule)")
-    add_positions_args(p)
-    p.add_argument("--json", action="store_true", help="print one JSON list on stdout")
-    p.add_argument("--out", help="directory for results.json/.csv and drift.png (resumable)")
-    add_backend_arg(p)
-    add_device_args(p)
-    p.set_defaults(run=run_drift)
 
 
 def run_drift(args):
-    from ..experiments import drift
     from .. import load_tokenizer
     from ..data import BOOKS
-    from ..experiments.evaluate import read_text
-    from ..experiments.needle import haystack_ids
-    from ..policies import NAMES, Full, grid
+    from ..experiments import drift, text
+    from ..experiments.sweep import Config, Sweep
+    from ..policies import Full
 
-    names = parse_list("--policies", args.policies)
-    unknown = [n for n in names if n not in NAMES]
-    if unknown:
-        raise UsageError(f"unknown policy {unknown[0]!r}; choose from {', '.join(NAMES)}")
-    sizes = parse_list("--sizes", args.sizes, int)
-    if any(s < 1 for s in sizes):
-        raise UsageError(f"--sizes must be positive, got {args.sizes!r}")
     for name, value in (("--samples", args.samples), ("--new-tokens", args.new_tokens),
-                        ("--prompt-tokens", args.prompt_tokens), ("--observe", args.observe)):
+                        ("--prompt-tokens", args.prompt_tokens)):
         check_positive(name, value)
+    check_observe(args)
     check_seed(args.seed)
     check_device(args.device)
     check_out_dir(args.out)
-    configs = [c for c in grid(names, sizes, args.sinks, args.observe) if c[0] != "full"]
-    directory, cfg = model_config(args.model)
     end = args.prompt_tokens + args.new_tokens - 1
-    for _, _, policy in configs + [("full", None, Full())]:
-        check_reach(cfg, policy, args.positions, end, f"--prompt-tokens {args.prompt_tokens} "
-                    f"plus --new-tokens {args.new_tokens} ({policy})",
+    configs = [Config("full", None, Full(), args.positions)] + check_policies(
+        args, end + 1, f"--prompt-tokens plus --new-tokens ({end + 1})", bounded_only=True)
+    directory, cfg = model_config(args.model)
+    for c in configs:
+        check_reach(cfg, c.policy, args.positions, end, f"--prompt-tokens {args.prompt_tokens} "
+                    f"plus --new-tokens {args.new_tokens} ({c.policy})",
                     args.prompt_tokens if args.prompt_mode == "oneshot" else 0, args.past_range)
     args.text = args.text or list(BOOKS)
     tok = load_tokenizer(directory)
-    haystacks = haystack_ids(tok, [read_text(path) for path in args.text])
+    haystacks = text.haystacks(tok, read_texts(args.text))
     try:
         prompts = {"opening": drift.openings(tok, haystacks, args.samples, args.prompt_tokens,
                                              args.seed),
                    "story": drift.stories(tok, args.samples, args.seed)}
     except ValueError as e:
         raise UsageError(str(e)) from None
-    setup = {"model": os.path.abspath(directory), "text": [os.path.basename(t) for t in args.text],
-             "digest": text_digest(args.text), "samples": args.samples, "seed": args.seed,
-             "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
-             "prompt_mode": args.prompt_mode, "observe": args.observe, "dtype": args.dtype,
-             "sinks": args.sinks, "backend": args.backend, "positions": args.positions}
-    if args.quantize:                      # older results directories stay valid without it
-        setup["quantize"] = args.quantize
-    results = Results(args.out, setup, key=("kind", "policy", "size"), fields=FIELDS)
-    everything = [("full", None, Full())] + configs
-    todo = [(kind, c) for kind in KINDS for c in everything
-            if results.get(kind, c[0], c[1]) is None]
-    log = sys.stderr
-    print(f"[msrnn drift] {len(everything)} configurations x {len(KINDS)} kinds x "
-          f"{args.samples} prompts, {args.new_tokens} new tokens; {len(todo)} to run", file=log)
-    model = load_model(directory, args.dtype, args.device, args.backend, args.tp,
-                       quantize=args.quantize) if todo else None
-    scheme = dict(mode=args.prompt_mode, positions=args.positions,
-                  allow_past_range=args.past_range)
-    started = time.perf_counter()
-    for kind, (name, size, policy) in tqdm(todo, desc="drift", unit="config", file=log):
-        begin = time.perf_counter()
-        outputs = drift.run(model, prompts[kind], policy, args.new_tokens, **scheme)
-        full = outputs if name == "full" else results.get(kind, "full", None)["outputs"]
-        row = drift.measure(model, prompts[kind], outputs, full)
-        results.add({"kind": kind, "policy": name, "size": size,
-                     **{k: round(v, 4) for k, v in row.items()}, "samples": args.samples,
-                     "seconds": round(time.perf_counter() - begin, 1), "outputs": outputs})
-        tqdm.write(f"[msrnn drift] {kind} {policy}: first divergence "
-                   f"{row['first_divergence']:.0f}, Full's ppl {row['full_ppl']:.2f}, repeated "
-                   f"4-grams {row['repeat_4gram']:.2f}", file=log)
-    if todo:
-        print(f"[msrnn drift] {time.perf_counter() - started:.0f} s", file=log)
-    rows = [results.get(kind, name, size) for kind in KINDS for name, size, _ in everything]
+    sweep = Sweep("drift", args.out, setup(
+        args, directory, {"text": args.text}, samples=args.samples, seed=args.seed,
+        new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
+        prompt_mode=args.prompt_mode, observe=args.observe, positions=args.positions),
+        key=("kind", "policy", "size"), fields=FIELDS)
+    cells = [{"kind": kind} for kind in KINDS]
+    todo = sweep.pending(cells, configs)
+    sweep.say(f"{len(configs)} configurations x {len(KINDS)} kinds x {args.samples} prompts, "
+              f"{args.new_tokens} new tokens; {sum(len(c) for _, c in todo)} to run")
+
+    def work(model, cell, todo_configs):
+        kind = cell["kind"]
+        for c in todo_configs:                # Full first: the others are measured against it
+            begin = time.perf_counter()
+            outputs = drift.run(model, prompts[kind], c.policy, args.new_tokens,
+                                args.prompt_mode, None, args.positions, args.past_range)
+            full = outputs if c.name == "full" else sweep.get(cell, configs[0])["outputs"]
+            row = drift.measure(model, prompts[kind], outputs, full)
+            yield c, {**{k: round(v, 4) for k, v in row.items()}, "samples": args.samples,
+                      "seconds": round(time.perf_counter() - begin, 1), "outputs": outputs}, \
+                f"{kind} {c.policy}: first divergence {row['first_divergence']:.0f}, Full's " \
+                f"ppl {row['full_ppl']:.2f}, repeated 4-grams {row['repeat_4gram']:.2f}"
+
+    sweep.run(todo, loader(args, directory), work)
+    rows = sweep.rows(cells, configs)
     if args.out:
         plot_drift(rows, os.path.join(args.out, "drift.png"),
                    f"{os.path.basename(os.path.abspath(directory))}, {args.samples} prompts of "

@@ -1,34 +1,26 @@
-"""`msrnn ppl` and `msrnn retention`: the command line of msrnn/evaluate.py (arguments checked
+"""`msrnn ppl` and `msrnn retention`: the command line of msrnn/experiments/evaluate.py (arguments checked
 first, then the computation, then files, plots and the printed table)."""
 
 import functools
-import hashlib
 import json
-import math
 import os
-import sys
 
-from tqdm import tqdm
-
-from .common import (UsageError, add_backend_arg, add_device_args, add_policy_args,
+from .common import (UsageError, add_device_args, add_output_args, add_policy_args,
                      add_positions_args, check_decoder_options, check_device, check_out_dir,
-                     check_positive, check_reach, load_model, model_config, parse_list,
-                     policy_help)
-from .output import Results, figure, save_figure, write_atomic
+                     check_policies, check_positive, check_reach, command, loader,
+                     model_config, options, parse_list, read_texts, setup)
+from ..experiments.output import figure, save_figure, write_atomic
 
 
 def add_commands(commands):
-    import argparse
-
-    p = commands.add_parser("ppl", help="perplexity against multi-state size (paper Fig. 3)",
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog=policy_help())
-    p.add_argument("model")
+    p = command(commands, "ppl", "perplexity against multi-state size (paper Fig. 3)", run_ppl,
+                options(add_policy_args, multiple=True),
+                options(add_positions_args, multiple=True),
+                options(add_output_args, "results.json/.csv, ppl.png and ppl-position.png"),
+                options(add_device_args))
     p.add_argument("--text", nargs="+", required=True, help="text files")
     p.add_argument("--context", type=int, default=2048, help="tokens per chunk (past the "
                    "model's range: a bounded policy with --positions cache or compressed)")
-    add_policy_args(p, multiple=True)
-    add_positions_args(p, multiple=True)
     p.add_argument("--buckets", type=int, default=512, metavar="B",
                    help="also report the perplexity of each block of B positions")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (a "
@@ -37,37 +29,29 @@ def add_commands(commands):
     p.add_argument("--batch", type=int, default=8, help="chunks per batch")
     p.add_argument("--jobs", type=int, default=1, help="configurations run at once, each in its "
                    "own process (2 is fastest on a 2-core CPU)")
-    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-    p.add_argument("--out", help="directory for results.json/.csv and ppl.png (resumable)")
-    add_backend_arg(p)
-    add_device_args(p)
-    p.set_defaults(run=run_ppl)
 
-    r = commands.add_parser("retention", help="which tokens TOVA keeps, and for how long")
-    r.add_argument("model")
+    r = command(commands, "retention", "which tokens TOVA keeps, and for how long",
+                run_retention, options(add_positions_args),
+                options(add_output_args, "retention.json and retention.png"),
+                options(add_device_args))
     r.add_argument("--text", nargs="+", required=True)
     r.add_argument("--context", type=int, default=2048)
     r.add_argument("--size", type=int, default=256)
-    add_positions_args(r)
     r.add_argument("--max-chunks", type=int)
     r.add_argument("--batch", type=int, default=8)
-    r.add_argument("--json", action="store_true")
-    r.add_argument("--out", help="directory for retention.json and retention.png")
     r.add_argument("--plot", metavar="FILE", help="draw which positions the --layers keep at "
                    "each step of the first chunk (x: step, y: position) into this PNG file")
     r.add_argument("--layers", help="layers to draw with --plot, comma-separated (default: the "
                    "first, the middle and the last)")
-    add_backend_arg(r)
-    add_device_args(r)
-    r.set_defaults(run=run_retention)
 
 
 # ----------------------------------------------------------------------------- ppl
 
 
 def run_ppl(args):
-    from ..experiments import evaluate
     from .. import load_tokenizer
+    from ..experiments import evaluate
+    from ..experiments.sweep import Sweep
     from ..positions import Scheme
 
     if args.context < 2:
@@ -81,48 +65,33 @@ def run_ppl(args):
     check_positive("--max-chunks", args.max_chunks, allow_none=True)
     check_device(args.device)
     schemes = [Scheme.of(s).value for s in parse_list("--positions", args.positions)]
-    configs = evaluate.configurations(parse_list("--policies", args.policies),
-                                      parse_list("--sizes", args.sizes, int), args.sinks,
-                                      args.context, schemes)
-    for path in args.text:
-        evaluate.read_text(path)                      # exists, and is UTF-8
+    configs = check_policies(args, args.context, f"the context {args.context}", schemes)
+    read_texts(args.text)                             # exist, and are UTF-8 text
     check_out_dir(args.out)
     directory, cfg = model_config(args.model)
-    for _, _, policy, scheme in configs:
-        check_reach(cfg, policy, scheme, args.context, f"--context {args.context} ({policy}, "
-                    f"positions {scheme})", past_range=args.past_range)
+    for c in configs:
+        check_reach(cfg, c.policy, c.positions, args.context, f"--context {args.context} "
+                    f"({c.policy}, positions {c.positions})", past_range=args.past_range)
     check_decoder_options(args.backend, args.compile, args.quantize)
-    setup = {"model": os.path.abspath(directory), "texts": [os.path.basename(t) for t in
-             args.text], "digest": text_digest(args.text), "context": args.context,
-             "max_chunks": args.max_chunks, "dtype": args.dtype, "backend": args.backend,
-             "sinks": args.sinks, "buckets": args.buckets, "past_range": args.past_range}
-    if args.quantize:                      # older results directories stay valid without it
-        setup["quantize"] = args.quantize
-    results = Results(args.out, setup, key=("policy", "size", "positions"),
-                      fields=["policy", "size", "positions", "ppl", "tokens", "seconds"])
+    sweep = Sweep("ppl", args.out, setup(
+        args, directory, {"texts": args.text}, context=args.context,
+        max_chunks=args.max_chunks, buckets=args.buckets, past_range=args.past_range),
+        key=("policy", "size", "positions"),
+        fields=["policy", "size", "positions", "ppl", "tokens", "seconds"])
     chunks = evaluate.load_chunks(load_tokenizer(directory), args.text, args.context,
                                   args.max_chunks)
-    log = sys.stderr
-    todo = [c for c in configs if results.get(c[0], c[1], c[3]) is None]
-    print(f"[msrnn ppl] {len(chunks)} chunks x {args.context} tokens, {len(configs)} "
-          f"configurations, {len(configs) - len(todo)} done before", file=log)
-    load = functools.partial(load_model, directory, args.dtype, args.device, args.backend,
-                             args.tp, args.compile, args.quantize)
-    for name, size, policy, scheme, losses, seconds in evaluate.sweep(
-            load, chunks, todo, args.batch, args.jobs, log, args.past_range):
-        tokens = len(chunks) * losses.numel()
-        ppl = math.exp(losses.sum().item() / tokens)
-        results.add({"policy": name, "size": size, "positions": scheme, "ppl": ppl,
-                     "tokens": tokens, "seconds": round(seconds, 2),
-                     "buckets": evaluate.buckets(losses, len(chunks), args.buckets)})
-        tqdm.write(f"[msrnn ppl] {policy}, positions {scheme}: ppl {ppl:.3f} over {tokens} "
-                   f"tokens, {chunks.numel() / seconds:.0f} tok/s", file=log)
-    rows = [results.get(name, size, scheme) for name, size, _, scheme in configs]
+    todo = sweep.pending([{}], configs)
+    sweep.say(f"{len(chunks)} chunks x {args.context} tokens, {len(configs)} configurations, "
+              f"{len(configs) - sum(len(c) for _, c in todo)} done before")
+    work = functools.partial(evaluate.sweep_work, chunks, args.batch, args.buckets,
+                             args.past_range, args.jobs == 1)
+    sweep.run(todo, loader(args, directory, args.compile), work, args.jobs)
+    rows = sweep.rows([{}], configs)
     if args.out:
         title = (f"{os.path.basename(os.path.abspath(directory))}, context {args.context}, "
                  f"{len(chunks)} chunks")
-        plot_ppl(results.rows, os.path.join(args.out, "ppl.png"), title)
-        plot_buckets(results.rows, os.path.join(args.out, "ppl-position.png"), title,
+        plot_ppl(sweep.results.rows, os.path.join(args.out, "ppl.png"), title)
+        plot_buckets(sweep.results.rows, os.path.join(args.out, "ppl-position.png"), title,
                      cfg.max_positions)
     if args.json:
         print(json.dumps([{k: r[k] for k in ("policy", "size", "positions", "ppl", "tokens",
@@ -177,14 +146,6 @@ def plot_buckets(rows, path: str, title: str, limit: int):
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
     save_figure(fig, path)
-
-
-def text_digest(files):
-    h = hashlib.sha256()
-    for path in files:
-        with open(path, "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- retention
@@ -319,10 +280,10 @@ def run_retention(args):
     check_reach(cfg, TOVA(args.size), args.positions, args.context, f"--context {args.context}",
                 args.size, args.past_range)
     layers = plot_layers(args, cfg.n_layers)
+    read_texts(args.text)                             # exist, and are UTF-8 text
     tok = load_tokenizer(directory)
     chunks = evaluate.load_chunks(tok, args.text, args.context, args.max_chunks)
-    model = load_model(directory, args.dtype, args.device, args.backend, args.tp,
-                       quantize=args.quantize)
+    model = loader(args, directory)()
     r = evaluate.retention(model, chunks, args.size, args.batch, record=layers,
                            positions=args.positions, allow_past_range=args.past_range)
     if args.plot:

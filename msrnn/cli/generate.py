@@ -1,42 +1,33 @@
 """`msrnn generate`, `msrnn download`, `msrnn fetch-default`."""
 
-import argparse
 import math
 import os
 import sys
 import time
 
-from . import output
-from .common import (DEFAULT_MODEL, UsageError, add_backend_arg, add_device_args, add_policy_args,
+from ..experiments import output
+from .common import (DEFAULT_MODEL, UsageError, add_device_args, add_policy_args,
                      add_positions_args, add_prompt_mode_arg, check_decoder_options, check_device,
-                     check_out_dir, check_reach, check_seed, load_model, model_config, policy_help)
+                     check_out_dir, check_reach, check_seed, command, load_model, model_config,
+                     options)
 
 
 def add_commands(commands):
-    g = commands.add_parser("generate", help="decode text with a bounded multi-state",
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog=policy_help())
-    g.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"checkpoint directory, name in the model home ($MSRNN_HOME, by "
-                   f"default ~/.cache/msrnn) or Hub repo id (default {DEFAULT_MODEL})")
+    g = command(commands, "generate", "decode text with a bounded multi-state", run_generate,
+                options(add_policy_args), options(add_prompt_mode_arg),
+                options(add_positions_args), options(add_device_args), model="default")
     source = g.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt")
     source.add_argument("--prompt-file", help="a UTF-8 file, one prompt per line: decoded as one "
                         "(ragged) batch, each row's text to its own line (or file, with --out)")
     g.add_argument("--out", help="with --prompt-file: a directory; row i streams to row-i.txt")
-    add_policy_args(g)
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float)
     g.add_argument("--top-k", type=int)
     g.add_argument("--seed", type=int)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    add_prompt_mode_arg(g)
-    add_positions_args(g)
-    add_device_args(g)
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    add_backend_arg(g)
-    g.set_defaults(run=run_generate)
 
     d = commands.add_parser("download", help="download a checkpoint from the Hugging Face Hub")
     d.add_argument("repo_id")

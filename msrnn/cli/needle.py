@@ -1,47 +1,36 @@
 """`msrnn needle`: needle / passkey retrieval against prompt length, fact depth and multi-state
-size, as heat maps (the command line of msrnn/needle.py: arguments checked first, then the
+size, as heat maps (the command line of msrnn/experiments/needle.py: arguments checked first, then the
 computation, then files, plots and the printed table)."""
 
 import json
 import os
-import sys
-import time
 
-from tqdm import tqdm
-
-from .common import (add_backend_arg, add_device_args, add_positions_args,
-                     add_prompt_mode_arg, check_device, check_out_dir, check_positive,
-                     check_reach, check_seed, load_model, model_config, parse_list, policy_help,
-                     UsageError)
-from .evaluate import text_digest
-from .output import Results, figure, save_figure
+from .common import (UsageError, add_device_args, add_output_args, add_positions_args,
+                     add_prompt_mode_arg, add_sample_args, check_device, check_observe,
+                     check_out_dir, check_policies, check_positive, check_reach, check_seed,
+                     command, loader, model_config, options, parse_list, read_texts, setup)
+from ..experiments.output import figure, save_figure
 
 FIELDS = ["policy", "size", "length", "depth", "accuracy", "samples", "correct", "seconds",
           "tokens_per_s"]
 
 
 def add_commands(commands):
-    import argparse
-
-    p = commands.add_parser("needle", help="needle / passkey retrieval: accuracy against "
-                            "length, depth and multi-state size, as heat maps",
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog=policy_help())
-    p.add_argument("model")
+    p = grid_command(commands, "needle", "needle / passkey retrieval: accuracy against "
+                     "length, depth and multi-state size, as heat maps", run_needle,
+                     ("512,1024,2048,4096", "full,sinks,h2o,tova", "64,128,256,512", 5),
+                     "results.json/.csv and the heat maps")
     p.add_argument("--haystack", nargs="+", help="text files the haystack passages are cut "
                    "from (--task needle; default: the two public-domain books msrnn ships)")
     p.add_argument("--task", choices=("needle", "passkey"), default="needle",
                    help="needle: a book passage; passkey: the classic repeated filler")
-    add_grid_args(p, "512,1024,2048,4096", "full,sinks,h2o,tova", "64,128,256,512", 5)
     p.add_argument("--max-new-tokens", type=int, default=24,
                    help="answer tokens at most (a verbose answer needs about 20)")
-    p.set_defaults(run=run_needle)
 
 
-def add_grid_args(p, lengths, policies, sizes, samples):
-    """The arguments `msrnn needle` and `msrnn tasks` share: the grid (lengths, depths, policies,
-    sizes), the prompts (samples, seed, mode, chat, observation window), positions, output and
-    backend."""
+def add_grid(p, lengths, policies, sizes, samples):
+    """The grid `msrnn needle` and `msrnn tasks` share: lengths, depths, policies, sizes, the
+    prompts (samples, seed, mode, observation window, chat) and positions."""
     from ..policies import NAMES
 
     p.add_argument("--lengths", default=lengths, help="prompt lengths in tokens")
@@ -50,47 +39,37 @@ def add_grid_args(p, lengths, policies, sizes, samples):
                    help=f"comma-separated, from: {', '.join(NAMES)}")
     p.add_argument("--sizes", default=sizes, help="multi-state sizes k")
     p.add_argument("--sinks", type=int, help="first tokens never evicted (sinks: default 4)")
-    p.add_argument("--samples", type=int, default=samples, help="prompts per cell (one batch)")
-    p.add_argument("--seed", type=int, default=0)
-    add_prompt_mode_arg(p)
-    p.add_argument("--observe", type=int, default=1, help="oneshot: rank the prompt by the mean "
-                   "attention of its last w queries (TOVA; default 1, the paper's rule)")
+    add_sample_args(p, samples)
+    add_prompt_mode_arg(p, observe=True)
     add_positions_args(p)
     p.add_argument("--no-chat", action="store_true", help="the raw prompt, no chat template")
-    p.add_argument("--json", action="store_true", help="print one JSON list on stdout")
-    p.add_argument("--out", help="directory for results.json/.csv and the heat maps "
-                   "(resumable)")
-    add_backend_arg(p)
-    add_device_args(p)
+
+
+def grid_command(commands, name: str, help: str, run, defaults: tuple, files: str):
+    """A command over the grid (`msrnn needle`, `msrnn tasks`): `defaults` are those of
+    --lengths, --policies, --sizes and --samples; `files`, what --out holds."""
+    return command(commands, name, help, run, options(add_grid, *defaults),
+                   options(add_output_args, files), options(add_device_args))
 
 
 def check_grid(args, extra: int):
-    """(lengths, depths, [(name, size, Policy)], model directory, Config), every argument of
-    add_grid_args checked before any work; `extra`: new tokens after the longest prompt."""
-    from ..policies import NAMES
-
+    """(lengths, depths, configurations, model directory, Config), every argument of the grid
+    checked before any work; `extra`: new tokens after the longest prompt."""
     lengths = parse_list("--lengths", args.lengths, int)
     if any(n < 1 for n in lengths):
         raise UsageError(f"--lengths must be positive, got {args.lengths!r}")
     lengths = sorted(set(lengths))
     depths = sorted(set(parse_depths(args.depths)))
-    names = parse_list("--policies", args.policies)
-    unknown = [n for n in names if n not in NAMES]
-    if unknown:
-        raise UsageError(f"unknown policy {unknown[0]!r}; choose from {', '.join(NAMES)}")
-    sizes = parse_list("--sizes", args.sizes, int)
-    if any(s < 1 for s in sizes):
-        raise UsageError(f"--sizes must be positive, got {args.sizes!r}")
-    check_positive("--observe", args.observe)
-    configs = configurations(names, sizes, args.sinks, lengths, args.observe)
+    check_observe(args)
+    configs = check_policies(args, max(lengths), f"--lengths {max(lengths)}")
     check_positive("--samples", args.samples)
     check_seed(args.seed)
     check_device(args.device)
     check_out_dir(args.out)
     directory, cfg = model_config(args.model)
-    for _, _, policy in configs:
-        check_reach(cfg, policy, args.positions, max(lengths) + extra - 1,
-                    f"--lengths {max(lengths)} plus {extra} new tokens ({policy})",
+    for c in configs:
+        check_reach(cfg, c.policy, args.positions, max(lengths) + extra - 1,
+                    f"--lengths {max(lengths)} plus {extra} new tokens ({c.policy})",
                     max(lengths) if args.prompt_mode == "oneshot" else 0, args.past_range)
     return lengths, depths, configs, directory, cfg
 
@@ -110,28 +89,31 @@ def parse_depths(text: str) -> list[float]:
     return depths
 
 
-def configurations(names, sizes, sinks, lengths, observe: int = 1):
-    """[(name, size or None, Policy)] (policies.grid); a size that is not smaller than any
-    length is refused (it would never evict)."""
-    from ..policies import check_fits, grid
+def evicts(cell, config) -> bool:
+    """Whether a configuration belongs to a cell: a size not smaller than the prompt would never
+    evict (Full always runs)."""
+    return config.size is None or config.size < cell["length"]
 
-    out = grid(names, sizes, sinks, observe)
-    for _, _, policy in out:
-        check_fits(policy, max(lengths), f"--lengths {max(lengths)}", name="--sizes")
-    return out
+
+def skipped(sweep, configs, lengths):
+    for c in configs:
+        for n in lengths:
+            if not evicts({"length": n}, c):
+                sweep.say(f"{c.name} {c.size} at length {n}: the multi-state holds the whole "
+                          f"prompt, skipped")
 
 
 def run_needle(args):
     from .. import load_tokenizer
-    from ..experiments import needle
-    from ..experiments.evaluate import read_text
+    from ..experiments import needle, text
+    from ..experiments.sweep import Sweep
 
     check_positive("--max-new-tokens", args.max_new_tokens)
     lengths, depths, configs, directory, cfg = check_grid(args, args.max_new_tokens)
     if args.task == "needle" and not args.haystack:
         from ..data import BOOKS
         args.haystack = list(BOOKS)                    # shipped in the package: any directory
-    texts = [read_text(path) for path in args.haystack or []]
+    texts = read_texts(args.haystack or [])
     tok = load_tokenizer(directory)
     _, _, chat = needle.template(tok, not args.no_chat)
     short = min(lengths)
@@ -139,68 +121,45 @@ def run_needle(args):
         raise UsageError(f"--lengths {short} is too short: the template, fact and question alone "
                          f"take {needle.overhead(tok, args.task, chat)} tokens")
     if args.task == "needle":
-        haystacks = needle.haystack_ids(tok, texts)
+        haystacks = text.haystacks(tok, texts)
         for path, ids in zip(args.haystack, haystacks):
             if len(ids) < max(lengths):
                 raise UsageError(f"--haystack {path} has {len(ids)} tokens, shorter than the "
                                  f"longest --lengths {max(lengths)}; use a longer text or "
                                  f"shorter lengths")
     else:
-        haystacks = needle.filler_ids(tok, max(lengths))
-    log = sys.stderr
+        haystacks = text.filler(tok, max(lengths))
+    extra = {"observe": args.observe} if args.observe != 1 else {}   # older results stay valid
+    sweep = Sweep("needle", args.out, setup(
+        args, directory, {"haystack": args.haystack or []}, task=args.task,
+        samples=args.samples, seed=args.seed, prompt_mode=args.prompt_mode, chat=chat,
+        max_new_tokens=args.max_new_tokens, positions=args.positions, **extra),
+        key=("policy", "size", "length", "depth"), fields=FIELDS)
     if not chat:
-        print(f"[msrnn needle] {os.path.basename(os.path.abspath(directory))} has no chat "
-              f"template{' (or --no-chat)' if args.no_chat else ''}: the raw prompt is used",
-              file=log)
-    setup = {"model": os.path.abspath(directory), "task": args.task,
-             "haystack": [os.path.basename(t) for t in args.haystack or []],
-             "digest": text_digest(args.haystack or []), "samples": args.samples,
-             "seed": args.seed, "prompt_mode": args.prompt_mode, "chat": chat,
-             "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "sinks": args.sinks,
-             "backend": args.backend, "positions": args.positions}
-    if args.observe != 1:                  # older results directories stay valid without it
-        setup["observe"] = args.observe
-    if args.quantize:                      # older results directories stay valid without it
-        setup["quantize"] = args.quantize
-    results = Results(args.out, setup, key=("policy", "size", "length", "depth"), fields=FIELDS)
-    cells = [(n, d) for n in lengths for d in depths]
-    skipped = sorted({(name, size, n) for name, size, _ in configs for n in lengths
-                      if size is not None and size >= n})
-    for name, size, n in skipped:
-        print(f"[msrnn needle] {name} {size} at length {n}: the multi-state holds the whole "
-              f"prompt, skipped", file=log)
-    todo = [(n, d, [c for c in configs if (c[1] is None or c[1] < n) and
-                    results.get(c[0], c[1], n, d) is None]) for n, d in cells]
-    todo = [t for t in todo if t[2]]
-    print(f"[msrnn needle] {args.task}, {args.prompt_mode} prompts, {len(configs)} "
-          f"configurations x {len(cells)} (length, depth) cells x {args.samples} samples; "
-          f"{len(todo)} cells to run", file=log)
-    model = load_model(directory, args.dtype, args.device, args.backend, args.tp,
-                       quantize=args.quantize) if todo else None
-    if todo:             # the first steps of a process are slow: keep them out of the timings
-        from ..policies import Full
-        needle.answer(model, [haystacks[0][:8]], [Full()], max_new_tokens=2)
-    started = time.perf_counter()
-    with tqdm(total=sum(len(c) for _, _, c in todo), desc="needle", unit="config", file=log) \
-            as bar:
-        for n, d, todo_configs in todo:
-            bar.set_postfix_str(f"length {n}, depth {d:g}")
-            rows = needle.retrieval(model, tok, haystacks, [p for _, _, p in todo_configs], n, d,
-                                    args.samples, args.seed, args.task, args.prompt_mode, chat,
-                                    args.max_new_tokens, args.positions, args.past_range)
-            for (name, size, policy), r in zip(todo_configs, rows):
-                speed = args.samples * n / r["seconds"]
-                results.add({"policy": name, "size": size, "length": n, "depth": d,
-                             "accuracy": r["accuracy"], "samples": args.samples,
-                             "correct": r["correct"], "seconds": round(r["seconds"], 3),
-                             "tokens_per_s": round(speed, 1), "answers": r["answers"]})
-                tqdm.write(f"[msrnn needle] {policy} length {n} depth {d:g}: "
-                           f"{r['correct']}/{args.samples}, {speed:.0f} tok/s", file=log)
-                bar.update(1)
-    if todo:
-        print(f"[msrnn needle] {time.perf_counter() - started:.0f} s", file=log)
-    rows = [results.get(name, size, n, d) for name, size, _ in configs for n, d in cells
-            if size is None or size < n]
+        sweep.say(f"{os.path.basename(os.path.abspath(directory))} has no chat template"
+                  f"{' (or --no-chat)' if args.no_chat else ''}: the raw prompt is used")
+    cells = [{"length": n, "depth": d} for n in lengths for d in depths]
+    skipped(sweep, configs, lengths)
+    todo = sweep.pending(cells, configs, evicts)
+    sweep.say(f"{args.task}, {args.prompt_mode} prompts, {len(configs)} configurations x "
+              f"{len(cells)} (length, depth) cells x {args.samples} samples; {len(todo)} cells "
+              f"to run")
+
+    def work(model, cell, todo_configs):
+        n, d = cell["length"], cell["depth"]
+        rows = needle.retrieval(model, tok, haystacks, [c.policy for c in todo_configs], n, d,
+                                args.samples, args.seed, args.task, args.prompt_mode, chat,
+                                args.max_new_tokens, args.positions, args.past_range)
+        for c, r in zip(todo_configs, rows):
+            speed = args.samples * n / r["seconds"]
+            yield c, {"accuracy": r["accuracy"], "samples": args.samples,
+                      "correct": r["correct"], "seconds": round(r["seconds"], 3),
+                      "tokens_per_s": round(speed, 1), "answers": r["answers"]}, \
+                f"{c.policy} length {n} depth {d:g}: {r['correct']}/{args.samples}, " \
+                f"{speed:.0f} tok/s"
+
+    sweep.run(todo, loader(args, directory, warm=needle.warm_up), work)
+    rows = sweep.rows(cells, configs, evicts)
     if args.out:
         title = (f"{os.path.basename(os.path.abspath(directory))}, {args.task}, "
                  f"{args.prompt_mode} prompt, {args.samples} samples")

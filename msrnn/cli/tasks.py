@@ -1,17 +1,12 @@
-"""`msrnn tasks`: RULER's synthetic tasks (msrnn/tasks.py) against length, depth and multi-state
+"""`msrnn tasks`: RULER's synthetic tasks (msrnn/experiments/tasks.py) against length, depth and multi-state
 size, with `msrnn needle`'s grid, options, resumable results and heat maps (cli/needle.py)."""
 
 import json
 import os
-import sys
-import time
 
-from tqdm import tqdm
-
-from .common import UsageError, load_model, parse_list, policy_help
-from .evaluate import text_digest
-from .needle import add_grid_args, check_grid, draw_sizes, heatmap_page
-from .output import Results, figure, save_figure
+from .common import UsageError, check_positive, loader, parse_list, read_texts, setup
+from .needle import check_grid, draw_sizes, grid_command, heatmap_page
+from ..experiments.output import figure, save_figure
 
 FIELDS = ["task", "policy", "size", "length", "depth", "score", "samples", "prompt_mode",
           "observe", "seconds", "tokens_per_s"]
@@ -19,33 +14,28 @@ JSON = ("task", "policy", "size", "length", "depth", "score", "samples", "prompt
 
 
 def add_commands(commands):
-    import argparse
-
     from ..experiments.tasks import MAX_NEW_TOKENS, TASKS
 
-    p = commands.add_parser("tasks", help="RULER's synthetic tasks (needles, variable tracking, "
-                            "word extraction): score against length, depth and multi-state size",
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog=policy_help())
-    p.add_argument("model")
+    p = grid_command(commands, "tasks", "RULER's synthetic tasks (needles, variable tracking, "
+                     "word extraction): score against length, depth and multi-state size",
+                     run_tasks, ("1024,2048,4096", "full,window,sinks,h2o,tova", "64,128,256,512",
+                                 4), "results.json/.csv and the plots")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from: "
                    f"{', '.join(TASKS)}")
     p.add_argument("--haystack", nargs="+", help="text files the haystack passages and word "
                    "lists come from (default: the two public-domain books msrnn ships)")
     p.add_argument("--noise", action="store_true", help="haystacks of repeated noise sentences "
                    "instead of book passages (the needle tasks and vt)")
-    add_grid_args(p, "1024,2048,4096", "full,window,sinks,h2o,tova", "64,128,256,512", 4)
     p.add_argument("--max-new-tokens", type=int, help="answer tokens at most (default per task: "
                    + ", ".join(f"{t} {n}" for t, n in MAX_NEW_TOKENS.items()) + ")")
-    p.set_defaults(run=run_tasks)
 
 
 def run_tasks(args):
     from .. import load_tokenizer
-    from ..experiments import needle, tasks
     from ..data import BOOKS
-    from ..experiments.evaluate import read_text
-    from .common import check_positive
+    from ..experiments import needle, tasks, text
+    from ..experiments.sweep import Sweep
+    from .needle import evicts
 
     names = list(dict.fromkeys(parse_list("--tasks", args.tasks)))
     unknown = [t for t in names if t not in tasks.TASKS]
@@ -55,7 +45,7 @@ def run_tasks(args):
     new = {t: args.max_new_tokens or tasks.MAX_NEW_TOKENS[t] for t in names}
     lengths, depths, configs, directory, _ = check_grid(args, max(new.values()))
     args.haystack = args.haystack or list(BOOKS)
-    texts = [read_text(path) for path in args.haystack]
+    texts = read_texts(args.haystack)
     tok = load_tokenizer(directory)
     _, _, chat = needle.template(tok, not args.no_chat)
     words = tasks.vocabulary(texts)
@@ -63,13 +53,13 @@ def run_tasks(args):
         raise UsageError(f"--haystack has {len(words)} distinct words of 4-10 letters; the "
                          f"tasks draw keys and word lists from at least 1000: give longer texts")
     if args.noise:
-        haystacks = tasks.noise(tok, max(lengths))
+        haystacks = text.filler(tok, max(lengths))          # RULER's noise: the filler repeated
     else:
-        haystacks = needle.haystack_ids(tok, texts)
+        haystacks = text.haystacks(tok, texts)
         if max(len(h) for h in haystacks) < max(lengths):
             raise UsageError(f"every --haystack is shorter than the longest --lengths "
                              f"{max(lengths)} tokens; use a longer text or shorter lengths")
-    cells = [(t, n, d) for t in names for n in lengths
+    cells = [{"task": t, "length": n, "depth": d} for t in names for n in lengths
              for d in (depths if t in tasks.DEPTH else [None])]
     for t in names:                        # too short for the template and statements?
         try:
@@ -77,52 +67,34 @@ def run_tasks(args):
                         depths[0] if t in tasks.DEPTH else None, 1, args.seed, chat)
         except ValueError as e:
             raise UsageError(f"--lengths {min(lengths)}: {e}") from None
-    log = sys.stderr
-    setup = {"model": os.path.abspath(directory), "noise": args.noise,
-             "haystack": [os.path.basename(t) for t in args.haystack],
-             "digest": text_digest(args.haystack), "samples": args.samples, "seed": args.seed,
-             "prompt_mode": args.prompt_mode, "observe": args.observe, "chat": chat,
-             "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "sinks": args.sinks,
-             "backend": args.backend, "positions": args.positions}
-    if args.quantize:                      # older results directories stay valid without it
-        setup["quantize"] = args.quantize
-    results = Results(args.out, setup, key=("task", "policy", "size", "length", "depth"),
-                      fields=FIELDS)
-    todo = [(t, n, d, [c for c in configs if (c[1] is None or c[1] < n) and
-                       results.get(t, c[0], c[1], n, d) is None]) for t, n, d in cells]
-    todo = [x for x in todo if x[3]]
-    print(f"[msrnn tasks] {', '.join(names)}; {args.prompt_mode} prompts (observe "
-          f"{args.observe}), {len(configs)} configurations x {len(cells)} cells x "
-          f"{args.samples} samples; {len(todo)} cells to run", file=log)
-    model = load_model(directory, args.dtype, args.device, args.backend, args.tp,
-                       quantize=args.quantize) if todo else None
-    if todo:             # the first steps of a process are slow: keep them out of the timings
-        from ..policies import Full
-        needle.answer(model, [haystacks[0][:8]], [Full()], max_new_tokens=2)
-    started = time.perf_counter()
-    with tqdm(total=sum(len(c) for *_, c in todo), desc="tasks", unit="config", file=log) as bar:
-        for t, n, d, todo_configs in todo:
-            bar.set_postfix_str(f"{t}, length {n}" + ("" if d is None else f", depth {d:g}"))
-            ids, expected = tasks.build(tok, t, haystacks, words, n, d, args.samples, args.seed,
-                                        chat)
-            outs = needle.answer(model, ids, [p for _, _, p in todo_configs], args.prompt_mode,
-                                 new[t], tok.eos_ids or None, args.positions, args.past_range)
-            for (name, size, policy), (new_ids, seconds) in zip(todo_configs, outs):
-                score, answers = tasks.scores(tok, new_ids, expected)
-                speed = args.samples * n / seconds
-                results.add({"task": t, "policy": name, "size": size, "length": n, "depth": d,
-                             "score": round(score, 2), "samples": args.samples,
-                             "prompt_mode": args.prompt_mode, "observe": args.observe,
-                             "seconds": round(seconds, 3), "tokens_per_s": round(speed, 1),
-                             "answers": answers, "expected": expected})
-                tqdm.write(f"[msrnn tasks] {t} {policy} length {n}"
-                           + ("" if d is None else f" depth {d:g}")
-                           + f": {score:.0f}, {speed:.0f} tok/s", file=log)
-                bar.update(1)
-    if todo:
-        print(f"[msrnn tasks] {time.perf_counter() - started:.0f} s", file=log)
-    rows = [results.get(t, name, size, n, d) for t, n, d in cells for name, size, _ in configs
-            if size is None or size < n]
+    sweep = Sweep("tasks", args.out, setup(
+        args, directory, {"haystack": args.haystack}, noise=args.noise, samples=args.samples,
+        seed=args.seed, prompt_mode=args.prompt_mode, observe=args.observe, chat=chat,
+        max_new_tokens=args.max_new_tokens, positions=args.positions),
+        key=("task", "policy", "size", "length", "depth"), fields=FIELDS)
+    todo = sweep.pending(cells, configs, evicts)
+    sweep.say(f"{', '.join(names)}; {args.prompt_mode} prompts (observe {args.observe}), "
+              f"{len(configs)} configurations x {len(cells)} cells x {args.samples} samples; "
+              f"{len(todo)} cells to run")
+
+    def work(model, cell, todo_configs):
+        t, n, d = cell["task"], cell["length"], cell["depth"]
+        ids, expected = tasks.build(tok, t, haystacks, words, n, d, args.samples, args.seed,
+                                    chat)
+        outs = needle.answer(model, ids, [c.policy for c in todo_configs], args.prompt_mode,
+                             new[t], tok.eos_ids or None, args.positions, args.past_range)
+        for c, (new_ids, seconds) in zip(todo_configs, outs):
+            score, answers = tasks.scores(tok, new_ids, expected)
+            speed = args.samples * n / seconds
+            yield c, {"score": round(score, 2), "samples": args.samples,
+                      "prompt_mode": args.prompt_mode, "observe": args.observe,
+                      "seconds": round(seconds, 3), "tokens_per_s": round(speed, 1),
+                      "answers": answers, "expected": expected}, \
+                f"{t} {c.policy} length {n}" + ("" if d is None else f" depth {d:g}") + \
+                f": {score:.0f}, {speed:.0f} tok/s"
+
+    sweep.run(todo, loader(args, directory, warm=needle.warm_up), work)
+    rows = sweep.rows(cells, configs, evicts)
     if args.out:
         title = (f"{os.path.basename(os.path.abspath(directory))}, {args.prompt_mode} prompt"
                  f"{'' if args.observe == 1 else f' (observe {args.observe})'}, "

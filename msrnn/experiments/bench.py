@@ -63,7 +63,7 @@ def msrnn_speed(model, prompt, policy, new_tokens: int, compiled: bool, warmup: 
     if compiled:
         model = model.compile_step()
     for timed in (False, True):
-        capacity = None if policy.bounded else prompt.shape[1] + new_tokens + warmup
+        capacity = prompt.shape[1] + new_tokens + warmup
         state = model.init_state(1, policy, capacity=capacity)
         logits, state = prefill(model, prompt, state, mode="oneshot")
         tok = logits[:, -1].argmax(-1)
@@ -160,7 +160,7 @@ def fake_state(model, policy, batch: int, position: int, capacity=None, spread: 
     """A multi-state as it would be at `position`, its slots filled with random keys and values
     (a step's cost depends only on the shapes). spread > 0: a ragged batch, row b that many
     tokens behind row 0 times b / B."""
-    capacity = None if policy.bounded else capacity or position + 64
+    capacity = capacity or position + 64
     state = model.init_state(batch, policy, capacity=capacity)
     enter(state, position)                         # the range check, and room for Full
     leave(state, position)                         # `position` tokens counted as seen

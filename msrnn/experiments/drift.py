@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ..generate import generate
-from .needle import plain
 from ..prompt import prefill
+from .text import bos, passage, plain
 
 TOPICS = ("a lighthouse keeper who finds a message in a bottle", "two rival bakers in a small "
           "town", "a robot learning to paint", "a girl who can talk to rivers", "the last train "
@@ -33,20 +33,13 @@ STORY = "Write a long story about {topic}. Give it many chapters and rich detail
 
 
 def openings(tok, haystacks, samples: int, length: int, seed: int) -> list[list[int]]:
-    """`samples` passages of `length` tokens from random haystacks and offsets (BOS first if the
-    tokenizer adds one), drawn from random.Random(seed, "opening", length)."""
+    """`samples` passages of `length` tokens (BOS first if the tokenizer adds one), each cut
+    from a random haystack and offset (text.passage) drawn from random.Random(seed, "opening",
+    length)."""
     rng = random.Random(f"{seed}/opening/{length}")
-    bos = [tok.bos_id] if tok.bos_id is not None and tok.encode("")[:1] == [tok.bos_id] else []
-    usable = [h for h in haystacks if len(h) >= length]
-    if not usable:
-        raise ValueError(f"every text is shorter than the {length}-token openings; give a "
-                         f"longer text or fewer --prompt-tokens")
-    out = []
-    for _ in range(samples):
-        source = usable[rng.randrange(len(usable))]
-        at = rng.randrange(len(source) - length + 1)
-        out.append(bos + source[at:at + length - len(bos)])
-    return out
+    first = bos(tok)
+    return [first + passage(rng, haystacks, length - len(first), f"a {length}-token opening "
+                            f"(--prompt-tokens)") for _ in range(samples)]
 
 
 def stories(tok, samples: int, seed: int) -> list[list[int]]:

@@ -15,11 +15,8 @@ block of positions (`buckets`) then shows how a scheme holds up along the way.
 """
 
 import math
-import multiprocessing
-import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 import torch.nn.functional as F
@@ -27,20 +24,9 @@ from tqdm import tqdm
 
 from .. import policies
 from ..prompt import Mode, prefill
+from .text import read_text
 
 # ----------------------------------------------------------------------------- data
-
-
-def read_text(path: str) -> str:
-    """A text file's contents, with errors that name the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"text file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); convert it "
-                         f"to UTF-8 first") from None
 
 
 def load_chunks(tok, files, context: int, max_chunks: int | None = None):
@@ -79,7 +65,7 @@ def chunk_nll(model, ids, policy, positions="original", allow_past_range=False) 
     (msrnn.prompt decides what runs in parallel and what steps; the chunks are the rows of one
     batch). `model`: any backend (msrnn's decoder, its compiled step, msrnn.hf.HFBackend)."""
     B, T = ids.shape
-    state = model.init_state(B, policy, capacity=None if policy.bounded else T,
+    state = model.init_state(B, policy, capacity=T,
                              positions=positions, allow_past_range=allow_past_range)
     hidden, _ = prefill(model, ids, state, mode=Mode.SEQUENTIAL, logits=False)
     return token_nll(model, hidden[:, :-1], ids[:, 1:])
@@ -119,63 +105,23 @@ def buckets(total, chunks: int, width: int) -> list:
     return out
 
 
-def configurations(names, sizes, sinks: int | None, context: int, schemes=("original",)):
-    """[(name, size or None, Policy, scheme)] for every policy name, size (policies.grid) and
-    position scheme, each policy smaller than the context. Full is the same under every scheme
-    (msrnn.positions), so it runs once, as `original`."""
-    out = []
-    for name, size, policy in policies.grid(names, sizes, sinks):
-        policies.check_fits(policy, context, f"the context {context}", name="size")
-        out += [(name, size, policy, s) for s in (schemes if policy.bounded else schemes[:1])]
-    return out
-
-
-def sweep(load_model, chunks, configs, batch_size: int = 8, jobs: int = 1, log=sys.stderr,
-          allow_past_range: bool = False):
-    """Yield (name, size, policy, scheme, losses, seconds) for each configuration (from
-    `configurations`) as it finishes, losses = position_nll's sums [T - 1]. `load_model()` makes
-    the model (in each worker process, with jobs > 1: it must pickle).
-
-    With jobs = N, N configurations run at once, each in its own process with its share of the
-    CPU threads. A decode step with a few rows is bound by reading the weights, and the library's
-    matrix multiply reads them barely faster with two threads than with one; two one-thread
-    processes finish about 1.6x as many steps on two cores (docs/results.md)."""
-    if jobs == 1:
-        model = load_model()
-        for name, size, policy, scheme in configs:
-            start = time.perf_counter()
-            with tqdm(total=len(chunks), desc=f"{name} {size or ''} {scheme}".strip(),
-                      unit="chunk", file=log, leave=False) as bar:
-                losses = position_nll(model, chunks, policy, batch_size, bar, scheme,
-                                      allow_past_range)
-            yield name, size, policy, scheme, losses, time.perf_counter() - start
-        return
-    threads = max(1, torch.get_num_threads() // jobs)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_start, initargs=(load_model, threads)) as pool:
-        futures = {pool.submit(_worker_run, policy, chunks, batch_size, scheme,
-                               allow_past_range): config
-                   for config in configs for policy, scheme in [config[2:]]}
-        with tqdm(total=len(futures), desc="configurations", file=log, leave=False) as bar:
-            for future in as_completed(futures):
-                bar.update(1)
-                yield (*futures[future], *future.result())
-
-
-_worker_model = None
-
-
-def _worker_start(load_model, threads: int):
-    global _worker_model
-    torch.set_num_threads(threads)
-    _worker_model = load_model()
-
-
-def _worker_run(policy, chunks, batch_size, scheme, allow_past_range):
-    start = time.perf_counter()
-    losses = position_nll(_worker_model, chunks, policy, batch_size, None, scheme,
-                          allow_past_range)
-    return losses, time.perf_counter() - start
+def sweep_work(chunks, batch_size: int, width: int, allow_past_range: bool, progress: bool,
+               model, cell, configs):
+    """A perplexity sweep's work (experiments.sweep): for each configuration, its perplexity
+    over `chunks` and that of each block of `width` positions; yields (config, row, line)."""
+    for c in configs:
+        start = time.perf_counter()
+        with tqdm(total=len(chunks), desc=f"{c.name} {c.size or ''} {c.positions}".strip(),
+                  unit="chunk", file=sys.stderr, leave=False, disable=not progress) as bar:
+            losses = position_nll(model, chunks, c.policy, batch_size, bar, c.positions,
+                                  allow_past_range)
+        seconds = time.perf_counter() - start
+        tokens = len(chunks) * losses.numel()
+        ppl = math.exp(losses.sum().item() / tokens)
+        yield c, {"ppl": ppl, "tokens": tokens, "seconds": round(seconds, 2),
+                  "buckets": buckets(losses, len(chunks), width)}, \
+            f"{c.policy}, positions {c.positions}: ppl {ppl:.3f} over {tokens} tokens, " \
+            f"{chunks.numel() / seconds:.0f} tok/s"
 
 
 # ----------------------------------------------------------------------------- retention

@@ -27,59 +27,35 @@ import time
 import torch
 
 from ..generate import decode
+from ..policies import Full
 from ..prompt import Mode, prefill, prefill_shared
+from .text import bos, passage, plain
 
 NEEDLE = ("The secret number is {n}. Remember it: the secret number is {n}.",
           "What is the secret number? Answer with the number only.")
 PASSKEY = ("The pass key is {n}. Remember it. {n} is the pass key.",
            "What is the pass key? Answer with the number only.")
 TASKS = {"needle": NEEDLE, "passkey": PASSKEY}
-FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
-          "again. ")
 MAX_NEW_TOKENS = 24
 MARKER = "\u2063NEEDLE-CONTENT\u2063"        # where the user's text goes in the chat template
-
-
-def plain(tok, text: str) -> list[int]:
-    """Token ids of `text` without the special tokens the tokenizer adds to every encoding (a
-    BOS, say), so that pieces can be concatenated."""
-    ids, added = tok.encode(text), tok.encode("")
-    bos = added[:1] if added and added[0] == tok.bos_id else []
-    eos = added[len(bos):]
-    if bos and ids[:1] == bos:
-        ids = ids[1:]
-    if eos and ids[-len(eos):] == eos:
-        ids = ids[:-len(eos)]
-    return ids
 
 
 def template(tok, chat: bool = True):
     """(head ids, tail ids, whether the chat template is used): what comes before and after the
     user's text. Without a chat template (or chat=False) the raw prompt: the tokenizer's own
     BOS, if it adds one, and nothing else."""
-    bos = [tok.bos_id] if tok.encode("")[:1] == [tok.bos_id] and tok.bos_id is not None else []
+    first = bos(tok)
     if chat:
         try:
             tok.chat_template()
         except ValueError:
             chat = False
     if not chat:
-        return bos, [], False
+        return first, [], False
     text = tok.apply_chat_template([{"role": "user", "content": MARKER}])
     head, tail = text.split(MARKER)
     head = plain(tok, head) if head else []
-    return (head if head[:1] == bos else bos + head), plain(tok, tail), True
-
-
-def haystack_ids(tok, texts: list[str]) -> list[list[int]]:
-    """Each text's token ids (the haystacks prompts are cut from)."""
-    return [plain(tok, text) for text in texts]
-
-
-def filler_ids(tok, length: int) -> list[list[int]]:
-    """The passkey filler repeated to at least `length` tokens, as one haystack."""
-    one = plain(tok, FILLER)
-    return [one * (length // max(len(one), 1) + 2)]
+    return (head if head[:1] == first else first + head), plain(tok, tail), True
 
 
 def overhead(tok, task: str = "needle", chat: bool = True) -> int:
@@ -119,18 +95,6 @@ def build_prompts(tok, haystacks: list[list[int]], length: int, depth: float, sa
     return torch.tensor(rows), numbers, where
 
 
-def passage(rng, haystacks, n: int, what: str = "a prompt") -> list[int]:
-    """n consecutive tokens of a haystack long enough, the haystack and the offset drawn from
-    rng (the needle and the tasks cut their passages this one way)."""
-    usable = [h for h in haystacks if len(h) >= n]
-    if not usable:
-        raise ValueError(f"every haystack is shorter than the {n} tokens {what} needs; give a "
-                         f"longer text")
-    source = usable[rng.randrange(len(usable))]
-    offset = rng.randrange(len(source) - n + 1)
-    return source[offset:offset + n]
-
-
 FIVE_DIGITS = re.compile(r"(?<!\d)\d{5}(?!\d)")
 
 
@@ -146,7 +110,7 @@ def _prompt_pass(model, ids, policies, mode, max_new_tokens, scheme):
     where the backend can share it); its time is shared equally. `scheme`: init_state's
     keywords for the position scheme."""
     B, T = ids.shape
-    states = [model.init_state(B, p, capacity=None if p.bounded else T + max_new_tokens,
+    states = [model.init_state(B, p, capacity=T + max_new_tokens,
                                **scheme) for p in policies]
     if Mode.of(mode) is Mode.ONESHOT:
         start = time.perf_counter()
@@ -178,6 +142,12 @@ def answer(model, ids, policies, mode: Mode = Mode.ONESHOT, max_new_tokens: int 
         new = [ids for ids, _ in decode(model, state, logits, max_new_tokens, eos_ids=eos_ids)]
         out.append((torch.stack(new, 1).cpu(), spent + time.perf_counter() - start))
     return out
+
+
+def warm_up(model):
+    """The first steps of a process are slow (allocations, caches): one short answer before
+    anything is timed."""
+    answer(model, [list(range(1, 9))], [Full()], max_new_tokens=2)
 
 
 def accuracy(tok, new_ids, numbers) -> tuple[int, list[str]]:

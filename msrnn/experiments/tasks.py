@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .needle import FILLER, passage, plain, template
+from .needle import template
+from .text import passage, plain
 
 NIAH = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery")
 TASKS = NIAH + ("vt", "cwe", "fwe")
@@ -247,12 +248,6 @@ def weave(rng, haystacks, inserts, n):
         out += text[at:cut] + ids
         at = cut
     return out + text[at:]
-
-
-def noise(tok, length: int) -> list[list[int]]:
-    """RULER's noise haystack: the filler sentences repeated past `length` tokens."""
-    one = plain(tok, FILLER)
-    return [one * (length // max(len(one), 1) + 2)]
 
 
 def score(answer: str, expected: list[str]) -> float:

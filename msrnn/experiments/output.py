@@ -4,7 +4,7 @@ import json
 import os
 import tempfile
 
-WRITES = True        # False on the ranks of a tensor-parallel group other than 0 (common.ranks)
+WRITES = True        # False on the ranks of a tensor-parallel group other than 0 (cli.common.ranks)
 
 
 def write_atomic(path: str, text: str):
@@ -70,8 +70,10 @@ class Results:
                              f"another --out directory")
         self.rows = rows
 
-    def get(self, *key):
-        return next((r for r in self.rows if tuple(r[k] for k in self.key) == key), None)
+    def get(self, row: dict):
+        """The saved row whose key fields are those of `row`, or None."""
+        key = tuple(row[k] for k in self.key)
+        return next((r for r in self.rows if tuple(r.get(k) for k in self.key) == key), None)
 
     def add(self, row: dict):
         self.rows.append(row)

@@ -1,0 +1,164 @@
+"""One sweep harness for every experiment: ppl, retention, needle, tasks and drift.
+
+An experiment is a grid: configurations (a policy at a size, under a position scheme) against
+cells (lengths and depths, tasks, prompt kinds, or the whole set of chunks). Around the work of
+one cell, every command needs the same things, written here once:
+
+    configurations(...)                the policy grid x the position schemes, each checked
+    Sweep(name, out, setup, key, ...)  the results file in `out`, keyed by `setup` (the model,
+                                       a digest of the texts, every option that changes a
+                                       number): written atomically after each row, resumed by a
+                                       later run, refused for another setup
+    sweep.pending(cells, configs)      the to-do list: the (cell, configuration) pairs the
+                                       results file does not hold yet
+    sweep.run(todo, load, work)        the model loaded once, only if there is work, and
+                                       warmed up; the progress bar; a line per row; `jobs`
+                                       processes, each with its own model, if asked
+    sweep.rows(cells, configs)         the results in the grid's order, for tables and plots
+
+A command (msrnn/cli) checks its arguments, makes a Sweep, and prints and plots its rows; an
+experiment module (evaluate, needle, tasks, drift) computes one cell for a few configurations.
+"""
+
+import multiprocessing
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from .. import policies
+from ..policies import Policy
+from .output import Results
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration of a sweep: a policy by its command-line name and size (None: Full),
+    and the position scheme its states are numbered by."""
+
+    name: str
+    size: int | None
+    policy: Policy
+    positions: str = "original"
+
+    def fields(self, key) -> dict:
+        """What identifies this configuration in a results row (of those in `key`)."""
+        mine = {"policy": self.name, "size": self.size, "positions": self.positions}
+        return {k: v for k, v in mine.items() if k in key}
+
+
+def configurations(names, sizes, sinks=None, observe: int = 1, schemes=("original",),
+                   limit: int | None = None, what: str = "", bounded_only: bool = False):
+    """Every policy name at every size (policies.grid), under every position scheme. Full keeps
+    every state, which every scheme numbers alike (msrnn.positions), so it runs once, under the
+    first. `limit`: each size must be smaller than it (`what` names it in the error);
+    bounded_only: leave Full out."""
+    out = []
+    for name, size, policy in policies.grid(names, sizes, sinks, observe):
+        if bounded_only and not policy.bounded:
+            continue
+        if limit is not None:
+            policies.check_fits(policy, limit, what, name="size")
+        out += [Config(name, size, policy, s) for s in (schemes if policy.bounded else
+                                                       schemes[:1])]
+    return out
+
+
+def backend(directory: str, dtype: torch.dtype = torch.float32, device="cpu",
+            kind: str = "msrnn", tp: int = 1, compile: bool = False, quantize: str | None = None):
+    """The backend an experiment runs on: msrnn's decoder (compile: its step compiled; quantize:
+    its weights int8), or a transformers model (`kind` "transformers", msrnn.hf); with tp > 1,
+    this rank's part of it (on CUDA, the GPU cuda:LOCAL_RANK)."""
+    if kind == "transformers":
+        from .. import hf
+        return hf.HFBackend(hf.load(directory, dtype=dtype, device=device, tp=tp))
+    from .. import load
+    model = load(directory, dtype=dtype, device=device, tp=tp, quantize=quantize)
+    return model.compile_step() if compile else model
+
+
+class Sweep:
+    """A sweep's results and its run (see the module's docstring). `key`: the fields of a row
+    that identify it (a cell's and a configuration's); `fields`: the columns of results.csv."""
+
+    def __init__(self, name: str, out: str | None, setup: dict, key: tuple, fields: list,
+                 log=sys.stderr):
+        self.name, self.key, self.log = name, key, log
+        self.results = Results(out, setup, key, fields)
+
+    def say(self, text: str):
+        """A line on the log, under the progress bar if one is running."""
+        tqdm.write(f"[msrnn {self.name}] {text}", file=self.log)
+
+    def get(self, cell: dict, config: Config):
+        """The saved row of (cell, config), or None."""
+        return self.results.get({**cell, **config.fields(self.key)})
+
+    def pending(self, cells: list, configs: list, applies=None) -> list:
+        """[(cell, [configurations it still lacks])] for the cells (dicts of their key fields)
+        that lack any; `applies(cell, config)`: whether the pair belongs to the grid at all."""
+        todo = [(cell, [c for c in configs if (applies is None or applies(cell, c))
+                        and self.get(cell, c) is None]) for cell in cells]
+        return [(cell, configs) for cell, configs in todo if configs]
+
+    def rows(self, cells: list, configs: list, applies=None) -> list:
+        """The saved rows of the grid, cell by cell."""
+        return [self.get(cell, c) for cell in cells for c in configs
+                if applies is None or applies(cell, c)]
+
+    def run(self, todo: list, load, work, jobs: int = 1):
+        """Compute every pending pair and save each row as it comes. `load()` makes the model
+        (called once, and only if there is work; with jobs > 1, once in each of `jobs` worker
+        processes, so it must pickle); `work(model, cell, configs)` yields (config, row, line)
+        for each configuration: the row's measured fields and a line for the log."""
+        if not todo:
+            return
+        started = time.perf_counter()
+        total = sum(len(configs) for _, configs in todo)
+        with tqdm(total=total, desc=self.name, unit="config", file=self.log) as bar:
+            for cell, config, row, line in (self._serial(todo, load, work, bar) if jobs == 1
+                                            else self._pool(todo, load, work, jobs)):
+                self.results.add({**cell, **config.fields(self.key), **row})
+                self.say(line)
+                bar.update(1)
+        self.say(f"{time.perf_counter() - started:.0f} s")
+
+    @staticmethod
+    def _serial(todo, load, work, bar):
+        model = load()
+        for cell, configs in todo:
+            bar.set_postfix_str(", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in cell.items() if v is not None))
+            for config, row, line in work(model, cell, configs):
+                yield cell, config, row, line
+
+    @staticmethod
+    def _pool(todo, load, work, jobs: int):
+        """Each (cell, configuration) in one of `jobs` processes, each with its share of the CPU
+        threads. A decode step with a few rows is bound by reading the weights, and the
+        library's matrix multiply reads them barely faster with two threads than with one: two
+        one-thread processes finish about 1.6x as many steps on two cores (docs/results.md)."""
+        threads = max(1, torch.get_num_threads() // jobs)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_start, initargs=(load, threads)) as pool:
+            futures = {pool.submit(_worker_run, work, cell, config): cell
+                       for cell, configs in todo for config in configs}
+            for future in as_completed(futures):
+                for config, row, line in future.result():
+                    yield futures[future], config, row, line
+
+
+_worker_model = None            # a worker process's model (Sweep._pool)
+
+
+def _worker_start(load, threads: int):
+    global _worker_model
+    torch.set_num_threads(threads)
+    _worker_model = load()
+
+
+def _worker_run(work, cell, config):
+    return list(work(_worker_model, cell, [config]))
