@@ -155,6 +155,34 @@ def test_ppl_refuses(capsys, model_dir, text, tmp_path):
             "--text", text, "--context", "64", "--size", "64")
 
 
+def test_texts_that_are_not_texts(capsys, model_dir, text, tmp_path):
+    """A text that is empty, a directory or not a regular file says which, on every command
+    that reads texts (experiments.text.read_text)."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    refused(capsys, "/dev/null is not a regular file", "drift", model_dir, "--text",
+            "/dev/null", "--policies", "tova", "--sizes", "8", "--new-tokens", "4",
+            "--prompt-tokens", "16")
+    refused(capsys, f"{empty} is empty", "drift", model_dir, "--text", str(empty),
+            "--policies", "tova", "--sizes", "8", "--new-tokens", "4", "--prompt-tokens", "16")
+    ppl(capsys, f"{tmp_path} is a directory; give a text file", model_dir, str(tmp_path))
+    refused(capsys, "/dev/null is not a regular file", "needle", model_dir, "--haystack",
+            "/dev/null", "--lengths", "64", "--policies", "tova", "--sizes", "8")
+
+
+@pytest.mark.parametrize("command", ["needle", "tasks", "drift"])
+def test_an_observation_window_needs_a_oneshot_prompt(capsys, model_dir, text, command):
+    """--observe ranks a oneshot prompt; a sequential prompt never ranks, so the option would
+    be silently ignored: it is refused, naming oneshot."""
+    grid = ["--lengths", "64"] if command != "drift" else ["--new-tokens", "4",
+                                                          "--prompt-tokens", "16"]
+    texts = ["--text" if command == "drift" else "--haystack", text]
+    refused(capsys, "--observe 8 ranks a oneshot prompt by its last 8 queries; a sequential "
+            "prompt never ranks: use --prompt-mode oneshot", command, model_dir, *texts, *grid,
+            "--policies", "tova", "--sizes", "8", "--observe", "8", "--prompt-mode",
+            "sequential")
+
+
 @pytest.mark.parametrize("content", ["{\"setup\": {\"model\": ", "{\"results\": []}", "[]"])
 def test_ppl_damaged_results_file(capsys, model_dir, text, tmp_path, content):
     out = tmp_path / "out"
