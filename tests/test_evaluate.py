@@ -94,7 +94,7 @@ def test_bounded_equals_stepping_the_reference(tiny, capsys, name, rule):
     hf, model, texts = tiny
     code, rows, _ = ppl_cli(capsys, model, texts, "--policies", name, "--sizes", "8",
                             "--dtype", "float64", "--batch", "2")
-    assert code == 0
+    assert code == 0, _
     expected = reference_ppl(hf.double(), chunks_of(texts), rule)
     assert rows[0]["ppl"] == pytest.approx(expected, rel=1e-6)
     assert rows[0]["tokens"] == 5 * (CONTEXT - 1)

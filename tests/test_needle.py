@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import msrnn
-from msrnn.experiments import needle, text
+from msrnn.experiments import needle
+from msrnn.experiments import text as texts
 from msrnn.data import BOOKS                      # the two books msrnn ships
 from msrnn.policies import TOVA, Full, Window
 from test_hostile import refused, run
@@ -36,7 +37,7 @@ def tiny(tmp_path_factory):
 
 def hay(model_dir, text):
     tok = msrnn.load_tokenizer(model_dir)
-    return tok, text.haystacks(tok, [open(text).read()])
+    return tok, texts.haystacks(tok, [open(text).read()])
 
 
 @pytest.mark.parametrize("length", [517, 800])
@@ -47,7 +48,7 @@ def test_prompt_length_and_depth(tiny, length, depth):
     assert ids.shape == (3, length)
     for row, n, i in zip(ids.tolist(), numbers, where):
         assert abs(i - depth * length) <= 1
-        fact = text.plain(tok, " " + needle.NEEDLE[0].format(n=n))
+        fact = texts.plain(tok, " " + needle.NEEDLE[0].format(n=n))
         assert row[i:i + len(fact)] == fact and 10000 <= n <= 99999
         assert tok.decode(row).endswith(needle.NEEDLE[1])      # no chat template: raw prompt
 
@@ -59,7 +60,7 @@ def test_depth_ends_and_passkey(tiny):
     ids, numbers, where = needle.build_prompts(tok, haystacks, 300, 1.0, 2, seed=0)
     text = tok.decode(ids[0].tolist())
     assert text.endswith(needle.NEEDLE[0].format(n=numbers[0]) + "\n\n" + needle.NEEDLE[1])
-    filler = text.filler(tok, 300)
+    filler = texts.filler(tok, 300)
     ids, numbers, _ = needle.build_prompts(tok, filler, 300, 0.5, 2, seed=0, task="passkey")
     text = tok.decode(ids[0].tolist())
     assert "The sky is blue." in text and f"The pass key is {numbers[0]}." in text
@@ -161,7 +162,7 @@ def default():
     from test_convert import default_model_dir
     directory = default_model_dir()
     tok = msrnn.load_tokenizer(directory)
-    haystacks = text.haystacks(tok, [open(p, encoding="utf-8").read() for p in BOOKS])
+    haystacks = texts.haystacks(tok, [open(p, encoding="utf-8").read() for p in BOOKS])
     return msrnn.load(directory), tok, haystacks
 
 

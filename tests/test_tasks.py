@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import msrnn
-from msrnn.experiments import drift, needle, tasks, text
+from msrnn.experiments import drift, needle, tasks
+from msrnn.experiments import text as texts
 from msrnn.data import BOOKS
 from msrnn.policies import Full, Window
 from test_hostile import refused, run
@@ -36,7 +37,7 @@ def tiny(tmp_path_factory):
     text.write_text(TEXT * 12)
     tok = msrnn.load_tokenizer(str(directory / "model"))
     words = tasks.vocabulary([open(b, encoding="utf-8").read() for b in BOOKS])
-    return str(directory / "model"), str(text), tok, text.haystacks(tok, [TEXT * 12]), words
+    return str(directory / "model"), str(text), tok, texts.haystacks(tok, [TEXT * 12]), words
 
 
 UNORDERED = ("niah_multivalue", "vt", "cwe")      # answers in any order
@@ -101,8 +102,8 @@ def test_prompts_have_the_length_and_a_solver_finds_the_answers(tiny, task, leng
 def test_the_default_tokenizer_builds_every_task_in_its_chat_template():
     from test_convert import default_model_dir
     tok = msrnn.load_tokenizer(default_model_dir())
-    texts = [open(b, encoding="utf-8").read() for b in BOOKS]
-    haystacks, words = text.haystacks(tok, texts), tasks.vocabulary(texts)
+    books = [open(b, encoding="utf-8").read() for b in BOOKS]
+    haystacks, words = texts.haystacks(tok, books), tasks.vocabulary(books)
     for task in tasks.TASKS:
         ids, expected = tasks.build(tok, task, haystacks, words, 1024,
                                     0.5 if task in tasks.DEPTH else None, 2, seed=0)
