@@ -36,6 +36,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import attention
+from .group import EndsGroup
 from .policies import Policy, check_fits
 from .positions import Scheme
 from .state import MultiState, Shape, check
@@ -325,10 +326,11 @@ def shape_of(model) -> Shape:
 
 # ------------------------------------------------------------------------------ the backend
 
-class Backend:
+class Backend(EndsGroup):
     """A transformers causal LM as an msrnn backend (msrnn.prompt.Backend): msrnn.generate,
     perplexity, retention and needle run on it as on msrnn's decoder. Its multi-states are
-    msrnn MultiStates; each forward wraps one in a MultiStateCache."""
+    msrnn MultiStates; each forward wraps one in a MultiStateCache. On a model that
+    load(tp=N) put on a group it made, `close()` or a `with` block ends the group."""
 
     def __init__(self, model):
         self.modules = attention_modules(model)
@@ -380,7 +382,9 @@ class Backend:
 def load(path, dtype=torch.float32, device="cpu", tp: int | None = None):
     """A transformers causal LM from a local directory or Hub id, in eval mode; tp=N: this
     rank's part under transformers' own tensor parallelism (DistributedConfig(tp_size=N)), one
-    of N processes (torchrun), the backend (gloo, nccl) following `device`."""
+    of N processes (torchrun), the backend (gloo, nccl) following `device`. A group this made
+    ends with `Backend(model).close()` (or a `with` block, or msrnn.group.end()); one the
+    caller made is the caller's."""
     from transformers import AutoModelForCausalLM
 
     if tp in (None, 1):
