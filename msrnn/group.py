@@ -22,7 +22,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-MADE = None          # the default group msrnn made (setup), until it ends it (end)
+_made = None         # the default group msrnn made (setup), until it ends it (end)
 WAIT = timedelta(seconds=60)    # how long `end` waits at its barrier for the other ranks
 
 
@@ -41,8 +41,8 @@ def setup(tp: int, device) -> "dist.ProcessGroup":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(minutes=30))
-        global MADE
-        MADE = dist.group.WORLD
+        global _made
+        _made = dist.group.WORLD
     if dist.get_world_size() != tp:
         raise ValueError(f"tp={tp}, but {dist.get_world_size()} processes were started; start "
                          f"exactly {tp} (torchrun --nproc-per-node {tp})")
@@ -58,8 +58,8 @@ def end(wait: timedelta = WAIT):
     The barrier gives up after `wait`: a dead peer fails it at once ("Connection closed by
     peer"), a peer that never comes fails it after `wait`: no rank hangs. The group is destroyed
     either way; then a failed barrier's RuntimeError is raised, for the caller to report."""
-    global MADE
-    ours, MADE = MADE, None
+    global _made
+    ours, _made = _made, None
     if ours is None or not dist.is_initialized() or dist.group.WORLD is not ours:
         return
     try:
@@ -70,9 +70,10 @@ def end(wait: timedelta = WAIT):
 
 
 class EndsGroup:
-    """What a model on a tensor-parallel group offers its user (msrnn.tp.Sharded, msrnn.hf.Backend):
-    `close()`, or a `with` block, ends the group msrnn made when loading it (`end`); a group the
-    caller made is left alone. Every model on the group stops working with it.
+    """What a model on a tensor-parallel group offers its user (msrnn.tp.Sharded and
+    msrnn.hf.Backend): `close()`, or a `with` block, ends the group msrnn made when loading it
+    (`end`); a group the caller made is left alone. Every model on the group stops working
+    with it.
 
         with msrnn.load(path, tp=4) as model:     # in each of the 4 processes
             ids = msrnn.generate(model, prompt_ids, policy)

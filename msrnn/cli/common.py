@@ -155,9 +155,10 @@ def ranks(args) -> int:
 def end_group(args, ok: bool):
     """--tp N: end the group the command made, on every way out (msrnn.group.end: a barrier,
     then destroy_process_group), so that no rank aborts at exit after a good answer. After a
-    good run the others may wait for rank 0's files and plots (LAST); a barrier that fails
-    then (a peer died, or never came) is one line, and the answer stands. After a failure,
-    the failure's line is the one line."""
+    good run the other ranks may wait up to 5 minutes for rank 0 to write its files and plots;
+    a barrier that fails then (a peer died, or never came) is one warning line, and the answer
+    stands (exit 0). After a failure (wait: msrnn.group.WAIT), the failure's line was the one
+    line."""
     if getattr(args, "tp", 1) == 1:
         return
     import sys
