@@ -9,6 +9,11 @@ score (`mean`), so that every rank evicts the same token. `same` checks that eve
 given the same token ids, the one thing the ranks must agree on from outside.
 
 A group here is a torch.distributed ProcessGroup, or None: one process, nothing crosses.
+
+A group msrnn made (`setup`) msrnn also ends (`end`): a barrier, then destroy_process_group().
+Left to the interpreter's exit, gloo's threads are torn down in whatever order it takes, and a
+rank can abort after a good answer ("terminate called without an active exception"). A group
+the caller made (init_process_group before loading) is the caller's to end.
 """
 
 import os
@@ -16,6 +21,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+_made = None         # the default group msrnn made (setup), until it ends it (end)
+WAIT = timedelta(seconds=60)    # how long `end` waits at its barrier for the other ranks
 
 
 def setup(tp: int, device) -> "dist.ProcessGroup":
@@ -33,10 +41,56 @@ def setup(tp: int, device) -> "dist.ProcessGroup":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(minutes=30))
+        global _made
+        _made = dist.group.WORLD
     if dist.get_world_size() != tp:
         raise ValueError(f"tp={tp}, but {dist.get_world_size()} processes were started; start "
                          f"exactly {tp} (torchrun --nproc-per-node {tp})")
     return dist.group.WORLD
+
+
+def end(wait: timedelta = WAIT):
+    """End the group msrnn made (setup), if it is still the default group; a group the caller
+    made is left alone. Every rank calls it after its last collective: a barrier, so that no
+    rank tears its connections down while another still reads from them, then
+    destroy_process_group(), which stops the backend's threads while the interpreter is whole.
+
+    The barrier gives up after `wait`: a dead peer fails it at once ("Connection closed by
+    peer"), a peer that never comes fails it after `wait`: no rank hangs. The group is destroyed
+    either way; then a failed barrier's RuntimeError is raised, for the caller to report."""
+    global _made
+    ours, _made = _made, None
+    if ours is None or not dist.is_initialized() or dist.group.WORLD is not ours:
+        return
+    try:
+        ids = [torch.cuda.current_device()] if dist.get_backend() == "nccl" else None
+        dist.barrier(device_ids=ids, timeout=wait)
+    finally:
+        dist.destroy_process_group()
+
+
+class EndsGroup:
+    """What a model on a tensor-parallel group offers its user (msrnn.tp.Sharded and
+    msrnn.hf.HFBackend): `close()`, or a `with` block, ends the group msrnn made when loading it
+    (`end`); a group the caller made is left alone. Every model on the group stops working
+    with it.
+
+        with msrnn.load(path, tp=4) as model:     # in each of the 4 processes
+            ids = msrnn.generate(model, prompt_ids, policy)
+    """
+
+    def close(self):
+        end()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        try:
+            end()
+        except RuntimeError:
+            if kind is None:                 # a block that failed reports its own error
+                raise
 
 
 def rank(group) -> int:

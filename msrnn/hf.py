@@ -39,6 +39,7 @@ from . import attention
 from .backend import Backend, enter, leave
 from .config import stop_tokens
 from .policies import Policy
+from .group import end
 from .positions import Scheme
 from .state import MultiState, Shape, check_policy
 
@@ -85,12 +86,19 @@ def padding(mask, T: int):
 
 class Scoped:
     """What prepares a model (`prepare`) leaves it as it found it: on leaving `with ...:`, or at
-    `release()`. `model` and `base` (its own attention implementation) are the subclass's."""
+    `close()`. `model` and `base` (its own attention implementation) are the subclass's."""
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, error, trace):
+        try:
+            self.close()
+        except RuntimeError:
+            if kind is None:                 # a block that failed reports its own error
+                raise
+
+    def close(self):
         self.release()
 
     def release(self):
@@ -337,9 +345,10 @@ class HFBackend(Scoped, Backend):
     perplexity, retention and needle run on it as on msrnn's decoder. Its multi-states are
     msrnn MultiStates; each forward wraps one in a MultiStateCache.
 
-    It routes the model's attention through msrnn's and puts it in eval mode; `release()` (or
-    leaving `with HFBackend(model) as backend:`) gives the model back its own attention
-    implementation and training mode, as it found them."""
+    It routes the model's attention through msrnn's and puts it in eval mode; `release()` gives
+    the model back its own attention implementation and training mode, as it found them.
+    Leaving `with HFBackend(model) as backend:` (or `close()`) does that, and on a model that
+    load(tp=N) put on a group it made, ends the group too."""
 
     def __init__(self, model):
         self.modules = attention_modules(model)
@@ -360,6 +369,12 @@ class HFBackend(Scoped, Backend):
         """Give the model back its own attention implementation and training mode."""
         super().release()
         self.model.train(self.training)
+
+    def close(self):
+        """release(), and end the tensor-parallel group msrnn.hf.load(tp=N) made, if it made
+        one (msrnn.group.end; a group the caller made is the caller's)."""
+        self.release()
+        end()
 
     def rotary(self):
         if self.rope is None:
@@ -394,7 +409,9 @@ class HFBackend(Scoped, Backend):
 def load(path, dtype=torch.float32, device="cpu", tp: int | None = None):
     """A transformers causal LM from a local directory or Hub id, in eval mode; tp=N: this
     rank's part under transformers' own tensor parallelism (DistributedConfig(tp_size=N)), one
-    of N processes (torchrun), the backend (gloo, nccl) following `device`."""
+    of N processes (torchrun), the backend (gloo, nccl) following `device`. A group this made
+    ends with `HFBackend(model).close()` (or a `with` block, or msrnn.group.end()); one the
+    caller made is the caller's."""
     from transformers import AutoModelForCausalLM
 
     if tp in (None, 1):

@@ -86,10 +86,11 @@ class RowLinear(Linear):
         return groups.total(linear(x, self.weight), self.group)
 
 
-class Sharded(Transformer):
+class Sharded(Transformer, groups.EndsGroup):
     """This rank's part of the decoder (`plan`): the local heads and hidden units, o and down
     projections row-parallel. Its multi-states hold the local KV heads and know the group, so a
-    layer-wise policy's score is summed over every rank's heads (Shape.group)."""
+    layer-wise policy's score is summed over every rank's heads (Shape.group). `close()` or a
+    `with` block ends the group, if msrnn.load made it (msrnn.group.EndsGroup)."""
 
     def __init__(self, plan: Plan, group):
         cfg = plan.local()

@@ -7,6 +7,10 @@ logits within 1e-10, and each rank keeps, in every layer, exactly the positions 
 run keeps for the KV heads that rank holds; the same for the compiled step, for an uneven split
 (3 KV heads on 2 ranks) and inside transformers (its own tensor parallelism, msrnn.hf). The new
 tokens are fixed in advance (not sampled), so no run's choice steers another's.
+
+Every group ends: the models' `with` blocks and close() end the group msrnn.load made, a group
+the caller made is left to the caller, and every command run with --tp (in-process, on both
+ranks; and under torchrun) ends its group on success, a clear error, Ctrl-C and a dead peer.
 """
 
 import os
@@ -14,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -23,6 +28,8 @@ import torch.multiprocessing as mp
 from torch._dynamo.utils import counters
 
 import msrnn
+import msrnn.cli
+import msrnn.group
 import msrnn.tp
 from msrnn.config import read_config
 from msrnn.policies import REGISTRY, TOVA, from_name
@@ -55,36 +62,45 @@ def run(model, policy, mode, steps=STEPS, compiled=None):
 
 def ranks_msrnn(directory):
     """Every policy and prompt mode, eager, and every policy's compiled step (sequential)."""
-    model = msrnn.load(directory, dtype=torch.float64, tp=2)
-    out = {(repr(p), mode): run(model, p, mode) for p in policies()
-           for mode in ("oneshot", "sequential")}
-    compiled = model.compile_step()
-    counters.clear()
-    for p in policies():
-        torch._dynamo.reset()
-        out[(repr(p), "compiled")] = run(model, p, "sequential", 30, compiled)
-    out["graph breaks"] = dict(counters["graph_break"])     # the all-reduces are in the graph
-    out["kv"] = model.plan.kv
+    with msrnn.load(directory, dtype=torch.float64, tp=2) as model:    # the group ends after
+        out = {(repr(p), mode): run(model, p, mode) for p in policies()
+               for mode in ("oneshot", "sequential")}
+        compiled = model.compile_step()
+        counters.clear()
+        for p in policies():
+            torch._dynamo.reset()
+            out[(repr(p), "compiled")] = run(model, p, "sequential", 30, compiled)
+        out["graph breaks"] = dict(counters["graph_break"])  # the all-reduces are in the graph
+        out["kv"] = model.plan.kv
+        out["group during"] = dist.is_initialized()
+    out["group after"] = dist.is_initialized()
     return out
 
 
 def ranks_uneven(directory):
+    """On a group the caller made: the models' close() leaves it to the caller."""
+    dist.init_process_group("gloo")
     model = msrnn.load(directory, dtype=torch.float64, tp=2)
     out = {(repr(p), mode): run(model, p, mode, 40) for p in policies()
            for mode in ("oneshot", "sequential")}
     int8 = msrnn.load(directory, dtype=torch.float64, tp=2, quantize="int8")
     out["int8"] = run(int8, TOVA(K), "sequential", 40)
     out["kv"] = model.plan.kv
+    model.close(), int8.close()
+    out["group after close"] = dist.is_initialized()      # the caller's: still there
+    dist.barrier(timeout=timedelta(seconds=60))
+    dist.destroy_process_group()                          # the caller ends it
     return out
 
 
 def ranks_hf(directory):
     import msrnn.hf
-    backend = msrnn.hf.HFBackend(msrnn.hf.load(directory, dtype=torch.float64, tp=2))
-    out = {(repr(p), mode): run(backend, p, mode, 30) for p in policies()
-           for mode in ("oneshot", "sequential")}
-    rank = dist.get_rank()
-    out["kv"] = (2 * rank, 2 * rank + 2)
+    with msrnn.hf.HFBackend(msrnn.hf.load(directory, dtype=torch.float64, tp=2)) as backend:
+        out = {(repr(p), mode): run(backend, p, mode, 30) for p in policies()
+               for mode in ("oneshot", "sequential")}
+        rank = dist.get_rank()
+        out["kv"] = (2 * rank, 2 * rank + 2)
+    out["group after"] = dist.is_initialized()
     return out
 
 
@@ -110,6 +126,58 @@ def ranks_errors(directory):
         msrnn.generate(model, torch.tensor([[1, 2, 3]]), TOVA(4), max_new_tokens=2)
     except RuntimeError as e:
         out["dead"] = (str(e), time.perf_counter() - started)
+    started = time.perf_counter()
+    try:
+        model.close()                                     # its barrier fails: the peer is gone
+    except RuntimeError as e:
+        out["closed"] = (str(e), time.perf_counter() - started, dist.is_initialized())
+    return out
+
+
+def ranks_commands(directory, text, ports, tmp):
+    """Each --tp command through msrnn.cli.main in this process, each on a fresh group (on its
+    own port), then a clear error, Ctrl-C and a dead peer -> {run: (exit code or the exception,
+    whether a group is left, seconds, the lines printed to stderr)}; rank 1, which dies in the
+    last, saves what it saw before."""
+    import io
+    rank = int(os.environ["RANK"])
+    tp = ["--tp", "2"]
+    gen = ["generate", directory, "--policy", "tova", "--size", "8", "--max-new-tokens", "4"]
+    grid = ["--policies", "tova", "--sizes", "8", "--json"]
+    runs = {"generate": gen + ["--prompt", "Once upon a time"] + tp,
+            "ppl": ["ppl", directory, "--text", text, "--context", "48", *grid, *tp],
+            "retention": ["retention", directory, "--text", text, "--context", "48", "--size",
+                          "8", "--json", *tp],
+            "needle": ["needle", directory, "--haystack", text, "--lengths", "200", "--depths",
+                       "0.5", "--samples", "1", "--max-new-tokens", "2", *grid, *tp],
+            "different prompts": gen + ["--prompt", f"Once upon a time {rank}"] + tp,
+            "interrupted": gen + ["--prompt", "Once upon a time"] + tp,
+            "dead peer": gen + ["--prompt", "Once upon a time"] + tp}
+    loops = sys.modules["msrnn.generate"]             # the module (msrnn.generate is the function)
+    real = loops.stream
+
+    def interrupted(*args, **kwargs):                 # Ctrl-C after the group was made
+        raise KeyboardInterrupt
+        yield
+
+    def dead(*args, **kwargs):
+        if rank == 1:
+            torch.save(out, os.path.join(tmp, "rank1.pt"))
+            os._exit(3)                               # rank 1 dies without a word
+        yield from real(*args, **kwargs)
+
+    out = {}
+    for (name, argv), port in zip(runs.items(), ports):
+        os.environ["MASTER_PORT"] = str(port)
+        loops.stream = {"interrupted": interrupted, "dead peer": dead}.get(name, real)
+        sys.__stderr__ = sys.stderr = err = io.StringIO()
+        started = time.perf_counter()
+        try:
+            code = msrnn.cli.main(argv)
+        except KeyboardInterrupt:
+            code = "KeyboardInterrupt"
+        out[name] = (code, dist.is_initialized(), time.perf_counter() - started,
+                     err.getvalue().splitlines())
     return out
 
 
@@ -117,18 +185,28 @@ def rank_main(rank, port, task, args, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE="2")
     torch.set_num_threads(1)
-    with torch.inference_mode():
-        result = globals()[task](*args)
+    try:
+        with torch.inference_mode():
+            result = globals()[task](*args)
+    finally:
+        if dist.is_initialized():            # a task that failed midway: its group ends here,
+            try:                             # not in the interpreter's exit
+                dist.barrier(timeout=timedelta(seconds=60))
+            finally:
+                dist.destroy_process_group()
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def on_two_ranks(task, *args, tmp):
     """Run task(*args) in 2 fresh processes forming one gloo group -> ([rank 0's result, rank
     1's], their exit codes); a rank that saved nothing gives None."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=rank_main, args=(r, port, task, args, str(tmp)))
              for r in range(2)]
@@ -188,6 +266,7 @@ def test_msrnn_on_two_ranks_equals_one_process(tiny, tmp_path):
         reference[(repr(p), "compiled")] = run(one, p, "sequential", 30, compiled)
     assert [r["kv"] for r in ranks] == [(0, 2), (2, 4)]
     assert ranks[0]["graph breaks"] == {} == ranks[1]["graph breaks"]
+    assert all(r["group during"] and not r["group after"] for r in ranks)   # `with` ended it
     assert_same(ranks, reference, list(reference))
     for p in policies():                                  # evictions happened
         if p.bounded:
@@ -206,6 +285,7 @@ def test_an_uneven_split_equals_one_process(tiny, tmp_path):
     reference["int8"] = run(msrnn.load(directory, dtype=torch.float64, quantize="int8"),
                             TOVA(K), "sequential", 40)
     assert [r["kv"] for r in ranks] == [(0, 2), (2, 3)]
+    assert ranks[0]["group after close"] and ranks[1]["group after close"]  # the caller's
     assert_same(ranks, reference, list(reference))
 
 
@@ -215,6 +295,7 @@ def test_transformers_tensor_parallel_equals_one_process(tiny, tmp_path):
     directory = tiny[0]
     ranks, codes = on_two_ranks("ranks_hf", directory, tmp=tmp_path)
     assert codes == [0, 0]
+    assert not ranks[0]["group after"] and not ranks[1]["group after"]     # `with` ended it
     one = msrnn.hf.HFBackend(msrnn.hf.load(directory, dtype=torch.float64))
     reference = {(repr(p), mode): run(one, p, mode, 30) for p in policies()
                  for mode in ("oneshot", "sequential")}
@@ -228,6 +309,32 @@ def test_clear_errors_and_no_hang(tiny, tmp_path):
     assert "different token ids" in out["different"]
     message, seconds = out["dead"]                        # an error, at once: no hang
     assert "Connection closed" in message and seconds < 60
+    message, seconds, left = out["closed"]                # close() still ends the group
+    assert "Connection closed" in message and seconds < 60 and not left
+
+
+def test_every_command_ends_its_group(tiny, tmp_path):
+    """After msrnn.cli.main returns (or raises KeyboardInterrupt) on each rank, no group is
+    left (the next command could not make its own otherwise), on every way out."""
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession "
+                    "of a good fortune, must be in want of a wife. " * 6)
+    directory = tiny[0]
+    save_char_tokenizer(directory, VOCAB)
+    (zero, one), codes = on_two_ranks("ranks_commands", directory, str(text),
+                                      [free_port() for _ in range(7)], str(tmp_path),
+                                      tmp=tmp_path)
+    assert codes == [0, 3]                                # rank 1 died, on purpose, last
+    for name in ("generate", "ppl", "retention", "needle"):
+        assert zero[name][:2] == (0, False), (name, zero[name])
+        assert one[name][:2] == (0, False), (name, one[name])
+    for rank in (zero, one):
+        assert rank["different prompts"][:2] == (2, False)
+        assert rank["interrupted"][:2] == ("KeyboardInterrupt", False)
+    assert "different token ids" in zero["different prompts"][3][0]
+    code, left, seconds, lines = zero["dead peer"]        # one line, at once, the group gone
+    assert (code, left) == (1, False) and seconds < 60
+    assert len(lines) == 1 and "the tensor-parallel group broke" in lines[0], lines
 
 
 def test_the_command_line_under_torchrun(tiny, tmp_path):
@@ -243,6 +350,7 @@ def test_the_command_line_under_torchrun(tiny, tmp_path):
                           "--nproc-per-node", "2", "-m", "msrnn.cli", *args, "--tp", "2"],
                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert "terminate called" not in two.stderr and "Traceback" not in two.stderr, two.stderr
     assert len(one.stdout) == 31 and two.stdout == one.stdout
     bad = subprocess.run([sys.executable, "-m", "msrnn.cli", *args, "--tp", "2"],
                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)

@@ -41,7 +41,9 @@ def load(path_or_repo_id: str, dtype: torch.dtype = torch.float32, device="cpu",
 
     tp=N (N > 1): this process's shard of the model, one of N processes (started by torchrun,
     or after torch.distributed.init_process_group): its KV heads, query heads and MLP units,
-    read alone from the files (msrnn.tp). Every rank must load the same model."""
+    read alone from the files (msrnn.tp). Every rank must load the same model. A group this
+    made ends with `model.close()` or a `with msrnn.load(...) as model:` block (after the last
+    step, on every rank); a group the caller made is the caller's to end."""
     if quantize is not None and quantize not in quantization.KINDS:
         raise ValueError(f"quantize={quantize!r}: msrnn quantizes weights to "
                          f"{', '.join(quantization.KINDS)}, or None for the checkpoint's own")

@@ -30,8 +30,20 @@ def main(argv=None):
         module.add_commands(commands)
     args = parser.parse_args(argv)
     try:
+        code = run(args)
+    except BaseException:                    # Ctrl-C, or a failure that is not a clear error
+        common.end_group(args, ok=False)
+        raise
+    common.end_group(args, ok=code == 0)
+    return code
+
+
+def run(args) -> int:
+    """args.run(args) -> the exit status: 0, or a clear error's one line and 2 (1: the
+    tensor-parallel group broke)."""
+    try:
         common.ranks(args)                   # --tp: rank 0 alone prints
-        return args.run(args)
+        return args.run(args) or 0
     except (ValueError, TypeError, OSError) as e:
         print(f"msrnn {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -244,6 +244,29 @@ def ranks(args) -> int:
     return rank
 
 
+def end_group(args, ok: bool):
+    """--tp N: end the group the command made, on every way out (msrnn.group.end: a barrier,
+    then destroy_process_group), so that no rank aborts at exit after a good answer. After a
+    good run the other ranks may wait up to 5 minutes for rank 0 to write its files and plots;
+    a barrier that fails then (a peer died, or never came) is one warning line, and the answer
+    stands (exit 0). After a failure (wait: msrnn.group.WAIT), the failure's line was the one
+    line."""
+    if getattr(args, "tp", 1) == 1:
+        return
+    import sys
+    from datetime import timedelta
+
+    from .. import group
+    try:
+        group.end(timedelta(minutes=5) if ok else group.WAIT)
+    except RuntimeError as e:
+        if ok:
+            first = (str(e).splitlines() or [""])[0]
+            print(f"msrnn {args.command} (rank {os.environ.get('RANK', '?')}): warning: the "
+                  f"ranks did not end together: another rank ended first or never came "
+                  f"({first})", file=sys.__stderr__)
+
+
 def check_decoder_options(backend: str, compile: bool = False, quantize: str | None = None):
     """--compile and --quantize change msrnn's own decoder: refused with --backend transformers."""
     if backend != "transformers":
