@@ -18,7 +18,7 @@ import msrnn
 from msrnn import cli, evaluate
 from msrnn.cli import output
 from msrnn.policies import TOVA, Sinks, Window
-from reference import Reference, Rule
+from reference_families import Reference, Rule
 from tiny import save, save_char_tokenizer, tiny_hf
 
 CONTEXT = 48
