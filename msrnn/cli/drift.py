@@ -38,8 +38,9 @@ def add_commands(commands):
     p.add_argument("--new-tokens", type=int, default=1024, help="tokens generated greedily")
     p.add_argument("--prompt-tokens", type=int, default=512, help="length of the openings")
     add_prompt_mode_arg(p)
-    p.add_argument("--observe", type=int, default=1, help="oneshot: rank the prompt by the mean "
-                   "attention of its last w queries (TOVA; default 1, the paper's rule)")
+    p.add_argument("--observe", type=int, default=1, metavar="N", help="oneshot: rank the "
+                   "prompt by the mean attention of its last N queries (the observation window "
+                   "ω; TOVA; default 1, the paper's rule)")
     add_positions_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON list on stdout")
     p.add_argument("--out", help="directory for results.json/.csv and drift.png (resumable)")

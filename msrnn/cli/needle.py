@@ -53,8 +53,9 @@ def add_grid_args(p, lengths, policies, sizes, samples):
     p.add_argument("--samples", type=int, default=samples, help="prompts per cell (one batch)")
     p.add_argument("--seed", type=int, default=0)
     add_prompt_mode_arg(p)
-    p.add_argument("--observe", type=int, default=1, help="oneshot: rank the prompt by the mean "
-                   "attention of its last w queries (TOVA; default 1, the paper's rule)")
+    p.add_argument("--observe", type=int, default=1, metavar="N", help="oneshot: rank the "
+                   "prompt by the mean attention of its last N queries (the observation window "
+                   "ω; TOVA; default 1, the paper's rule)")
     add_positions_args(p)
     p.add_argument("--no-chat", action="store_true", help="the raw prompt, no chat template")
     p.add_argument("--json", action="store_true", help="print one JSON list on stdout")
