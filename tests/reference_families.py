@@ -3,7 +3,7 @@ compare msrnn against: every policy of docs/design.md, the position schemes, the
 and the families transformers has besides LLaMA (Mistral, Qwen2, Qwen3, Phi3, Gemma2), computed
 from a Hugging Face model object's weights. Nothing here imports msrnn.
 
-    ref = Reference(hf_model, Rule.tova(16))      # hf_model: LlamaForCausalLM, Qwen3ForCausalLM, ...
+    ref = Reference(hf_model, Rule.tova(16))      # hf_model: LlamaForCausalLM, Qwen3ForCausalLM..
     logits = ref.step(token_id)                   # [V] float64
     ref.kept(layer)                               # [[positions of KV head 0], [.. head 1], ...]
     Reference(hf_model, Rule.h2o(16), positions="cache")    # a position scheme (below)

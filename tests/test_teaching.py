@@ -182,9 +182,10 @@ def test_the_plain_reference_is_the_first_read():
         assert "`Reference.layer_step`" in text and "`Reference.evict`" in text
     # README's first ten minutes: the step, Full = forward, the trace (no weights), the plain
     # reference, model.py; installing comes after.
-    order = [readme.index(x) for x in ["(x_t, H_{t-1}) -> (y_t, H_t)", "## Full steps equal forward",
-                                       "`python -m msrnn.trace`", "tests/reference.py",
-                                       "msrnn/model.py", "## Install", "make demo"]]
+    order = [readme.index(x) for x in ["(x_t, H_{t-1}) -> (y_t, H_t)",
+                                       "## Full steps equal forward", "`python -m msrnn.trace`",
+                                       "tests/reference.py", "msrnn/model.py", "## Install",
+                                       "make demo"]]
     assert order == sorted(order), order
     quoted = re.search(r"^```python\n(.*?)^```$", doc[doc.index("(Eq. 9)"):], re.M | re.S)[1]
     lines = [line.strip() for line in quoted.splitlines()]
