@@ -111,26 +111,26 @@ def prompt(states: list, q, k, v, pos, start: int, scale: float, softcap=None, w
     mask = visible(q_pos, k_pos, window) | (own & (q_pos < 0))              # [B, 1, 1, T, S]
     if restrict:
         mask = mask & states[0].policy.visible(q_pos, k_pos)
-    rows, sums = {}, None                     # the ranking rows, by observation window w
+    rows, sums = {}, None                     # the ranking rows, by observation window ω
     for state in (s for s in states if s.policy.bounded):    # empty: the pass's keys are k
-        w = state.policy.observation
-        if "row" in state.policy.reads and w not in rows:
-            rows[w] = last_rows(q, k, mask, q_pos >= 0, w, scale, softcap)
+        n = state.policy.observation
+        if "row" in state.policy.reads and n not in rows:
+            rows[n] = last_rows(q, k, mask, q_pos >= 0, n, scale, softcap)
         if "sums" in state.policy.reads and sums is None:
             sums = column_sums(q, k, mask, q_pos >= 0, scale, softcap)
         kept = k if state.rotation is None else state.rotation.back(k, pos[:, None])
-        state.keep_best(kept, v, pos[:, None], rows.get(w), sums)
+        state.keep_best(kept, v, pos[:, None], rows.get(n), sums)
     return fused(q, keys, values, mask, scale, softcap)
 
 
-def last_rows(q, keys, mask, real, w: int, scale: float, softcap=None):
-    """The attention row a oneshot prompt is ranked by, [B, Hkv, G, S]: the last query's (w = 1,
-    the paper's rule), or the mean of the last w queries' rows over those that are real (not
-    padding; SnapKV's observation window). Only those w rows are computed."""
-    a = probabilities(q[:, :, :, -w:], keys, mask[:, :, :, -w:], scale, softcap)  # [B,Hkv,G,w,S]
-    if w == 1:
+def last_rows(q, keys, mask, real, n: int, scale: float, softcap=None):
+    """The attention row a oneshot prompt is ranked by, [B, Hkv, G, S]: the last query's (n = 1,
+    the paper's rule), or the mean of the last n queries' rows over those that are real (not
+    padding; SnapKV's observation window, ω = n). Only those n rows are computed."""
+    a = probabilities(q[:, :, :, -n:], keys, mask[:, :, :, -n:], scale, softcap)  # [B,Hkv,G,n,S]
+    if n == 1:
         return a[:, :, :, 0]
-    real = real[:, :, :, -w:].to(a.dtype)                                    # [B, 1, 1, w, 1]
+    real = real[:, :, :, -n:].to(a.dtype)                                    # [B, 1, 1, n, 1]
     return (a * real).sum(3) / real.sum(3).clamp(min=1)
 
 

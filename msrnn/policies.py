@@ -67,7 +67,7 @@ def register(name: str, text: str, **fixed):
 
 @dataclass(frozen=True, repr=False)
 class Policy:
-    """Evict the candidate with the lowest score once the multi-state holds more than `size`.
+    """Evict the candidate with the lowest score once the candidates number more than `size`.
 
     A policy is data: a frozen dataclass, checked when it is made. What it reads is declared, so
     that the prompt pass computes only that (`reads`): "row", this step's attention row (a
@@ -76,8 +76,8 @@ class Policy:
     candidates' keys. A policy that reads nothing decides from positions alone and says which
     keys a query still sees (`visible`).
 
-    `observation` (w): a oneshot prompt is ranked by the mean attention row of its last w queries
-    (SnapKV's observation window) instead of its last query's alone (w = 1, the paper's rule).
+    `observation` (ω): a oneshot prompt is ranked by the mean attention row of its last ω queries
+    (SnapKV's observation window) instead of its last query's alone (ω = 1, the paper's rule).
     Only a policy that reads the row uses it; decoding steps always use the step's own row."""
 
     size: int | None                     # k, the multi-state size (None: unbounded)
@@ -88,13 +88,13 @@ class Policy:
     memory: ClassVar[tuple] = ()         # names of per-state buffers the multi-state keeps for it
 
     def __post_init__(self):
-        w = self.observation
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+        n = self.observation
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"observation must be a positive integer (the prompt queries whose "
-                             f"attention ranks a oneshot prompt), got {w!r}")
-        if w > 1 and "row" not in self.reads:
+                             f"attention ranks a oneshot prompt), got {n!r}")
+        if n > 1 and "row" not in self.reads:
             raise ValueError(f"{type(self).__name__} does not rank a prompt by attention rows, "
-                             f"so observation={w} would change nothing; use it with TOVA")
+                             f"so observation={n} would change nothing; use it with TOVA")
         if not self.bounded:
             return
         size, sinks = self.size, self.sinks

@@ -6,14 +6,15 @@ positions only through their difference. A transformer keeps each key at its abs
 and a checkpoint was trained on differences below its range (max_position_embeddings). A
 bounded multi-state holds only k + 1 candidates, so it may number them afresh at every step:
 
-    original     each key keeps its absolute position p (the paper authors' default). Past the
-                 range the model sees differences it was never trained on.
+    original     each key keeps its absolute position p (what the paper authors' main code
+                 does). Past the range the model sees differences it was never trained on.
     cache        StreamingLLM (Xiao et al., 2024): the candidates C = H ∪ {t}, in ascending
                  order of p, take positions 0, 1, ..., |C| - 1, and the query |C| - 1.
-    compressed   the paper authors' released code: with p_1 < p_2 < ... the positions of C,
-                 d_1 = p_1 and d_i = p_i - p_{i-1}; each gap becomes ceil(g(d_i)), g(d) = d for
-                 d <= 10 and 10 + ln(ln(d - 10 + e)) above; the positions are the running sums
-                 and the query takes the last.
+    compressed   an opt-in flag, for LLaMA only, on a side branch of the authors' repository
+                 (`position_encoding_compression`, September 2024) that was never merged: with
+                 p_1 < p_2 < ... the positions of C, d_1 = p_1 and d_i = p_i - p_{i-1}; each
+                 gap becomes ceil(φ(d_i)), φ(d) = d for d <= 10 and 10 + ln(ln(d - 10 + e))
+                 above; the positions are the running sums and the query takes the last.
 
 Each is computed per layer, and per KV head (a per-head policy's heads keep different tokens).
 Full keeps every position, so `cache` and `compressed` number it 0, 1, ... = `original`.
@@ -59,8 +60,8 @@ def rotate(x, cos, sin):
 
 
 def gap(d):
-    """ceil(g(d)) for gaps d (LongTensor or int >= 0): g(d) = d for d <= 10, and
-    10 + ln(ln(d - 10 + e)) above (the authors' compression of a gap between kept positions)."""
+    """ceil(φ(d)) for gaps d (LongTensor or int >= 0): φ(d) = d for d <= 10, and
+    10 + ln(ln(d - 10 + e)) above (the compression of a gap between kept positions)."""
     if not torch.is_tensor(d):
         return d if d <= 10 else math.ceil(10 + math.log(math.log(d - 10 + math.e)))
     wide = d.double()
@@ -111,8 +112,8 @@ class Rotation:
 def reach(policy, scheme: Scheme, end: int) -> int:
     """The largest rotary position a multi-state under `policy` can use by the time it has seen
     `end` tokens one step at a time. original, and Full under any scheme: end - 1. cache: at
-    most k (|C| <= k + 1). compressed: each of the k + 1 numbers is a gap ceil(g(d)) <= d with
-    d <= end - 1, and g grows with d, so at most min(end - 1, (k + 1) ceil(g(end - 1)))."""
+    most k (|C| <= k + 1). compressed: each of the k + 1 numbers is a gap ceil(φ(d)) <= d with
+    d <= end - 1, and φ grows with d, so at most min(end - 1, (k + 1) ceil(φ(end - 1)))."""
     if scheme is Scheme.ORIGINAL or not policy.bounded:
         return end - 1
     if scheme is Scheme.CACHE:

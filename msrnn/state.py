@@ -12,8 +12,10 @@ preallocated slots:
 
 A bounded policy of size k gets S = k + 1 slots: k states and one free slot for the incoming token.
 Eviction only marks a slot empty (pos = -1) and the next token is written into it, so a step
-never copies, gathers or re-sorts the cache. Slots are therefore in no particular order;
-`positions()` sorts them for reading.
+never copies, gathers or re-sorts the cache (under `cache` and `compressed` positions it also
+sorts the slots' positions and rotates the k + 1 keys afresh, into a copy, to renumber them; the
+cache stays where it is). Slots are therefore in no particular order; `positions()` sorts them
+for reading.
 
 Positions `t` may be one for the whole batch (a 0-dim tensor or an int) or one per row
 ([B, 1, 1]); the latter lets rows of one batch sit at different positions (msrnn.hf, padding).

@@ -11,9 +11,10 @@ attention, averaged over heads), and the token evicted.
     python scripts/step_by_step.py --chat --prompt "What is the capital of France?" --size 32 \\
         --compact --plot kept.png --layers 0,15,29     # and draw what layers 0, 15, 29 keep
 
-Positions count from 0, as in the code: `t=p` and `[p]` are the paper's step and token p + 1
-(docs/msrnn.md, "Notation"). --plot draws in the paper's count (steps and tokens from 1), with a
-panel of what Window(k) would keep beside the policy's layers.
+Steps and tokens count from 1, as in the paper and `python -m msrnn.trace`: `t=j` is step j,
+which reads token x_j, and `[j]` is token j (the code holds it at position j - 1; docs/msrnn.md,
+"Notation"). --plot draws in the same count, with a panel of what Window(k) would keep beside the
+policy's layers.
 
 The chat prompt alone is 37 tokens, more than the 32 states: watch TOVA keep the first token (the
 "attention sink") and the question's words while it evicts most of the rest, and the model still
@@ -65,7 +66,8 @@ class Watch(Policy):
 
 
 def show(tok, ids, p):
-    return f"[{p}]{tok.decode([ids[p]])!r}"
+    """Token j = p + 1, the one at position p, as [j]'text'."""
+    return f"[{p + 1}]{tok.decode([ids[p]])!r}"
 
 
 def main(argv=None):
@@ -89,7 +91,7 @@ def main(argv=None):
     ap.add_argument("--past-range", action="store_true", help="run absolute positions past the "
                     "model's range anyway")
     ap.add_argument("--plot", metavar="FILE", help="draw which positions the --layers keep at "
-                    "each step (x: step, y: position) into this PNG file")
+                    "each step (x: step t, y: token j, both from 1) into this PNG file")
     ap.add_argument("--layers", help="layers to draw with --plot, comma-separated (default: "
                     "the first, the shown one and the last)")
     args = ap.parse_args(argv)
@@ -121,8 +123,8 @@ def main(argv=None):
         ap.error("--layers chooses the layers of --plot; give --plot FILE too")
 
     print(f"{n_layers} layers; policy {policy.inner}; showing layer {layer}"
-          f"{', KV head 0' if policy.per_head else ''}. [p]'token' = position p "
-          f"(t=p: the step at position p, the paper's step p + 1; positions count from 0).")
+          f"{', KV head 0' if policy.per_head else ''}. Steps and tokens count from 1, as in "
+          f"the paper: step t reads token t; [j]'token' is token j (the code's position j - 1).")
     print(f"prompt mode: {args.prompt_mode} ("
           + ("every prompt token is a step" if args.prompt_mode == "sequential" else
              "the prompt in one parallel pass, then each layer keeps the k it ranks best; "
@@ -218,10 +220,10 @@ def report(tok, ids, t, produced, kept, evicted, calls, layer, compact, prompt):
     gone = ", ".join(f"{show(tok, ids, p)} {scores.get(p, float('nan')):.4f}"
                      for p in evicted) or "nothing (still filling)"
     if compact:
-        print(f"t={t:4d} read {read:>14} -> {out:14} | evicted {gone} | kept "
-              + " ".join(map(str, kept)))
+        print(f"t={t + 1:4d} read {read:>14} -> {out:14} | evicted {gone} | kept "
+              + " ".join(str(p + 1) for p in kept))
         return
-    print(f"\nstep {t}: read {read}, produced {out}")
+    print(f"\nstep {t + 1}: read {read}, produced {out}")
     items = [f"{show(tok, ids, p)} {scores[p]:.3f}" if p in scores else show(tok, ids, p)
              for p in kept]
     print(wrap(f"  layer {layer} keeps {len(kept)}:", items))

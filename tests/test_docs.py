@@ -1,5 +1,6 @@
-"""The code in README.md and docs/policies.md runs as written, on the default model; the Random
-policy of docs/policies.md is the sanity baseline TOVA must beat."""
+"""The code in README.md and docs/policies.md runs as written, on the default model (README's
+first block on a tiny one); the Random policy of docs/policies.md is the sanity baseline TOVA
+must beat."""
 
 import re
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 from msrnn.experiments.evaluate import load_chunks, perplexity
 from msrnn.policies import TOVA
 from test_convert import BOOKS, default_model_dir
+from tiny import save, tiny_hf
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,15 +27,31 @@ def in_repo(monkeypatch, tmp_path):
     monkeypatch.setenv("MSRNN_HOME", str(tmp_path))   # an empty model home: the clone's weights/
 
 
+def test_readme_full_steps_equal_forward(tmp_path):
+    """README's first block, "Full steps equal forward", runs as written on a tiny random LLaMA
+    in place of the default model: its assert holds. The assert can fail: with TOVA(2) in place
+    of Full the steps are not the forward pass."""
+    block = python_blocks("README.md")[0]
+    assert len(block.strip().splitlines()) == 6 and "msrnn.policies.Full()" in block
+    directory = save(tiny_hf("llama", seed=1), tmp_path / "tiny")
+    tiny = block.replace('"SmolLM2-135M-Instruct"', repr(directory))
+    assert tiny != block
+    scope = {}
+    exec(tiny, scope)
+    assert scope["ys"].shape == (1, scope["ids"].shape[1], scope["model"].vocab_size)
+    with pytest.raises(AssertionError):
+        exec(tiny.replace("msrnn.policies.Full()", "msrnn.policies.TOVA(2)"), {})
+
+
 def test_readme_code(in_repo, capsys):
     blocks = python_blocks("README.md")
-    assert len(blocks) == 2
+    assert len(blocks) == 3                                     # Full = forward, first (above)
     scope = {}
-    exec(blocks[0], scope)
+    exec(blocks[1], scope)
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == "The capital of France is Paris."
     assert out[0].startswith("tensor([[[") and "0," in out[0]   # layer 0 keeps position 0
-    exec(blocks[1], scope)                                      # the same inside transformers
+    exec(blocks[2], scope)                                      # the same inside transformers
     assert capsys.readouterr().out.splitlines()[-1] == "The capital of France is Paris."
 
 

@@ -19,7 +19,7 @@ from msrnn import cli
 from msrnn.experiments import evaluate
 from msrnn.experiments import output
 from msrnn.policies import TOVA, Sinks, Window
-from reference import Reference, Rule
+from reference_families import Reference, Rule
 from tiny import save, save_char_tokenizer, tiny_hf
 
 CONTEXT = 48

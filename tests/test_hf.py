@@ -22,7 +22,7 @@ import msrnn.hf
 from msrnn.hf import MultiStateCache
 from msrnn.policies import H2O, REGISTRY, TOVA, Full, from_name
 from msrnn.prompt import prefill
-from reference import Reference, Rule
+from reference_families import Reference, Rule
 from tiny import save, tiny_hf
 
 torch.set_num_threads(1)     # tiny models: threads only cost (and the machine is shared)

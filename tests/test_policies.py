@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 import msrnn
 from msrnn.policies import REGISTRY, TOVA, Sinks, Window, from_name
 from msrnn.prompt import prefill, prefill_shared
-from reference import Reference, Rule, oneshot_keep
+from reference_families import Reference, Rule, oneshot_keep
 from tiny import save, tiny_hf
 
 K = 16            # multi-state size of the reference runs

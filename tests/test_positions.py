@@ -21,7 +21,7 @@ import msrnn.hf
 from msrnn.policies import REGISTRY, TOVA, Full, Window, from_name
 from msrnn.positions import NAMES, Scheme, check_range, gap, reach, renumber
 from msrnn.prompt import fill
-from reference import Reference, Rule, State, rotary_positions
+from reference_families import Reference, Rule, State, rotary_positions
 from test_policies import RULES
 from tiny import save, tiny_hf
 

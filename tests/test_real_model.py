@@ -74,8 +74,8 @@ def test_tova_keeps_the_first_token_throughout(smol):
 
 
 def test_step_by_step_script(smol, capsys):
-    """The prompt is 37 tokens; TOVA(32) evicts from step 32 on, keeps the first token, and the
-    model still answers."""
+    """The prompt is 37 tokens; TOVA(32) evicts from step 33 on (steps and tokens count from 1),
+    keeps the first token, and the model still answers."""
     spec = importlib.util.spec_from_file_location("step_by_step", REPO / "scripts/step_by_step.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
@@ -91,13 +91,13 @@ def test_step_by_step_script(smol, capsys):
     evicted = re.findall(r"^  evicted: (.*)$", out, re.M)
     assert n_prompt == 37 and len(steps) == len(kept) == len(evicted)
     assert n_prompt < len(steps) <= n_prompt + 9                # stops at EOS
-    assert [int(s[0]) for s in steps] == list(range(len(steps)))
+    assert [int(s[0]) for s in steps] == list(range(1, len(steps) + 1))
     assert [bool(s[3]) for s in steps] == [t < n_prompt - 1 for t in range(len(steps))]
     # Filling: step t keeps t + 1 states and evicts nothing; then 32 states, one evicted a step.
     assert [int(k[0]) for k in kept] == [min(t + 1, 32) for t in range(len(steps))]
     assert all(e == "nothing (still filling)" for e in evicted[:32])
     assert all(re.fullmatch(r"\[\d+\]'.*' \d\.\d{4}", e) for e in evicted[32:])
-    assert all(k[1].startswith("[0]'<|im_start|>' ") for k in kept)        # the first token stays
+    assert all(k[1].startswith("[1]'<|im_start|>' ") for k in kept)        # the first token stays
     answer = "".join(ast.literal_eval(s[2]) for s in steps[n_prompt - 1:])
     assert answer.startswith("The capital of France is Paris.")
 

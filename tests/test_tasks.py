@@ -236,3 +236,29 @@ def test_refuses(capsys, tiny, command, args, message):
     for i in range(0, len(args), 2):
         base[args[i]] = args[i + 1]
     refused(capsys, message, command, model, *[x for kv in base.items() for x in kv])
+
+
+def test_answer_prefix_script(tiny, capsys):
+    """scripts/answer_prefix.py (docs/results.md, "The needle and RULER's niah_single"): the same
+    niah_single prompts with and without RULER's answer prefix, Full and TOVA(k); the prompt
+    without it ends where the prefix would start; a table row per prompt and policy; tasks.niah
+    is given back."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts/answer_prefix.py"
+    spec = importlib.util.spec_from_file_location("answer_prefix", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    niah = tasks.niah
+    script.main([tiny[0], "--length", "400", "--size", "16", "--samples", "1"])
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert [(r["prompt"], r["policy"], r["depth"]) for r in rows[:2]] == \
+        [("with prefix", "Full", 0.0), ("with prefix", "TOVA(16)", 0.0)]
+    assert len(rows) == 12 and all(0 <= r["score"] <= 100 for r in rows)
+    last = {p: {r["last_token"] for r in rows if r["prompt"] == p}
+            for p in ("with prefix", "without prefix")}
+    assert last == {"with prefix": {repr("s")}, "without prefix": {repr("\n")}}   # "... is" / "?\n"
+    assert out.count("| with prefix |") == 2 and out.count("| without prefix |") == 2
+    assert tasks.niah is niah

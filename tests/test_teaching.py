@@ -5,7 +5,9 @@ runs a prompt either way (sequential or oneshot); `msrnn retention --plot` draws
 import importlib
 import importlib.util
 import inspect
+import io
 import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -179,6 +181,13 @@ def test_the_plain_reference_is_the_first_read():
         first = text.index("tests/reference.py")
         assert first < text.index("msrnn/model.py") and first < text.index("Read it")
         assert "`Reference.layer_step`" in text and "`Reference.evict`" in text
+    # README's first ten minutes: the step, Full = forward, the trace (no weights), the plain
+    # reference, model.py; installing comes after.
+    order = [readme.index(x) for x in ["(x_t, H_{t-1}) -> (y_t, H_t)",
+                                       "## Full steps equal forward", "`python -m msrnn.trace`",
+                                       "tests/reference.py", "msrnn/model.py", "## Install",
+                                       "make demo"]]
+    assert order == sorted(order), order
     quoted = re.search(r"^```python\n(.*?)^```$", doc[doc.index("(Eq. 9)"):], re.M | re.S)[1]
     lines = [line.strip() for line in quoted.splitlines()]
     assert lines == ["if k is None or len(C[0]) <= k:      # Full, or |C| <= k: nothing leaves",
@@ -188,6 +197,41 @@ def test_the_plain_reference_is_the_first_read():
     assert source[i + 1] == lines[1], "tests/reference.py's branch changed: quote it again"
     import reference
     assert "def evict" in inspect.getsource(reference.Reference.evict)
+
+
+def test_the_plain_reference_runs_from_plain_weights(tmp_path):
+    """tests/reference.py is under 150 lines, imports neither transformers nor msrnn, and runs
+    from a checkpoint's safetensors and config.json alone: TOVA there keeps what msrnn keeps,
+    with the same logits, and what reference_families.py (which extends it) computes."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import reference
+    import reference_families
+
+    source = READ_FIRST.read_text()
+    assert len(source.splitlines()) < 150
+    assert not re.search(r"^(import|from) (transformers|msrnn)", source, re.M)
+    assert "import reference" in (REPO / "tests/reference_families.py").read_text()
+    hf = tiny_hf("llama", seed=5)
+    directory = save(hf, tmp_path)
+    weights = load_file(f"{directory}/model.safetensors")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    core = reference.Reference(weights, cfg, reference.Rule("tova", 4))
+    full = reference_families.Reference(hf.double(), reference_families.Rule.tova(4))
+    model = msrnn.load(directory, dtype=torch.float64)
+    state = model.init_state(1, TOVA(4))
+    ids = torch.randperm(128, generator=torch.Generator().manual_seed(0))[:40]
+    for t, x in enumerate(ids.tolist()):
+        ours, _ = model.step(torch.tensor([x]), state)
+        y = core.step(x)
+        assert (ours[0] - y).abs().max() <= 1e-4, t
+        assert (full.step(x) - y).abs().max() <= 1e-10, t
+        for l in range(core.n_layers):
+            assert core.kept(l) == full.kept(l) == state.positions(l)[0].tolist(), (t, l)
+    assert core.kept(0)[0] != list(range(36, 40))          # TOVA, not a window, chose them
+    assert all(s.key.shape == (16,) for s in core.H[0][0])   # K_j stored per KV head, unrotated
 
 
 def test_the_hops_from_step_to_score():
@@ -281,6 +325,32 @@ def test_one_meaning_per_symbol():
         for old in retired:
             assert old not in text, f"{name} still writes {old!r}"
 
+    # g is g(t), the state count, only: the gap function of `compressed` positions is φ, and a
+    # KV head is kv; w is a checkpoint's sliding window only: the observation window is ω.
+    import msrnn.positions
+
+    rows = dict(zip(symbols, table))
+    assert "sliding window" in rows["`w`"] and "observation window" in rows["`ω`"]
+    assert "compressed" in rows["`φ`"] and "states a layer holds" in rows["`g(t)`"]
+    texts |= {name: (REPO / name).read_text() for name in
+              ["docs/results.md", "docs/performance.md", "tests/reference.py",
+               "tests/reference_families.py", "scripts/step_by_step.py"]}
+    texts |= {"msrnn/positions.py": inspect.getsource(msrnn.positions),
+              "msrnn/policies.py (Policy)": msrnn.policies.Policy.__doc__}
+    for name, text in texts.items():
+        gap = re.search(r"\bg\((?!t\))", text)                # g(d), ceil(g(P)): not g(t)
+        assert not gap, f"{name} writes the gap function as g: {text[gap.start():][:30]!r}"
+        window = re.search(r"(observ\w*|--observe)\W{1,3}[wW]\b|\b[wW] = (1|16|64)\b", text)
+        assert not window, f"{name} writes the observation window as w: " \
+                           f"{text[window.start():][:40]!r}"
+    for name in ["tests/reference.py", "tests/reference_families.py"]:
+        names = {t.string for t in tokenize.generate_tokens(io.StringIO(texts[name]).readline)
+                 if t.type == tokenize.NAME}
+        assert "g" not in names, f"{name} names something g (a KV head is kv)"
+    assert "φ(d)" in texts["msrnn/positions.py"] and "φ" in texts["docs/design.md"]
+    assert re.search(r"\bg\((?!t\))", "ceil(g(P))")                # the checks can fail
+    assert re.search(r"(observ\w*|--observe)\W{1,3}[wW]\b", "`--observe w`")
+
 
 # ----------------------------------------------------------------------------- the pictures
 
@@ -326,14 +396,34 @@ def test_step_by_step_oneshot(tiny, capsys):
     assert lines[1].startswith("prompt mode: oneshot")
     steps = [l for l in lines if l.startswith("t=")]
     n = len(prompt)
-    assert steps[0].startswith(f"t={n - 1:4d}") and 1 <= len(steps) <= 4
+    assert steps[0].startswith(f"t={n:4d}") and 1 <= len(steps) <= 4     # the prompt's last step
     model, tok = msrnn.load(model_dir), msrnn.load_tokenizer(model_dir)
     state = model.init_state(1, TOVA(6))
     with torch.inference_mode():
         prefill(model, torch.tensor([tok.encode(prompt)]), state, mode="oneshot")
-    kept = " ".join(map(str, state.positions(1)[0, 0].tolist()))
+    kept = " ".join(str(p + 1) for p in state.positions(1)[0, 0].tolist())   # tokens j = p + 1
     assert steps[0].endswith(f"| kept {kept}")
     assert "| evicted [" in steps[0]            # 26 prompt tokens, 6 kept: the rest are listed
+
+
+def test_step_by_step_counts_from_one(tiny, capsys):
+    """Steps and tokens from 1, as in the paper and msrnn.trace: the first step is step 1 and
+    reads token 1; with k = 3 the fill phase keeps tokens 1..t, and the first eviction is at
+    step k + 1 = 4 (never a step 0 or a token [0])."""
+    model_dir, _ = tiny
+    prompt = "Once upon"
+    step_by_step().main([model_dir, "--prompt", prompt, "--size", "3", "--compact",
+                         "--max-new-tokens", "2", "--layer", "0", "--policy", "window"])
+    steps = [l for l in capsys.readouterr().out.splitlines() if l.startswith("t=")]
+    assert [int(l[2:6]) for l in steps] == list(range(1, len(steps) + 1))
+    assert len(steps) >= len(prompt)
+    kept = [l.split("| kept ")[1] for l in steps]
+    assert kept[:4] == ["1", "1 2", "1 2 3", "2 3 4"]              # Window(3): token 1 leaves at 4
+    assert "evicted nothing" in steps[2] and "evicted [1]'O'" in steps[3]
+    step_by_step().main([model_dir, "--prompt", prompt, "--size", "3", "--max-new-tokens", "1",
+                         "--layer", "0"])
+    out = capsys.readouterr().out
+    assert "\nstep 1: read 'O'" in out and "step 0" not in out and "[0]" not in out
 
 
 def test_step_by_step_rejects_bad_layers(tiny, capsys):

@@ -164,9 +164,9 @@ def add_prompt_mode_arg(parser, observe: bool = False):
                         "authors' code); sequential: every prompt token a step (the MSRNN "
                         "definition)")
     if observe:
-        parser.add_argument("--observe", type=int, default=1, help="oneshot: rank the prompt "
-                            "by the mean attention of its last w queries (TOVA; default 1, the "
-                            "paper's rule)")
+        parser.add_argument("--observe", type=int, default=1, metavar="N", help="oneshot: rank "
+                            "the prompt by the mean attention of its last N queries (the "
+                            "observation window ω; TOVA; default 1, the paper's rule)")
 
 
 def check_observe(args):
