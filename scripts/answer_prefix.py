@@ -5,8 +5,9 @@ A oneshot prompt is ranked by the attention row of its last token. RULER's niah_
 ends with an answer prefix after the chat template's assistant header ("The special magic number
 for KEY mentioned in the provided text is"), so that token is a query about the key; without the
 prefix it is the header's own last token, as in `msrnn needle`'s prompt. This asks the same
-niah_single prompts (msrnn.experiments.tasks.build: same seed, keys, numbers and depths) with and without the
-prefix, Full and TOVA(k), and prints RULER's score for each, per depth and in the mean.
+niah_single prompts (msrnn.experiments.tasks.build: same seed, keys, numbers and depths) with
+and without the prefix, Full and TOVA(k), and prints RULER's score for each, per depth and in
+the mean.
 
     python scripts/answer_prefix.py weights/SmolLM2-135M-Instruct --length 1024 --size 256
 """
