@@ -29,6 +29,8 @@ step is the new token's position (the paper's t - 1), and the tensors `k`, `v` a
 token's key K_t and value V_t, not the size k.
 """
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -287,7 +289,12 @@ class Compiled:
     attention, policy scoring and eviction) is one graph (fullgraph=True) with static shapes,
     so it compiles once per (policy, batch size, dtype) and never again as positions grow.
     mode: default "reduce-overhead" (CUDA graphs) on CUDA, inductor's default on the CPU.
-    Everything else (the prompt pass, the state) is the model's own: it is a backend too."""
+    Everything else (the prompt pass, the state) is the model's own: it is a backend too.
+
+    `compile_seconds`: the time of the steps that compiled a graph (torch.compile compiles on a
+    step's first call with a new shape, and that call takes seconds, or minutes, where the
+    others take milliseconds). A decode rate leaves it out and reports it on its own
+    (compile_seconds below)."""
 
     def __init__(self, model: Transformer, mode: str | None = None):
         if mode is None and model.embed.weight.is_cuda:
@@ -298,12 +305,32 @@ class Compiled:
         # configurations in one process must not hit dynamo's default limit of 8 and fall back
         # to the eager step.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.decode = torch.compile(model.decode, fullgraph=True, dynamic=False, mode=mode)
+        self.compiled_decode = torch.compile(model.decode, fullgraph=True, dynamic=False,
+                                             mode=mode)
+        self.compile_seconds = 0.0
         self.cfg, self.shape, self.eos_ids = model.cfg, model.shape, model.eos_ids
         self.vocab_size = model.vocab_size
         self.init_state, self.parallel, self.logits = model.init_state, model.parallel, model.logits
 
     step = Transformer.step          # the same bookkeeping around the compiled `decode`
 
+    def decode(self, token_ids, state: MultiState, head: bool = True):
+        """The compiled step; a call in which dynamo made a new graph adds its time to
+        compile_seconds."""
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        start = time.perf_counter()
+        out = self.compiled_decode(token_ids, state, head)
+        if torch._dynamo.utils.counters["stats"]["unique_graphs"] != graphs:
+            self.compile_seconds += time.perf_counter() - start
+        return out
+
     def compile_step(self, mode: str | None = None) -> "Compiled":
         return self
+
+
+def compile_seconds(model) -> float:
+    """The seconds `model` has spent compiling its decode step so far (0 for a model that
+    does not compile: msrnn's eager decoder, a transformers Backend). Time some work as
+    (wall seconds - compile_seconds after + compile_seconds before) to leave compilation out
+    of a rate."""
+    return getattr(model, "compile_seconds", 0.0)
