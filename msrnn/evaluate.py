@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import policies
+from .model import compile_seconds
 from .prompt import Mode, prefill
 
 # ----------------------------------------------------------------------------- data
@@ -132,9 +133,11 @@ def configurations(names, sizes, sinks: int | None, context: int, schemes=("orig
 
 def sweep(load_model, chunks, configs, batch_size: int = 8, jobs: int = 1, log=sys.stderr,
           allow_past_range: bool = False):
-    """Yield (name, size, policy, scheme, losses, seconds) for each configuration (from
-    `configurations`) as it finishes, losses = position_nll's sums [T - 1]. `load_model()` makes
-    the model (in each worker process, with jobs > 1: it must pickle).
+    """Yield (name, size, policy, scheme, losses, seconds, compiling) for each configuration
+    (from `configurations`) as it finishes, losses = position_nll's sums [T - 1], seconds the
+    time it took less `compiling`, the time a compiled step spent compiling (0 eager: a rate
+    divides by `seconds`). `load_model()` makes the model (in each worker process, with
+    jobs > 1: it must pickle).
 
     With jobs = N, N configurations run at once, each in its own process with its share of the
     CPU threads. A decode step with a few rows is bound by reading the weights, and the library's
@@ -143,12 +146,14 @@ def sweep(load_model, chunks, configs, batch_size: int = 8, jobs: int = 1, log=s
     if jobs == 1:
         model = load_model()
         for name, size, policy, scheme in configs:
-            start = time.perf_counter()
+            start, compiled = time.perf_counter(), compile_seconds(model)
             with tqdm(total=len(chunks), desc=f"{name} {size or ''} {scheme}".strip(),
                       unit="chunk", file=log, leave=False) as bar:
                 losses = position_nll(model, chunks, policy, batch_size, bar, scheme,
                                       allow_past_range)
-            yield name, size, policy, scheme, losses, time.perf_counter() - start
+            compiling = compile_seconds(model) - compiled
+            yield (name, size, policy, scheme, losses, time.perf_counter() - start - compiling,
+                   compiling)
         return
     threads = max(1, torch.get_num_threads() // jobs)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
@@ -172,10 +177,11 @@ def _worker_start(load_model, threads: int):
 
 
 def _worker_run(policy, chunks, batch_size, scheme, allow_past_range):
-    start = time.perf_counter()
+    start, compiled = time.perf_counter(), compile_seconds(_worker_model)
     losses = position_nll(_worker_model, chunks, policy, batch_size, None, scheme,
                           allow_past_range)
-    return losses, time.perf_counter() - start
+    compiling = compile_seconds(_worker_model) - compiled
+    return losses, time.perf_counter() - start - compiling, compiling
 
 
 # ----------------------------------------------------------------------------- retention

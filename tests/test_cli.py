@@ -1,12 +1,13 @@
 """The command line, run as users run it: `msrnn generate` decodes and reports its multi-state;
 bad input ends with a non-zero exit and one clear line on stderr."""
 
+import json
 import subprocess
 import sys
 
 import pytest
 
-from tiny import save, save_char_tokenizer, tiny_hf
+from tiny import save, save_char_tokenizer, slow_compilation, tiny_hf
 
 
 def msrnn(*args):
@@ -182,34 +183,40 @@ def early_eos_prompts(directory):
 
 
 def test_generate_rate_leaves_out_compilation(capsys, model, monkeypatch):
-    """A compilation made slow on purpose (a dynamo backend that sleeps 4 s, then runs the
-    graph as it is): the speed line reports it on its own, and the decode rate is what the
-    19 steps after the first token ran at. Counted in, the decode would take over 4 s."""
+    """A compilation made slow on purpose (8 s): the speed line reports it on its own, and the
+    decode rate is what the 9 steps after the first token ran at. Counted in, the decode would
+    take over 8 s."""
     import time
 
-    import torch
-
-    real = torch.compile
-
-    def slow(graph, example_inputs):
-        time.sleep(4)
-        return graph.forward
-
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=slow, fullgraph=True,
-                                                                dynamic=False))
-    torch._dynamo.reset()
+    slow_compilation(monkeypatch, 8)
     start = time.perf_counter()
     code, out, err = run(capsys, "generate", model, "--prompt", "Once upon a time",
-                         "--policy", "tova", "--size", "8", "--max-new-tokens", "20", "--compile")
+                         "--policy", "tova", "--size", "8", "--max-new-tokens", "10", "--compile")
     wall = time.perf_counter() - start
-    torch._dynamo.reset()
     assert code == 0, err
     line = report(err)
-    assert line.startswith("[msrnn] 20 new tokens, ") and "tok/s decode, compiled in " in line
+    assert line.startswith("[msrnn] 10 new tokens, ") and "tok/s decode, compiled in " in line
     rate = float(line.split(", ")[1].split()[0])
     compiled = float(line.split("compiled in ")[1].split()[0])
-    decoding = 19 / rate                               # seconds the rate stands for
-    assert 4 <= compiled and decoding < 4 and decoding + compiled <= wall, (line, wall)
+    decoding = 9 / rate                                # seconds the rate stands for
+    assert 8 <= compiled and decoding < 8 and decoding + compiled <= wall, (line, wall)
+
+
+def test_ppl_rate_leaves_out_compilation(capsys, model, monkeypatch, tmp_path):
+    """The same for `msrnn ppl --compile`: 1 chunk of 12 tokens, 11 steps in its rate."""
+    slow_compilation(monkeypatch, 8)
+    text = tmp_path / "a.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 4)
+    code, out, err = run(capsys, "ppl", model, "--text", text, "--context", "12",
+                         "--max-chunks", "1", "--policies", "tova", "--sizes", "8", "--compile",
+                         "--out", tmp_path / "out")
+    assert code == 0, err
+    line = next(x for x in err.splitlines() if x.startswith("[msrnn ppl] TOVA(8)"))
+    rate = float(line.split("tokens, ")[1].split()[0])
+    compiled = float(line.split("compiled in ")[1].split()[0])
+    assert 8 <= compiled and 12 / rate < 8, line
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())["results"][0]
+    assert saved["seconds"] < 8 <= saved["compile_seconds"]
 
 
 def test_generate_zero_and_one_new_tokens_print_no_rate(capsys, model):

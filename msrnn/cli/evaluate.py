@@ -107,15 +107,17 @@ def run_ppl(args):
           f"configurations, {len(configs) - len(todo)} done before", file=log)
     load = functools.partial(load_model, directory, args.dtype, args.device, args.backend,
                              args.tp, args.compile, args.quantize)
-    for name, size, policy, scheme, losses, seconds in evaluate.sweep(
+    for name, size, policy, scheme, losses, seconds, compiling in evaluate.sweep(
             load, chunks, todo, args.batch, args.jobs, log, args.past_range):
         tokens = len(chunks) * losses.numel()
         ppl = math.exp(losses.sum().item() / tokens)
         results.add({"policy": name, "size": size, "positions": scheme, "ppl": ppl,
                      "tokens": tokens, "seconds": round(seconds, 2),
+                     "compile_seconds": round(compiling, 2),
                      "buckets": evaluate.buckets(losses, len(chunks), args.buckets)})
         tqdm.write(f"[msrnn ppl] {policy}, positions {scheme}: ppl {ppl:.3f} over {tokens} "
-                   f"tokens, {chunks.numel() / seconds:.0f} tok/s", file=log)
+                   f"tokens, {chunks.numel() / seconds:.0f} tok/s"
+                   f"{f', compiled in {compiling:.1f} s' if compiling else ''}", file=log)
     rows = [results.get(name, size, scheme) for name, size, _, scheme in configs]
     if args.out:
         title = (f"{os.path.basename(os.path.abspath(directory))}, context {args.context}, "
