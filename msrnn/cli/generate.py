@@ -224,11 +224,17 @@ class Row:
 
 def run_download(args):
     from ..loading import download
+    from ..paths import writable_dir
+    if args.dir is not None:                           # before the network is asked anything
+        writable_dir(args.dir, "--dir", make=False)
     print(download(args.repo_id, args.dir))            # where it is
     return 0
 
 
 def run_fetch_default(args):
     from ..convert import fetch_default
+    from ..paths import writable_dir
+    if args.dir is not None:                           # before the GGUF is installed
+        writable_dir(args.dir, "--dir", make=False)
     print(fetch_default(args.dir))
     return 0
