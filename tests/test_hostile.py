@@ -66,6 +66,9 @@ def refused(capsys, message, *argv):
     (["--seed", str(10**20)], "--seed must be in 0..2**63-1"),
     (["--seed", "-1"], "--seed must be in 0..2**63-1"),
     (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+    (["--min-new-tokens", "-1"], "--min-new-tokens must be >= 0, got -1"),
+    (["--max-new-tokens", "5", "--min-new-tokens", "6"], "--min-new-tokens 6 is more than "
+     "--max-new-tokens 5: raise --max-new-tokens or lower --min-new-tokens"),
     (["--max-new-tokens", "600"], "past the model's range of 512"),
 ])
 def test_generate_refuses(capsys, model_dir, args, message):
