@@ -16,6 +16,7 @@ and a long prompt's progress bar. The schedule (prompt.py) and every loop (gener
 experiments/) drive any backend through `init_state`, `step`, `parallel`, `prompt` and `logits`.
 """
 
+import time
 import weakref
 
 import torch
@@ -129,7 +130,11 @@ class Compiled(Backend):
     attention, policy scoring and eviction) is one graph (fullgraph=True) with static shapes,
     so it compiles once per (policy, batch size, dtype, position scheme) and never again as
     positions grow. The prompt pass and the logits are the decoder's own. mode: default
-    "reduce-overhead" (CUDA graphs) on CUDA, inductor's default on the CPU."""
+    "reduce-overhead" (CUDA graphs) on CUDA, inductor's default on the CPU.
+
+    `compile_seconds`: the time of the steps that compiled a graph (torch.compile compiles on a
+    step's first call with a new shape, and that call takes seconds, or minutes, where the
+    others take milliseconds). A decode rate leaves it out and reports it on its own."""
 
     def __init__(self, model: Backend, mode: str | None = None):
         if mode is None and model.shape.device.type == "cuda":
@@ -139,11 +144,21 @@ class Compiled(Backend):
         # dozen configurations in one process must not hit dynamo's default limit of 8 and fall
         # back to the eager step.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.model = model
-        self.compute_step = torch.compile(model.compute_step, fullgraph=True, dynamic=False,
-                                          mode=mode)
+        self.model, self.compile_seconds = model, 0.0
+        self.compiled = torch.compile(model.compute_step, fullgraph=True, dynamic=False,
+                                      mode=mode)
         self.compute_parallel, self.logits = model.compute_parallel, model.logits
         self.rotary = model.rotary
+
+    def compute_step(self, token_ids, state: MultiState, head: bool = True):
+        """The compiled step; a call in which dynamo made a new graph adds its time to
+        compile_seconds."""
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        start = time.perf_counter()
+        out = self.compiled(token_ids, state, head)
+        if torch._dynamo.utils.counters["stats"]["unique_graphs"] != graphs:
+            self.compile_seconds += time.perf_counter() - start
+        return out
 
     @property
     def shape(self):
@@ -177,3 +192,10 @@ def compiled(model: Backend, mode: str | None = None) -> Compiled:
     if model not in _compiled:
         _compiled[model] = Compiled(model, mode)
     return _compiled[model]
+
+
+def compile_seconds(model) -> float:
+    """The seconds `model` has spent compiling its step so far (0 for a backend that does not
+    compile: msrnn's eager decoder, a transformers model). Time some work as wall seconds less
+    the compile_seconds it added, to leave compilation out of a rate."""
+    return getattr(model, "compile_seconds", 0.0)

@@ -84,14 +84,26 @@ def as_rows(prompts, device) -> list:
     return out
 
 
+def check_lengths(max_new_tokens, min_new_tokens=0, ignore_eos=False):
+    """Clear errors for a length that means nothing: integers >= 0, min_new_tokens at most
+    max_new_tokens, ignore_eos True or False."""
+    for name, value in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if min_new_tokens > max_new_tokens:
+        raise ValueError(f"min_new_tokens ({min_new_tokens}) must be at most max_new_tokens "
+                         f"({max_new_tokens}); raise max_new_tokens or lower min_new_tokens")
+    if not isinstance(ignore_eos, bool):
+        raise ValueError(f"ignore_eos must be True or False, got {ignore_eos!r}")
+
+
 def stream(model: Backend, prompts, policy: Policy, max_new_tokens=256, temperature=0.0,
            top_k=None, top_p=None, seed=None, prompt_mode=Mode.ONESHOT, compile=False,
-           eos_ids=None, positions="original", allow_past_range=False):
+           eos_ids=None, positions="original", allow_past_range=False, ignore_eos=False,
+           min_new_tokens=0):
     """Yield (new token ids [B], multi-state) one step at a time; arguments as in `generate`."""
     check_sampling(temperature, top_k, top_p)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
-            max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    check_lengths(max_new_tokens, min_new_tokens, ignore_eos)
     mode = Mode.of(prompt_mode)
     rows = as_rows(prompts, model.shape.device)
     for i, row in enumerate(rows):                               # checked before any work
@@ -108,21 +120,30 @@ def stream(model: Backend, prompts, policy: Policy, max_new_tokens=256, temperat
         model = model.compile_step()
     state, logits = fill(model, rows, policy, mode, max_new_tokens, positions, allow_past_range)
     yield from decode(model, state, logits, max_new_tokens, temperature, top_k, top_p, seed,
-                      eos_ids)
+                      eos_ids, ignore_eos, min_new_tokens)
 
 
 def decode(model: Backend, state, logits, max_new_tokens=256, temperature=0.0, top_k=None,
-           top_p=None, seed=None, eos_ids=None):
+           top_p=None, seed=None, eos_ids=None, ignore_eos=False, min_new_tokens=0):
     """From a multi-state after its prompts and their last logits [B, V]: yield (new token ids
     [B], multi-state) one step at a time, each token fed back, until max_new_tokens or every row
-    has produced one of eos_ids."""
+    has produced one of eos_ids.
+
+    min_new_tokens = N: EOS cannot end a row before its N-th new token: for the first N tokens
+    the logits of eos_ids are -inf, so they are never drawn (as min_new_tokens in transformers,
+    min_tokens in vLLM). ignore_eos: an EOS is a token like any other, drawn and fed back, and
+    every row runs to max_new_tokens (vLLM's ignore_eos, llama.cpp's --ignore-eos)."""
+    check_lengths(max_new_tokens, min_new_tokens, ignore_eos)
     device, B = logits.device, logits.shape[0]
     generators = None if seed is None else [torch.Generator(device).manual_seed(seed)
                                             for _ in range(B)]
-    eos = torch.tensor(sorted(eos_ids or ()), dtype=torch.long, device=device)
+    banned = torch.tensor(sorted(eos_ids or ()), dtype=torch.long, device=device)
+    eos = banned[:0] if ignore_eos else banned       # the ids that end a row
     done = torch.zeros(B, dtype=torch.bool, device=device)
     live = torch.arange(B, device=device)            # the batch row of each multi-state row
     for i in range(max_new_tokens):
+        if i < min_new_tokens and len(banned):       # too early to end: EOS cannot be drawn
+            logits = logits.index_fill(-1, banned, -torch.inf)
         ids = torch.full((B,), int(eos[0]) if len(eos) else 0, device=device)
         ids[live] = sample(logits, temperature, top_k, top_p,
                            None if generators is None else [generators[j] for j in live])
@@ -141,7 +162,8 @@ def decode(model: Backend, state, logits, max_new_tokens=256, temperature=0.0, t
 @torch.inference_mode()
 def generate(model: Backend, prompts, policy: Policy, max_new_tokens=256, temperature=0.0,
              top_k=None, top_p=None, seed=None, prompt_mode=Mode.ONESHOT, compile=False,
-             eos_ids=None, positions="original", allow_past_range=False):
+             eos_ids=None, positions="original", allow_past_range=False, ignore_eos=False,
+             min_new_tokens=0):
     """prompt_ids [B, T] -> new token ids [B, N], N <= max_new_tokens; or a list of prompts of
     any lengths (lists of ints or 1-D tensors) -> a list of 1-D LongTensors, row i what
     generate gives for prompts[i] alone (up to and including its EOS).
@@ -153,16 +175,19 @@ def generate(model: Backend, prompts, policy: Policy, max_new_tokens=256, temper
     Backend (msrnn.hf.HFBackend(transformers_model)). `positions`: "original", "cache" or
     "compressed", how the kept states are numbered for RoPE (msrnn.positions; a bounded policy
     with "cache" or "compressed" runs past the model's range); `allow_past_range`: run absolute
-    positions past the range anyway."""
+    positions past the range anyway.
+
+    Past EOS: `min_new_tokens` = N, no row ends before N new tokens (EOS is not drawn until
+    then); `ignore_eos`, EOS ends nothing and every row has exactly max_new_tokens."""
     eos_ids = set(model.eos_ids if eos_ids is None else eos_ids)
     out = [ids for ids, _ in stream(model, prompts, policy, max_new_tokens, temperature,
                                     top_k, top_p, seed, prompt_mode, compile, eos_ids,
-                                    positions, allow_past_range)]
+                                    positions, allow_past_range, ignore_eos, min_new_tokens)]
     B = len(as_rows(prompts, "cpu"))
     ids = torch.stack(out, 1) if out else torch.zeros(B, 0, dtype=torch.long)
     if torch.is_tensor(prompts) or (prompts and all(isinstance(x, int) for x in prompts)):
         return ids
-    return [until_eos(row, eos_ids) for row in ids]
+    return [until_eos(row, set() if ignore_eos else eos_ids) for row in ids]
 
 
 def until_eos(ids, eos_ids):

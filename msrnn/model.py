@@ -32,6 +32,7 @@ token's key K_t and value V_t, not the size k.
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from . import attention
 from .backend import Backend, Compiled, compiled
 from .config import Config, rope_frequencies

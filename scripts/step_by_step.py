@@ -121,6 +121,12 @@ def main(argv=None):
         ap.error(str(e))
     if args.layers and not args.plot:
         ap.error("--layers chooses the layers of --plot; give --plot FILE too")
+    if args.plot:
+        from msrnn.paths import writable_file
+        try:
+            writable_file(args.plot, "--plot")              # before the steps, not after
+        except ValueError as e:
+            ap.error(str(e))
 
     print(f"{n_layers} layers; policy {policy.inner}; showing layer {layer}"
           f"{', KV head 0' if policy.per_head else ''}. Steps and tokens count from 1, as in "

@@ -55,3 +55,18 @@ def test_bench_latency_throughput_ceiling(tmp_path, capsys):
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "| tova(32) | float32 | 15 |" in printed and "| tova(32) | int8 | 15 |" in printed and "| full | eager | 128 |" in printed
+
+
+def test_compiled_speed_leaves_out_compilation(tmp_path, monkeypatch):
+    """A compilation made slow on purpose (8 s) is reported as compile_s, not in tok_s."""
+    import torch
+
+    from msrnn.policies import TOVA
+    from tiny import slow_compilation
+
+    slow_compilation(monkeypatch, 8)
+    model = msrnn.load(save(tiny_hf("llama"), tmp_path / "model"))
+    row = bench.msrnn_speed(model, torch.tensor([[5, 6, 7, 8]]), TOVA(8), 10, compiled=True)
+    assert row["compile_s"] >= 8 and 10 / row["tok_s"] < 8
+    assert bench.msrnn_speed(model, torch.tensor([[5, 6, 7, 8]]), TOVA(8), 10,
+                             compiled=False)["compile_s"] == 0

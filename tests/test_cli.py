@@ -1,12 +1,13 @@
 """The command line, run as users run it: `msrnn generate` decodes and reports its multi-state;
 bad input ends with a non-zero exit and one clear line on stderr."""
 
+import json
 import subprocess
 import sys
 
 import pytest
 
-from tiny import save, save_char_tokenizer, tiny_hf
+from tiny import save, save_char_tokenizer, slow_compilation, tiny_hf
 
 
 def msrnn(*args):
@@ -115,3 +116,111 @@ def test_prompt_file_decodes_a_ragged_batch(model, tmp_path):
     (tmp_path / "bad.txt").write_text("fine\n\nalso fine\n")
     code, _, err = msrnn("generate", model, "--prompt-file", str(tmp_path / "bad.txt"))
     assert code == 2 and "empty prompt (" in err and "bad.txt line 2)" in err
+
+
+# ----------------------------------------------------------------------------- in this process
+
+def run(capsys, *argv):
+    """`msrnn ARGV` in this process (so that a test can patch what it calls): (exit code,
+    stdout, stderr)."""
+    from msrnn import cli
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def report(err: str) -> str:
+    return err.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def early_eos(tmp_path_factory):
+    """The `model` fixture's weights with an EOS: the second character it writes greedily after
+    "Hello there". (directory, the EOS character, the EOS-free greedy text of 24 characters.)"""
+    import io
+    from contextlib import redirect_stdout
+
+    from msrnn import cli
+    free_dir = save_char_tokenizer(save(tiny_hf("llama", eos_token_id=None),
+                                        tmp_path_factory.mktemp("free")))
+    with redirect_stdout(io.StringIO()) as out:
+        assert cli.main(["generate", free_dir, "--prompt", "Hello there", "--max-new-tokens",
+                         "24"]) == 0
+    free = out.getvalue()[:-1]
+    eos = free[1]
+    assert len(free) == 24 and free[0] != eos and free.count(eos) < 4  # it comes early, not always
+    directory = tmp_path_factory.mktemp("early")
+    save(tiny_hf("llama", eos_token_id=ord(eos)), directory)
+    return save_char_tokenizer(directory), eos, free
+
+
+@pytest.mark.parametrize("backend", ["msrnn", "transformers"])
+def test_generate_past_eos(capsys, early_eos, backend):
+    directory, eos, free = early_eos
+    args = ["generate", directory, "--prompt", "Hello there", "--backend", backend]
+    code, out, err = run(capsys, *args, "--max-new-tokens", "24")
+    assert code == 0 and out == free[0] + "\n" and report(err).startswith("[msrnn] 1 new tokens")
+    for n in (5, 24):                                   # --ignore-eos: exactly N, EOS written
+        code, out, err = run(capsys, *args, "--max-new-tokens", n, "--ignore-eos")
+        assert code == 0, err
+        assert out == free[:n] + "\n" and report(err).startswith(f"[msrnn] {n} new tokens")
+    for n in (2, 6, 15):                                # --min-new-tokens: at least N, no EOS
+        code, out, err = run(capsys, *args, "--max-new-tokens", 24, "--min-new-tokens", n)
+        assert code == 0, err
+        text = out[:-1]
+        count = int(report(err).split()[1])
+        assert count == len(text) >= n and eos not in text
+    rows = run(capsys, *args[:2], "--prompt-file", early_eos_prompts(directory), "--backend",
+               backend, "--max-new-tokens", 9, "--ignore-eos")
+    assert rows[0] == 0 and report(rows[2]).startswith("[msrnn] 18 new tokens in 2 rows")
+
+
+def early_eos_prompts(directory):
+    path = f"{directory}/prompts.txt"
+    with open(path, "w") as f:
+        f.write("Hello there\nHi\n")
+    return path
+
+
+def test_generate_rate_leaves_out_compilation(capsys, model, monkeypatch):
+    """A compilation made slow on purpose (8 s): the speed line reports it on its own, and the
+    decode rate is what the 9 steps after the first token ran at. Counted in, the decode would
+    take over 8 s."""
+    import time
+
+    slow_compilation(monkeypatch, 8)
+    start = time.perf_counter()
+    code, out, err = run(capsys, "generate", model, "--prompt", "Once upon a time",
+                         "--policy", "tova", "--size", "8", "--max-new-tokens", "10", "--compile")
+    wall = time.perf_counter() - start
+    assert code == 0, err
+    line = report(err)
+    assert line.startswith("[msrnn] 10 new tokens, ") and "tok/s decode, compiled in " in line
+    rate = float(line.split(", ")[1].split()[0])
+    compiled = float(line.split("compiled in ")[1].split()[0])
+    decoding = 9 / rate                                # seconds the rate stands for
+    assert 8 <= compiled and decoding < 8 and decoding + compiled <= wall, (line, wall)
+
+
+def test_ppl_rate_leaves_out_compilation(capsys, model, monkeypatch, tmp_path):
+    """The same for `msrnn ppl --compile`: 1 chunk of 12 tokens, 11 steps in its rate."""
+    slow_compilation(monkeypatch, 8)
+    text = tmp_path / "a.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 4)
+    code, out, err = run(capsys, "ppl", model, "--text", text, "--context", "12",
+                         "--max-chunks", "1", "--policies", "tova", "--sizes", "8", "--compile",
+                         "--out", tmp_path / "out")
+    assert code == 0, err
+    line = next(x for x in err.splitlines() if x.startswith("[msrnn ppl] TOVA(8)"))
+    rate = float(line.split("tokens, ")[1].split()[0])
+    compiled = float(line.split("compiled in ")[1].split()[0])
+    assert 8 <= compiled and 12 / rate < 8, line
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())["results"][0]
+    assert saved["seconds"] < 8 <= saved["compile_seconds"]
+
+
+def test_generate_zero_and_one_new_tokens_print_no_rate(capsys, model):
+    for n in (0, 1):
+        code, out, err = run(capsys, "generate", model, "--prompt", "Hi", "--max-new-tokens", n)
+        assert code == 0 and report(err).startswith(f"[msrnn] {n} new tokens | multi-state")
+        assert "nan" not in err and "tok/s" not in err

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import msrnn
+import msrnn.hf
 from msrnn.generate import sample, stream
 from msrnn.policies import TOVA, Full, Window
 from tiny import save, tiny_hf
@@ -100,3 +101,72 @@ def test_empty_prompt(pair):
     _, model = pair
     with pytest.raises(ValueError, match="prompt is empty"):
         msrnn.generate(model, torch.zeros(1, 0, dtype=torch.long), TOVA(8))
+
+
+# ----------------------------------------------------------------------------- past EOS
+
+PROMPT = torch.tensor([[5, 17, 42, 9, 77, 3]])
+
+
+@pytest.fixture(scope="module")
+def early_eos(tmp_path_factory):
+    """A tiny model whose own EOS is the second token it writes greedily after PROMPT, on both
+    backends: (eos id, its EOS-free greedy run of 24 tokens, {backend name: backend}, a fresh
+    transformers copy for reference)."""
+    free = msrnn.generate(msrnn.load(save(tiny_hf("llama", eos_token_id=None),
+                                          tmp_path_factory.mktemp("free"))),
+                          PROMPT, Full(), max_new_tokens=24, eos_ids=set())[0]
+    eos = int(free[1])
+    assert eos != int(free[0]) and free.tolist().count(eos) < 12   # EOS comes early, not always
+    hf = tiny_hf("llama", eos_token_id=eos)
+    directory = save(hf, tmp_path_factory.mktemp("early"))
+    backends = {"msrnn": msrnn.load(directory),
+                "transformers": msrnn.hf.Backend(tiny_hf("llama", eos_token_id=eos))}
+    return eos, free, backends, hf
+
+
+@pytest.mark.parametrize("backend", ["msrnn", "transformers"])
+def test_eos_ends_early_unless_ignored(early_eos, backend):
+    eos, free, backends, _ = early_eos
+    model = backends[backend]
+    assert model.eos_ids == [eos]
+    assert msrnn.generate(model, [PROMPT[0]], Full(), max_new_tokens=24)[0].tolist() == \
+        free[:2].tolist()                                    # the model's own EOS ends it
+    for n in (1, 7, 24):
+        ids = msrnn.generate(model, PROMPT, TOVA(64), max_new_tokens=n, ignore_eos=True)
+        assert ids.shape == (1, n) and ids[0].tolist() == free[:n].tolist()   # EOS fed back
+        rows = msrnn.generate(model, [PROMPT[0], PROMPT[0, :4]], Full(), max_new_tokens=n,
+                              ignore_eos=True)
+        assert [len(r) for r in rows] == [n, n]
+
+
+@pytest.mark.parametrize("backend", ["msrnn", "transformers"])
+def test_min_new_tokens_holds_eos_back(early_eos, backend):
+    """At least N tokens, none of the first N an EOS: what transformers' own generate gives
+    with min_new_tokens=N (its EOS logits are -inf until then)."""
+    eos, _, backends, hf = early_eos
+    model = backends[backend]
+    for n in (3, 10):
+        ids = msrnn.generate(model, [PROMPT[0]], Full(), max_new_tokens=30,
+                             min_new_tokens=n)[0]
+        assert len(ids) >= n and eos not in ids[:n].tolist()
+        theirs = hf.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=30,
+                             min_new_tokens=n, do_sample=False, pad_token_id=0)[0, 6:]
+        assert ids.tolist() == theirs[:len(ids)].tolist()
+        assert len(ids) == 30 or ids[-1] == eos
+    sampled = [msrnn.generate(model, [PROMPT[0]], Full(), max_new_tokens=12, temperature=1.0,
+                              seed=s, min_new_tokens=12)[0] for s in range(5)]
+    assert all(len(r) == 12 and eos not in r.tolist() for r in sampled)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(min_new_tokens=-1), "min_new_tokens must be an integer >= 0, got -1"),
+    (dict(min_new_tokens=2.5), "min_new_tokens must be an integer >= 0, got 2.5"),
+    (dict(max_new_tokens=4, min_new_tokens=5), r"min_new_tokens \(5\) must be at most "
+     r"max_new_tokens \(4\)"),
+    (dict(ignore_eos="yes"), "ignore_eos must be True or False"),
+])
+def test_bad_lengths(pair, kwargs, message):
+    _, model = pair
+    with pytest.raises(ValueError, match=message):
+        msrnn.generate(model, torch.tensor([[1, 2, 3]]), TOVA(8), **kwargs)

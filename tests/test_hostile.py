@@ -66,6 +66,9 @@ def refused(capsys, message, *argv):
     (["--seed", str(10**20)], "--seed must be in 0..2**63-1"),
     (["--seed", "-1"], "--seed must be in 0..2**63-1"),
     (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+    (["--min-new-tokens", "-1"], "--min-new-tokens must be >= 0, got -1"),
+    (["--max-new-tokens", "5", "--min-new-tokens", "6"], "--min-new-tokens 6 is more than "
+     "--max-new-tokens 5: raise --max-new-tokens or lower --min-new-tokens"),
     (["--max-new-tokens", "600"], "past the model's range of 512"),
 ])
 def test_generate_refuses(capsys, model_dir, args, message):
@@ -148,9 +151,10 @@ def test_ppl_refuses(capsys, model_dir, text, tmp_path):
     ppl(capsys, f"{binary} is not UTF-8 text", model_dir, str(binary))
     a_file = tmp_path / "taken"
     a_file.write_text("")
-    ppl(capsys, f"--out {a_file} is a file; give a directory", model_dir, text, "--out",
-        str(a_file))
-    ppl(capsys, "cannot create it", model_dir, text, "--out", str(a_file / "results"))
+    ppl(capsys, f"--out {a_file} is a file, not a directory; give a directory", model_dir, text,
+        "--out", str(a_file))
+    ppl(capsys, f"--out {a_file / 'results'}: cannot create the directory because {a_file} is a "
+        f"file", model_dir, text, "--out", str(a_file / "results"))
     refused(capsys, "--size must be between 1 and --context - 1", "retention", model_dir,
             "--text", text, "--context", "64", "--size", "64")
 
@@ -189,6 +193,71 @@ def test_ppl_damaged_results_file(capsys, model_dir, text, tmp_path, content):
     out.mkdir()
     (out / "results.json").write_text(content)
     ppl(capsys, "results.json is damaged", model_dir, text, "--out", str(out))
+
+
+# ----------------------------------------------------------------------------- paths written
+
+# Every path a command writes is checked before any work, and a failure says in words what could
+# not be done and why. /proc takes no new entries, even from root (os.access says yes to root).
+NOPE = "/proc/nope/out"
+CANNOT = "cannot create its parent /proc/nope, which does not exist, in /proc"
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "{model}", "--prompt-file", "{text}", "--out", NOPE],
+    ["ppl", "{model}", "--text", "{text}", "--out", NOPE],
+    ["retention", "{model}", "--text", "{text}", "--out", NOPE],
+    ["needle", "{model}", "--haystack", "{text}", "--out", NOPE],
+    ["tasks", "{model}", "--haystack", "{text}", "--out", NOPE],
+    ["drift", "{model}", "--text", "{text}", "--out", NOPE],
+    ["bench", "{model}", "--out", NOPE],
+    ["download", "a/b", "--dir", NOPE],
+    ["fetch-default", "--dir", NOPE],
+])
+def test_a_directory_that_cannot_be_created(capsys, model_dir, text, argv):
+    argv = [a.format(model=model_dir, text=text) for a in argv]
+    line = refused(capsys, f"{argv[-2]} {NOPE}: {CANNOT} (", *argv)
+    assert line.startswith(f"msrnn {argv[0]}: error: ") and "Errno" not in line
+
+
+def test_each_unwritable_path_says_why(capsys, model_dir, text, tmp_path):
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    refused(capsys, f"--dir {a_file} is a file, not a directory", "fetch-default", "--dir",
+            a_file)
+    refused(capsys, f"--dir {a_file}/m: cannot create the directory because {a_file} is a file, "
+            f"not a directory", "download", "a/b", "--dir", a_file / "m")
+    refused(capsys, f"--dir {a_file}/x/m: cannot create its parent {a_file}/x, which does not "
+            f"exist, because {a_file} is a file", "fetch-default", "--dir", a_file / "x" / "m")
+    refused(capsys, "--out /proc: cannot write in this directory (", "generate", model_dir,
+            "--prompt-file", text, "--out", "/proc")
+    refused(capsys, "--out /proc/self: cannot write in this directory (", "needle", model_dir,
+            "--haystack", text, "--out", "/proc/self")
+    refused(capsys, f"--plot {a_file}/x.png: its directory {a_file} is a file, not a directory",
+            "retention", model_dir, "--text", text, "--context", 64, "--size", 16, "--plot", a_file / "x.png")
+    refused(capsys, f"--plot {tmp_path}: is a directory; give a file name".replace(": is", " is"),
+            "retention", model_dir, "--text", text, "--context", 64, "--size", 16, "--plot", tmp_path)
+    refused(capsys, "--plot /proc/nope/x.png: its directory /proc/nope: cannot create the "
+            "directory in /proc (", "retention", model_dir, "--text", text, "--context", 64, "--size", 16, "--plot",
+            "/proc/nope/x.png")
+    assert not (tmp_path / "m").exists()                    # a check leaves nothing behind
+
+
+def test_the_library_says_why_too(tmp_path):
+    from msrnn.cli.output import write_atomic
+    from msrnn.convert import fetch_default
+    from msrnn.loading import download
+
+    with pytest.raises(ValueError, match=f"out_dir {NOPE}: {CANNOT}"):
+        fetch_default(NOPE)
+    with pytest.raises(ValueError, match=f"directory {NOPE}: {CANNOT}"):
+        download("a/b", NOPE)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    gone.rmdir()                               # the --out directory removed during a long run
+    with pytest.raises(OSError, match=f"cannot write {gone}/r.json: cannot make a file in "
+                       f"{gone} \\(it no longer exists\\)"):
+        write_atomic(str(gone / "r.json"), "{}")
 
 
 # ----------------------------------------------------------------------------- bench

@@ -470,3 +470,13 @@ def test_retention_plot(tiny, tmp_path, capsys):
                      "--plot", str(path), "--layers", "0,1", "--json"])
     assert code == 0 and path.read_bytes()[:8] == PNG
     capsys.readouterr()
+
+
+def test_step_by_step_rejects_an_unwritable_plot(tiny, capsys):
+    """--plot is checked before the steps run: one line that says what failed and why."""
+    model_dir, _ = tiny
+    with pytest.raises(SystemExit):
+        step_by_step().main([model_dir, "--prompt", "abc", "--plot", "/proc/nope/x.png"])
+    err = capsys.readouterr().err
+    assert "--plot /proc/nope/x.png: its directory /proc/nope: cannot create the directory in " \
+           "/proc (" in err and "Traceback" not in err and "kept" not in err

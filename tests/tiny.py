@@ -55,3 +55,20 @@ def save_char_tokenizer(directory, vocab_size: int = 128):
     tok.decoder = decoders.Fuse()
     tok.save(f"{directory}/tokenizer.json")
     return str(directory)
+
+
+def slow_compilation(monkeypatch, seconds: float):
+    """Make torch.compile slow on purpose, for tests of what a speed line counts: a dynamo
+    backend that sleeps `seconds` and then runs the captured graph as it is (no inductor), so
+    each new graph still counts as a compilation (msrnn.backend.Compiled.compile_seconds)."""
+    import time
+
+    real = torch.compile
+
+    def sleepy(graph, example_inputs):
+        time.sleep(seconds)
+        return graph.forward
+
+    torch._dynamo.reset()                  # graphs compiled before are not reused
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=sleepy,
+                                                                fullgraph=True, dynamic=False))

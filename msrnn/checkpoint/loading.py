@@ -225,7 +225,10 @@ def download(repo_id: str, directory: str | None = None) -> str:
     `directory` (default: the model home, home()/NAME); returns the directory."""
     from huggingface_hub import snapshot_download
 
+    from .paths import writable_dir
     name = repo_id.split("/")[-1]
+    writable_dir(directory or os.path.join(home(), name),
+                 "directory" if directory else "the model home's directory", make=False)
     directory = directory or os.path.join(home(), name)
     try:
         return snapshot_download(repo_id, allow_patterns=HUB_FILES, local_dir=directory)

@@ -313,17 +313,13 @@ def loader(args, directory: str, compile: bool = False, warm=None):
                              args.tp, compile, args.quantize, warm)
 
 
-def check_out_dir(path: str | None):
-    """--out: a directory that exists or can be made, and that this process can write; checked
-    before the work whose results go there."""
+def check_out_dir(path: str | None, what: str = "--out"):
+    """--out: a directory that exists or can be made, and that this process can write (made
+    here, msrnn.paths.writable_dir); checked before the work whose results go there."""
     if path is None:
         return
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"--out {path} is a file; give a directory (it is created if missing)")
+    from ..paths import writable_dir
     try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--out {path}: cannot create it ({e.strerror}); choose another "
-                         f"directory") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {path} is not writable; choose another directory")
+        writable_dir(path, what)
+    except ValueError as e:
+        raise UsageError(str(e)) from None

@@ -250,9 +250,8 @@ def plot_layers(args, n_layers: int) -> list[int]:
         if args.layers:
             raise UsageError("--layers chooses the layers of --plot; give --plot FILE too")
         return []
-    folder = os.path.dirname(os.path.abspath(args.plot))
-    if not os.path.isdir(folder):
-        raise UsageError(f"--plot {args.plot}: directory {folder} does not exist")
+    from ..paths import writable_file
+    writable_file(args.plot, "--plot")
     if not args.layers:
         return sorted({0, n_layers // 2, n_layers - 1})
     try:

@@ -22,6 +22,10 @@ def add_commands(commands):
                         "(ragged) batch, each row's text to its own line (or file, with --out)")
     g.add_argument("--out", help="with --prompt-file: a directory; row i streams to row-i.txt")
     g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--min-new-tokens", type=int, default=0, help="no row ends before N new "
+                   "tokens: EOS is not drawn until then")
+    g.add_argument("--ignore-eos", action="store_true", help="EOS ends nothing: every row "
+                   "decodes --max-new-tokens (EOS is written and fed back like any token)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float)
     g.add_argument("--top-k", type=int)
@@ -78,6 +82,12 @@ def run_generate(args):
                          f"must draw the same tokens")
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.min_new_tokens < 0:
+        raise UsageError(f"--min-new-tokens must be >= 0, got {args.min_new_tokens}")
+    if args.min_new_tokens > args.max_new_tokens:
+        raise UsageError(f"--min-new-tokens {args.min_new_tokens} is more than --max-new-tokens "
+                         f"{args.max_new_tokens}: raise --max-new-tokens or lower "
+                         f"--min-new-tokens")
     texts = read_prompts(args)
     if args.out is not None and args.prompt_file is None:
         raise UsageError("--out goes with --prompt-file (one file per row)")
@@ -96,32 +106,59 @@ def run_generate(args):
         check_reach(cfg, policy, args.positions, len(row) + max(args.max_new_tokens - 1, 0),
                     what, len(row) if args.prompt_mode == "oneshot" else 0, args.past_range)
     model = load_model(directory, args.dtype, args.device, args.backend, args.tp,
-                       quantize=args.quantize)
+                       compile=args.compile, quantize=args.quantize)
 
     writers = [Row(tok, None if args.prompt_file is None else i,
-                   None if args.out is None else os.path.join(args.out, f"row-{i}.txt"))
+                   None if args.out is None else os.path.join(args.out, f"row-{i}.txt"),
+                   args.ignore_eos)
                for i in range(len(rows))]
-    times, state, new = [], None, 0
+    clock, state, new = None, None, 0
     with torch.inference_mode():
         for ids, state in stream(model, rows if len(rows) > 1 else rows[0][None], policy,
                                  args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                 args.seed, args.prompt_mode, args.compile, tok.eos_ids,
-                                 args.positions, args.past_range):
-            times.append(time.perf_counter())         # each token after the first is one step
+                                 args.seed, args.prompt_mode, False, tok.eos_ids,
+                                 args.positions, args.past_range, args.ignore_eos,
+                                 args.min_new_tokens):
             for writer, token in zip(writers, ids.tolist()):
                 new += writer.add(token)
+            if clock is None:            # the first token comes from the prompt pass: the
+                clock = DecodeClock(model, new)     # decode rate counts the steps after it
+            clock.tick(new)
     for writer in writers:
         writer.close()
-    steps = len(times) - 1
-    speed = steps * len(rows) / (times[-1] - times[0]) if steps > 0 else math.nan
     seen = state.length if state is not None else 0
     slots = state.slots if state is not None else 0
-    print(f"[msrnn] {new} new tokens{f' in {len(rows)} rows' if len(rows) > 1 else ''}, "
-          f"{speed:.1f} tok/s decode | multi-state: {policy}, {slots} slots x {cfg.n_layers} "
-          f"layers, {seen} tokens seen, "
+    print(f"[msrnn] {new} new tokens{f' in {len(rows)} rows' if len(rows) > 1 else ''}"
+          f"{clock.report() if clock is not None else ''} | multi-state: {policy}, {slots} slots "
+          f"x {cfg.n_layers} layers, {seen} tokens seen, "
           f"{state.nbytes() / 2**20 if state is not None else 0:.2f} MiB"
           f"{f' on rank 0 of {args.tp}' if args.tp > 1 else ''}", file=sys.stderr)
     return 0
+
+
+class DecodeClock:
+    """The decode rate of `msrnn generate`: new tokens per second over the steps after the
+    first token, less the time the step spent compiling (reported on its own: a compiled
+    step's first call takes seconds where the others take milliseconds)."""
+
+    def __init__(self, model, tokens: int):
+        from ..backend import compile_seconds
+        self.compile_seconds = compile_seconds
+        self.model, self.tokens, self.first = model, tokens, tokens
+        self.start = self.end = time.perf_counter()
+        self.compiled_before = compile_seconds(model)      # e.g. in a sequential prompt
+
+    def tick(self, tokens: int):
+        self.tokens, self.end = tokens, time.perf_counter()
+
+    def report(self) -> str:
+        """", 123.4 tok/s decode, compiled in 58.0 s" (no rate without a timed step)."""
+        compiling = self.compile_seconds(self.model) - self.compiled_before
+        seconds = self.end - self.start - compiling
+        decoded = self.tokens - self.first
+        rate = f", {decoded / seconds:.1f} tok/s decode" if decoded and seconds > 0 else ""
+        total = self.compile_seconds(self.model)
+        return rate + (f", compiled in {total:.1f} s" if total else "")
 
 
 class Row:
@@ -133,15 +170,16 @@ class Row:
 
     CONTEXT = 8
 
-    def __init__(self, tok, index, path):
+    def __init__(self, tok, index, path, ignore_eos: bool = False):
         self.tok, self.index, self.ids, self.done, self.ended = tok, index, [], 0, False
+        self.eos_ids = set() if ignore_eos else tok.eos_ids
         self.file = open(path + ".part", "w", encoding="utf-8") if path and output.WRITES \
             else None
         self.path = path
 
     def add(self, token: int) -> int:
         """Take the row's next token; returns 1 if it was new text, 0 once the row ended."""
-        if self.ended or token in self.tok.eos_ids:
+        if self.ended or token in self.eos_ids:
             self.ended = True
             return 0
         self.ids.append(token)
@@ -178,11 +216,17 @@ class Row:
 
 def run_download(args):
     from ..checkpoint.loading import download
+    from ..paths import writable_dir
+    if args.dir is not None:                           # before the network is asked anything
+        writable_dir(args.dir, "--dir", make=False)
     print(download(args.repo_id, args.dir))            # where it is
     return 0
 
 
 def run_fetch_default(args):
     from ..checkpoint.convert import fetch_default
+    from ..paths import writable_dir
+    if args.dir is not None:                           # before the GGUF is installed
+        writable_dir(args.dir, "--dir", make=False)
     print(fetch_default(args.dir))
     return 0

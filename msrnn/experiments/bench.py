@@ -30,7 +30,7 @@ import torch
 from .. import load, policies
 from .. import quantize as quantization
 from ..policies import Full, TOVA
-from ..backend import enter, leave
+from ..backend import compile_seconds, enter, leave
 from ..prompt import prefill
 
 
@@ -38,6 +38,11 @@ def now(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+def compiled_in(seconds: float) -> str:
+    """", compiled in 58.0 s" after a rate that leaves compilation out ("" for none)."""
+    return f", compiled in {seconds:.1f} s" if seconds else ""
 
 
 def peak_memory_mb(device) -> float:
@@ -58,7 +63,8 @@ def prompt_ids(n: int, vocab: int, device, batch: int = 1):
 @torch.inference_mode()
 def msrnn_speed(model, prompt, policy, new_tokens: int, compiled: bool, warmup: int = 8):
     """Decode tokens/s after the prompt, steps timed one by one; the first `warmup` steps (and,
-    compiled, the compilation) are run before timing on a copy of the same setup."""
+    compiled, the compilation) are run before timing on a copy of the same setup. compile_s:
+    the seconds the compilation took, reported on its own."""
     device = prompt.device
     if compiled:
         model = model.compile_step()
@@ -73,7 +79,8 @@ def msrnn_speed(model, prompt, policy, new_tokens: int, compiled: bool, warmup: 
             logits, state = model.step(tok, state)
             tok = logits.argmax(-1)
         seconds = now(device) - start
-    return {"tok_s": new_tokens / seconds, "state_mb": state.nbytes() / 2**20}
+    return {"tok_s": new_tokens / seconds, "state_mb": state.nbytes() / 2**20,
+            "compile_s": compile_seconds(model)}
 
 
 @torch.inference_mode()
@@ -143,7 +150,8 @@ def speed(model: str, dtypes, device: str, size: int, prompt_tokens: int, new_to
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(row)
                 print(f"  {impl:15s} {policy:5s} {weights:9s} {row['tok_s']:7.1f} tok/s  peak "
-                      f"{row['peak_mb']:7.0f} MB", file=log, flush=True)
+                      f"{row['peak_mb']:7.0f} MB"
+                      f"{compiled_in(row.get('compile_s', 0))}", file=log, flush=True)
     for row in rows:                      # int8 rows: against transformers' float32 (their dtype)
         same = next(r for r in rows if r["impl"] == "transformers" and r["dtype"] == row["dtype"])
         fp32 = next((r for r in rows if r["impl"] == "transformers" and r["dtype"] == "float32"),
@@ -216,6 +224,9 @@ def latency(model, lengths, size: int, log=sys.stderr, steps: int = 12, rounds: 
         print(f"  {str(row.pop('state').policy):10s} length {row['length']:5d}"
               f"{' compiled' if row['compiled'] else ''}: {row['ms']:6.1f} ms/token", file=log,
               flush=True)
+    if compiled is not None:                     # in the untimed first steps of each state
+        print(f"  (compiled rows: compiled in {compile_seconds(compiled):.1f} s, not in their "
+              f"latencies)", file=log, flush=True)
     return rows
 
 
@@ -250,16 +261,18 @@ def throughput(model, length: int, full_batch: int, sizes, log=sys.stderr, ragge
     for name, policy in [("full", Full())] + [("tova", TOVA(k)) for k in sizes]:
         slots = policy.size + 1 if policy.bounded else L
         batch = budget // (slots * kv_bytes_per_slot(model))
+        before = compile_seconds(model)            # the untimed first steps compile
         ms = [step_seconds(model, fake_state(model, policy, batch, p, L if compiled else None,
                                              L // 2 if ragged else 0), steps=8) for p in grid]
         total = sum(_interpolate(grid, ms, p) for p in range(L))
         rows.append({"policy": name, "size": policy.size, "batch": int(batch),
                      "ragged": ragged, "compiled": compiled,
                      "kv_budget_mb": budget / 2**20, "tok_s": batch * L / total,
-                     "step_ms": [m * 1e3 for m in ms], "positions": grid})
+                     "step_ms": [m * 1e3 for m in ms], "positions": grid,
+                     "compile_s": compile_seconds(model) - before})
         print(f"  {str(policy):10s} batch {batch:4d}{' ragged' if ragged else ''}"
-              f"{' compiled' if compiled else ''}: {batch * L / total:7.1f} tok/s", file=log,
-              flush=True)
+              f"{' compiled' if compiled else ''}: {batch * L / total:7.1f} tok/s"
+              f"{compiled_in(rows[-1]['compile_s'])}", file=log, flush=True)
     for row in rows:
         row["vs_full"] = row["tok_s"] / rows[0]["tok_s"]
     return rows

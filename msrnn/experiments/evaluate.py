@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import policies
+from ..backend import compile_seconds
 from ..prompt import Mode, prefill
 from .text import read_text
 
@@ -108,20 +109,24 @@ def buckets(total, chunks: int, width: int) -> list:
 def sweep_work(chunks, batch_size: int, width: int, allow_past_range: bool, progress: bool,
                model, cell, configs):
     """A perplexity sweep's work (experiments.sweep): for each configuration, its perplexity
-    over `chunks` and that of each block of `width` positions; yields (config, row, line)."""
+    over `chunks` and that of each block of `width` positions; yields (config, row, line).
+    `seconds` leaves out the time a compiled step spent compiling (`compile_seconds`)."""
     for c in configs:
-        start = time.perf_counter()
+        start, compiled = time.perf_counter(), compile_seconds(model)
         with tqdm(total=len(chunks), desc=f"{c.name} {c.size or ''} {c.positions}".strip(),
                   unit="chunk", file=sys.stderr, leave=False, disable=not progress) as bar:
             losses = position_nll(model, chunks, c.policy, batch_size, bar, c.positions,
                                   allow_past_range)
-        seconds = time.perf_counter() - start
+        compiling = compile_seconds(model) - compiled
+        seconds = time.perf_counter() - start - compiling
         tokens = len(chunks) * losses.numel()
         ppl = math.exp(losses.sum().item() / tokens)
         yield c, {"ppl": ppl, "tokens": tokens, "seconds": round(seconds, 2),
+                  "compile_seconds": round(compiling, 2),
                   "buckets": buckets(losses, len(chunks), width)}, \
             f"{c.policy}, positions {c.positions}: ppl {ppl:.3f} over {tokens} tokens, " \
-            f"{chunks.numel() / seconds:.0f} tok/s"
+            f"{chunks.numel() / seconds:.0f} tok/s" + \
+            (f", compiled in {compiling:.1f} s" if compiling else "")
 
 
 # ----------------------------------------------------------------------------- retention

@@ -11,12 +11,21 @@ def write_atomic(path: str, text: str):
     """Write a whole file or nothing: a temporary file in the same directory, then a rename."""
     if not WRITES:
         return
+    from ..paths import why
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    except OSError as e:                   # the directory went away or filled up since checked
+        reason = why(e) if os.path.isdir(directory) else "it no longer exists"
+        raise OSError(f"cannot write {path}: cannot make a file in {directory} ({reason})") \
+            from None
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
+    except OSError as e:
+        os.unlink(tmp)
+        raise OSError(f"cannot write {path} ({why(e)})") from None
     except BaseException:
         os.unlink(tmp)
         raise
@@ -38,11 +47,18 @@ def save_figure(fig, path: str):
     if not WRITES:
         plt.close(fig)
         return
+    from ..paths import why
     fig.tight_layout()
     tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=130)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise OSError(f"cannot write {path} ({why(e)})") from None
+    finally:
+        plt.close(fig)
 
 
 class Results:
