@@ -27,6 +27,7 @@ implementation. Beam search reorders the multi-state's rows with the beams.
 """
 
 import functools
+import os
 import sys
 
 import torch
@@ -39,6 +40,7 @@ from . import attention
 from .policies import Policy, check_fits
 from .positions import Scheme
 from .state import MultiState, Shape, check
+from .statefile import fingerprint
 
 PREFIX = "msrnn_"
 LAYER = "msrnn_layer"     # the keyword that carries (cache, layer index) to the attention function
@@ -347,8 +349,25 @@ class Backend:
                    positions="original", allow_past_range: bool = False):
         if Scheme.of(positions) is not Scheme.ORIGINAL and self.rope is None:
             self.rope = rope_of(self.model)
-        return MultiState(self.shape, policy, batch_size, capacity, positions, allow_past_range,
-                          self.rope)
+        state = MultiState(self.shape, policy, batch_size, capacity, positions,
+                           allow_past_range, self.rope)
+        state.model = self
+        return state
+
+    backend = "transformers"
+
+    @property
+    def name(self) -> str:
+        """The checkpoint's directory name (what a saved multi-state calls its model)."""
+        path = self.model.name_or_path
+        return os.path.basename(os.path.normpath(path)) if path else "a model"
+
+    @property
+    def fingerprint(self) -> str:
+        """Which checkpoint this is, the same on both backends (msrnn.statefile.fingerprint)."""
+        return fingerprint(self.model.get_input_embeddings().weight,
+                           [self.body.layers[-1].input_layernorm.weight, self.body.norm.weight],
+                           self.shape)
 
     def forward(self, token_ids, state: MultiState, restrict: bool = False):
         """token_ids [B, T] at each row's next positions through the model -> hidden [B, T, E]."""

@@ -29,6 +29,8 @@ step is the new token's position (the paper's t - 1), and the tensors `k`, `v` a
 token's key K_t and value V_t, not the size k.
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +41,7 @@ from .config import Config, rope_frequencies
 from .policies import Full, Policy
 from .positions import rotate
 from .state import LayerState, MultiState, Shape, check
+from .statefile import fingerprint
 
 
 class RMSNorm(nn.Module):
@@ -212,6 +215,19 @@ class Transformer(nn.Module):
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
 
+    backend = "msrnn"
+
+    @property
+    def name(self) -> str:
+        """The checkpoint's directory name (what a saved multi-state calls its model)."""
+        return os.path.basename(os.path.normpath(self.source)) if self.source else "a model"
+
+    @property
+    def fingerprint(self) -> str:
+        """Which checkpoint this is, the same on both backends (msrnn.statefile.fingerprint)."""
+        return fingerprint(self.embed.weight, [self.blocks[-1].attn_norm.weight,
+                                               self.norm.weight], self.shape)
+
     @property
     def eos_ids(self) -> list:
         eos = self.cfg.eos_id
@@ -226,8 +242,10 @@ class Transformer(nn.Module):
                    positions="original", allow_past_range: bool = False):
         """H_0: an empty multi-state for `batch_size` sequences, bounded by `policy`, its states
         numbered for RoPE by the scheme `positions` (msrnn.positions)."""
-        return MultiState(self.shape, policy, batch_size, capacity, positions, allow_past_range,
-                          self.rope)
+        state = MultiState(self.shape, policy, batch_size, capacity, positions,
+                           allow_past_range, self.rope)
+        state.model = self
+        return state
 
     def step(self, token_ids, state: MultiState, head: bool = True):
         """(x_t, H_{t-1}) -> (y_t, H_t): token_ids [B], the tokens x_t, at position state.length
@@ -300,7 +318,8 @@ class Compiled:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.decode = torch.compile(model.decode, fullgraph=True, dynamic=False, mode=mode)
         self.cfg, self.shape, self.eos_ids = model.cfg, model.shape, model.eos_ids
-        self.vocab_size = model.vocab_size
+        self.vocab_size, self.name, self.backend = model.vocab_size, model.name, model.backend
+        self.fingerprint = model.fingerprint
         self.init_state, self.parallel, self.logits = model.init_state, model.parallel, model.logits
 
     step = Transformer.step          # the same bookkeeping around the compiled `decode`
