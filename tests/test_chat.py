@@ -257,3 +257,36 @@ def test_an_unwritable_session_leaves_the_file(tiny, session, monkeypatch, capsy
     assert code == 2 and err.count("\n") == 1 and "No space left on device" in err
     assert open(path, "rb").read() == data
     assert sorted(os.listdir(os.path.dirname(path))) == ["session"]
+
+
+def test_on_a_terminal_it_is_a_repl(tiny, tmp_path):
+    """stdin a terminal (a pseudo-terminal here): a prompt, the reply streamed, a status line,
+    and Ctrl-D (end of input) ends the chat with exit 0, the turn saved."""
+    import pty
+    import select
+    path = tmp_path / "s"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    leader, follower = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "msrnn", "chat", tiny, "--session", str(path),
+                          "--size", "16", "--max-new-tokens", "6"], stdin=follower,
+                         stdout=follower, stderr=follower, env=env)
+    os.close(follower)
+    seen = b""
+
+    def until(text: bytes):
+        nonlocal seen
+        deadline = time.time() + 120
+        while seen.count(text) < until.count.get(text, 0) + 1 and time.time() < deadline:
+            if select.select([leader], [], [], 1)[0]:
+                seen += os.read(leader, 4096)
+        until.count[text] = until.count.get(text, 0) + 1
+        assert seen.count(text) >= until.count[text], seen
+    until.count = {}
+    until(b"> ")
+    os.write(leader, b"hello\n")
+    until(b"[turn 1: ")
+    until(b"> ")
+    os.write(leader, b"\x04")                                   # Ctrl-D
+    assert p.wait(timeout=60) == 0
+    os.close(leader)
+    assert statefile.read(str(path))[0]["session"]["turns"] == 1

@@ -120,9 +120,13 @@ def run_chat(args):
     talk = Conversation(model, tok, state, head["session"]["turns"] if head else 0)
     session = {"kind": KIND, "model": os.path.abspath(directory), "quantize": args.quantize}
     tty = sys.stdin.isatty()
-    with torch.inference_mode():
-        for text in lines(tty):
-            turn(args, talk, tok, text, session, tty)
+    try:
+        with torch.inference_mode():
+            for text in lines(tty):
+                turn(args, talk, tok, text, session, tty)
+    except KeyboardInterrupt:                            # Ctrl-C: the file is a whole turn's
+        print(f"\n[interrupted: {args.session} holds turn {talk.turns}]", file=sys.stderr)
+        return 130
     return 0
 
 
