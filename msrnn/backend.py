@@ -16,6 +16,7 @@ and a long prompt's progress bar. The schedule (prompt.py) and every loop (gener
 experiments/) drive any backend through `init_state`, `step`, `parallel`, `prompt` and `logits`.
 """
 
+import os
 import time
 import weakref
 
@@ -44,6 +45,12 @@ class Backend:
 
     eos_ids: list = []            # the tokens that end generation (config.stop_tokens)
     source: str | None = None     # the checkpoint directory, where the tokenizer files are
+    backend: str                  # "msrnn" or "transformers": what a saved multi-state records
+
+    @property
+    def name(self) -> str:
+        """The checkpoint's directory name (what a saved multi-state calls its model)."""
+        return os.path.basename(os.path.normpath(self.source)) if self.source else "a model"
 
     # ---------------------------------------------------------------- the tensor calls
 
@@ -70,8 +77,10 @@ class Backend:
         number of slots (the final length, to allocate once)."""
         renumbered = isinstance(policy, Policy) and policy.bounded and \
             Scheme.of(positions) is not Scheme.ORIGINAL
-        return MultiState(self.shape, policy, batch_size, capacity, positions, allow_past_range,
-                          self.rotary() if renumbered else None)
+        state = MultiState(self.shape, policy, batch_size, capacity, positions, allow_past_range,
+                           self.rotary() if renumbered else None)
+        state.model = self                  # what state.save names (msrnn.statefile)
+        return state
 
     def check(self, token_ids, state: MultiState, dims: int):
         """Clear errors for token ids this model cannot read, or a multi-state of another
@@ -179,6 +188,14 @@ class Compiled(Backend):
     @property
     def cfg(self):
         return self.model.cfg
+
+    @property
+    def backend(self) -> str:
+        return self.model.backend
+
+    @property
+    def fingerprint(self) -> str:
+        return self.model.fingerprint
 
     def compile_step(self, mode: str | None = None) -> "Compiled":
         return self

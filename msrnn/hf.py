@@ -27,6 +27,7 @@ implementation. Beam search reorders the multi-state's rows with the beams.
 """
 
 import functools
+import os
 import sys
 
 import torch
@@ -42,6 +43,7 @@ from .policies import Policy
 from .group import end
 from .positions import Scheme
 from .state import MultiState, Shape, check_policy
+from .statefile import fingerprint
 
 PREFIX = "msrnn_"
 LAYER = "msrnn_layer"     # the keyword that carries (cache, layer index) to the attention function
@@ -380,6 +382,15 @@ class HFBackend(Scoped, Backend):
         if self.rope is None:
             self.rope = rope_of(self.model)
         return self.rope
+
+    backend = "transformers"
+
+    @property
+    def fingerprint(self) -> str:
+        """Which checkpoint this is, the same on both backends (msrnn.statefile.fingerprint)."""
+        return fingerprint(self.model.get_input_embeddings().weight,
+                           [self.body.layers[-1].input_layernorm.weight, self.body.norm.weight],
+                           self.shape)
 
     def forward(self, token_ids, state: MultiState, restrict: bool = False):
         """token_ids [B, T] at each row's next positions through the model -> hidden [B, T, E]."""

@@ -29,6 +29,8 @@ step is the new token's position (the paper's t - 1), and the tensors `k`, `v` a
 token's key K_t and value V_t, not the size k.
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +41,7 @@ from .config import Config, rope_frequencies
 from .policies import Full
 from .positions import rotate
 from .state import LayerState, MultiState, Shape
+from .statefile import fingerprint
 
 
 class RMSNorm(nn.Module):
@@ -214,6 +217,14 @@ class Transformer(Backend, nn.Module):
 
     def rotary(self):
         return self.rope
+
+    backend = "msrnn"
+
+    @property
+    def fingerprint(self) -> str:
+        """Which checkpoint this is, the same on both backends (msrnn.statefile.fingerprint)."""
+        return fingerprint(self.embed.weight, [self.blocks[-1].attn_norm.weight,
+                                               self.norm.weight], self.shape)
 
     def logits(self, x):
         """Final norm and the LM head: [..., E] -> [..., V]."""

@@ -195,7 +195,8 @@ class MultiState:
 
     A multi-state belongs to the model that made it (`model.init_state`, or a transformers
     model's MultiStateCache): `shape` records what it was made for, and `check` (below) refuses
-    any other model, and token ids that model cannot read."""
+    any other model, and token ids that model cannot read. `model` is that backend (set by
+    init_state), which `save` names in the file (msrnn.statefile)."""
 
     def __init__(self, shape: Shape, policy: Policy, batch_size: int, capacity=None,
                  positions="original", allow_past_range: bool = False, rope=None):
@@ -203,6 +204,7 @@ class MultiState:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.shape, self.policy, self.batch_size = shape, policy, batch_size
+        self.model = None                                  # the backend that made it
         # The position scheme (positions.py). Full keeps every position, which any scheme
         # numbers 0, 1, ...: its keys stay at their absolute positions.
         self.scheme, self.allow_past_range = Scheme.of(positions), bool(allow_past_range)
@@ -289,6 +291,17 @@ class MultiState:
         static(self.t)
         self.batch_size = len(rows)
         return self
+
+    def save(self, path: str, session: dict | None = None):
+        """Write this multi-state to `path` (safetensors, atomically; msrnn.statefile)."""
+        from . import statefile
+        statefile.save(self, path, session)
+
+    @classmethod
+    def load(cls, path: str, model) -> "MultiState":
+        """A saved multi-state, in `model` (either backend), ready to continue bit for bit."""
+        from . import statefile
+        return statefile.load(path, model)
 
     def nbytes(self) -> int:
         """Bytes held by the multi-state's buffers (keys, values, positions, policy memory)."""

@@ -121,7 +121,7 @@ def early_eos(tmp_path_factory):
     hf = tiny_hf("llama", eos_token_id=eos)
     directory = save(hf, tmp_path_factory.mktemp("early"))
     backends = {"msrnn": msrnn.load(directory),
-                "transformers": msrnn.hf.Backend(tiny_hf("llama", eos_token_id=eos))}
+                "transformers": msrnn.hf.HFBackend(tiny_hf("llama", eos_token_id=eos))}
     return eos, free, backends, hf
 
 

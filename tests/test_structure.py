@@ -179,7 +179,8 @@ def test_no_upward_import():
 def test_the_layout_shows_the_architecture():
     """The core at msrnn/, checkpoints in msrnn/checkpoint/, experiments in msrnn/experiments/."""
     core = {"config", "policies", "state", "attention", "positions", "prompt", "generate",
-            "backend", "model", "hf", "tp", "group", "quantize", "trace", "paths"}
+            "backend", "model", "hf", "tp", "group", "quantize", "trace", "paths", "statefile",
+            "chat"}
     top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
     assert top == core, top ^ core
     assert {p.stem for p in (PACKAGE / "checkpoint").glob("*.py")} >= {"loading", "convert",

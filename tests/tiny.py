@@ -72,3 +72,18 @@ def slow_compilation(monkeypatch, seconds: float):
     torch._dynamo.reset()                  # graphs compiled before are not reused
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=sleepy,
                                                                 fullgraph=True, dynamic=False))
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\x03\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def save_chat_tokenizer(directory, vocab_size: int = 128):
+    """save_char_tokenizer's tokenizer with a chat template (`<role>content`, each turn ended by
+    the end-of-turn character \\x03, the EOS), so that `msrnn chat` runs on a tiny model."""
+    import json
+
+    save_char_tokenizer(directory, vocab_size)
+    with open(f"{directory}/tokenizer_config.json", "w") as f:
+        json.dump({"eos_token": "\x03", "chat_template": CHAT_TEMPLATE}, f)
+    return str(directory)

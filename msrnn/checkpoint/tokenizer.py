@@ -122,11 +122,12 @@ class JsonTokenizer(Tokenizer):
         """The id of one token, None if the vocabulary lacks it."""
         return self.backend.token_to_id(token)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of `text`, with BOS/EOS added by the file's post-processor (as transformers
-        5 does: it ignores add_bos_token when there is a tokenizer.json). Special tokens written
-        in the text ("<|im_start|>") become their single ids."""
-        return self.backend.encode(text, add_special_tokens=True).ids
+        5 does: it ignores add_bos_token when there is a tokenizer.json); special=False: none
+        added (text that continues a sequence, a chat template's rendering). Special tokens
+        written in the text ("<|im_start|>") become their single ids."""
+        return self.backend.encode(text, add_special_tokens=special).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """The text of token ids (a list or a 1-D tensor); special tokens are written out
@@ -163,18 +164,19 @@ class SentencePieceTokenizer(Tokenizer):
         i = self.sp.piece_to_id(token)        # sentencepiece answers unk_id for unknown pieces
         return None if i == self.sp.unk_id() and token != self.sp.id_to_piece(i) else i
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of `text`, with BOS/EOS added as tokenizer_config.json says: add_bos_token
-        (default true, as LLaMA's) and add_eos_token. Special tokens written in the text
+        (default true, as LLaMA's) and add_eos_token. special=False: text that continues a
+        sequence, with no BOS/EOS and no space put before it. Special tokens written in the text
         ("</s>", "[INST]") become their single ids."""
         ids = []
         for i, piece in enumerate(self._split_special(text)):
             if i % 2:                                                   # a special token
                 ids.append(self.token_id(piece))
             elif piece:
-                ids += self._encode_piece(piece, after_special=i > 0)
-        bos = self.config.get("add_bos_token", True) and self.bos_id is not None
-        eos = self.config.get("add_eos_token", False) and self.eos_id is not None
+                ids += self._encode_piece(piece, after_special=i > 0 or not special)
+        bos = special and self.config.get("add_bos_token", True) and self.bos_id is not None
+        eos = special and self.config.get("add_eos_token", False) and self.eos_id is not None
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def _split_special(self, text: str) -> list[str]:

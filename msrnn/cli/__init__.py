@@ -1,5 +1,5 @@
-"""The `msrnn` command line (also `python -m msrnn`): generate, download, fetch-default, ppl,
-retention, needle, tasks, drift, bench.
+"""The `msrnn` command line (also `python -m msrnn`): generate, chat, download, fetch-default,
+ppl, retention, needle, tasks, drift, bench.
 
 The top layer: argument parsing, checks of every argument before any expensive work, printing,
 files and plots. The library below (msrnn.generate, .evaluate, .bench, ...) takes models,
@@ -9,6 +9,7 @@ policies, token ids and plain values, and returns numbers; it never imports from
     evaluate.py  ppl, retention                  bench.py     bench
     needle.py    needle; the grid and heat maps   tasks.py     tasks (RULER's synthetic tasks)
                  that tasks shares                drift.py     drift
+    chat.py      chat (a session saved after each turn)
     output.py    atomic files, resumable results, plots
 """
 
@@ -17,7 +18,7 @@ import os
 import sys
 
 from .. import __version__
-from . import bench, common, drift, evaluate, generate, needle, tasks
+from . import bench, chat, common, drift, evaluate, generate, needle, tasks
 
 
 def main(argv=None):
@@ -26,7 +27,7 @@ def main(argv=None):
                                      "(Oren et al., 2024): TOVA and other compression policies.")
     parser.add_argument("--version", action="version", version=f"msrnn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (generate, evaluate, bench, needle, tasks, drift):
+    for module in (generate, chat, evaluate, bench, needle, tasks, drift):
         module.add_commands(commands)
     args = parser.parse_args(argv)
     try:
