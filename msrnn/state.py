@@ -292,6 +292,12 @@ class MultiState:
         self.batch_size = len(rows)
         return self
 
+    def resume(self, length: int, t):
+        """The count of a multi-state read back from a file (msrnn.statefile): `length` tokens
+        seen, each row at its position t [B]. Its slots hold the states already."""
+        self._length = length
+        self.t.copy_(t)
+
     def save(self, path: str, session: dict | None = None):
         """Write this multi-state to `path` (safetensors, atomically; msrnn.statefile)."""
         from . import statefile

@@ -34,7 +34,6 @@ from dataclasses import fields
 
 import torch
 
-from .backend import leave
 from .policies import REGISTRY, Policy
 
 FORMAT, VERSION = "msrnn.multistate", 1
@@ -259,6 +258,5 @@ def load(path: str, model):
             layer.pos.copy_(named[f"layer.{i}.pos"])
             for name, m in layer.memory.items():
                 m.copy_(named[f"layer.{i}.memory.{name}"])
-    leave(state, head["length"])                     # the count; then each row's own position
-    state.t.copy_(named["t"])
+    state.resume(head["length"], named["t"])         # the count, and each row's own position
     return state
