@@ -3,8 +3,8 @@
 Importing this module registers the class `MSRNNLM` under the name "msrnn" with lm-eval's
 registry (`lm_eval.api.registry.register_model`), so that
 
-    msrnn lm-eval --model msrnn --model_args pretrained=SmolLM2-135M-Instruct,policy=tova,size=256 \\
-        --tasks niah_single_1 --metadata '{"max_seq_lengths": [1024]}'
+    msrnn lm-eval --model msrnn --tasks niah_single_1 --metadata '{"max_seq_lengths": [1024]}' \\
+        --model_args pretrained=SmolLM2-135M-Instruct,policy=tova,size=256
     lm_eval.simple_evaluate(model=msrnn.harness.MSRNNLM(policy="tova", size=256), tasks=[...])
 
 evaluate a bounded multi-state on any of lm-eval's tasks. The three request types
@@ -130,6 +130,169 @@ def load_backend(directory: str, backend: str, dtype: torch.dtype, device: str, 
     return load(directory, dtype=dtype, device=device, quantize=quantize)
 
 
+def check_requests(policy, scheme, limit: int, lengths: list, parallel: list, what: str):
+    """All the requests of one call, before any runs: a bounded size smaller than the longest
+    sequence (else it would never evict), and rotary positions within the model's range `limit`
+    (msrnn.positions.check_range); `parallel`: the tokens of each read in one pass."""
+    if not policy.bounded or not lengths:
+        return
+    longest = max(lengths)
+    if policy.size >= longest:
+        raise HarnessError(f"size={policy.size} is not smaller than the longest {what} "
+                           f"({longest} tokens): the multi-state would never evict; use a "
+                           f"smaller size or policy=full")
+    for i, (n, p) in enumerate(zip(lengths, parallel)):
+        try:
+            check_range(policy, scheme, limit, n, p, what=f"{what} {i} ({n} tokens)")
+        except ValueError as e:
+            raise HarnessError(str(e).replace("(--positions)", "(model_args positions=)")
+                               .replace(" (--past-range)", "")
+                               .replace("allow_past_range=True", "positions=cache")) from None
+
+
+@torch.inference_mode()
+def score(model, policy, mode: Mode, scheme: Scheme, items: list) -> list:
+    """[(log p(continuation), greedy?)] for a batch of (input ids [T], prompt length, continuation
+    ids [N]), the input's last N tokens predicting the continuation. A prompt as long as the
+    input: each input runs as msrnn.prompt schedules a `sequential` prompt (rows of one length
+    as one batch). A shorter prompt (bounded, `oneshot`): the prompts fill one ragged
+    multi-state (msrnn.prompt.fill), then its rows step together over their continuations, each
+    leaving when it ends."""
+    device = model.shape.device
+    if all(prompt == len(inp) for inp, prompt, _ in items):
+        out = [None] * len(items)
+        for length in sorted({len(inp) for inp, _, _ in items}):
+            rows = [i for i, (inp, _, _) in enumerate(items) if len(inp) == length]
+            ids = torch.stack([items[i][0] for i in rows]).to(device)        # [B, T]
+            state = model.init_state(len(rows), policy, None if policy.bounded else length,
+                                     positions=scheme)
+            hidden, _ = prefill(model, ids, state, Mode.SEQUENTIAL, logits=False)
+            for r, i in enumerate(rows):
+                cont = items[i][2].to(device)
+                out[i] = continuation_logp(model, hidden[r, length - len(cont):], cont)
+        return out
+    rows = [inp[:prompt].to(device) for inp, prompt, _ in items]
+    conts = [cont.to(device) for _, _, cont in items]
+    state, logits = fill(model, rows, policy, mode, positions=scheme)   # logits [B, V]
+    picked = [[logits[b:b + 1].float().log_softmax(-1)] for b in range(len(items))]
+    live = list(range(len(items)))                       # the item of each multi-state row
+    for j in range(1, max(len(c) for c in conts)):
+        going = [r for r, i in enumerate(live) if j < len(conts[i])]
+        if len(going) < len(live):                       # rows whose continuation ended leave
+            state = state.select(torch.tensor(going, device=device))
+            live = [live[r] for r in going]
+        logits, state = model.step(torch.stack([conts[i][j - 1] for i in live]), state)
+        for r, i in enumerate(live):
+            picked[i].append(logits[r:r + 1].float().log_softmax(-1))
+    return [pick(torch.cat(picked[i]), conts[i]) for i in range(len(items))]
+
+
+def continuation_logp(model, hidden, cont, piece: int = 256):
+    """(sum of log p(cont), greedy?) from the hidden states [N, E] that predict cont [N], a
+    piece at a time (a long document's [N, V] logits would not fit in memory)."""
+    total, greedy = 0.0, True
+    for i in range(0, len(cont), piece):
+        logp = model.logits(hidden[i:i + piece]).float().log_softmax(-1)   # [n, V]
+        s, g = pick(logp, cont[i:i + piece])
+        total, greedy = total + s, greedy and g
+    return total, greedy
+
+
+def pick(logp, cont):
+    """log-probabilities [N, V] -> (sum of log p(cont[n]), whether each is the argmax)."""
+    chosen = logp.gather(-1, cont[:, None])[:, 0]
+    return float(chosen.double().sum()), bool((logp.argmax(-1) == cont).all())
+
+
+@torch.inference_mode()
+def generate_texts(model, tok, policy, mode: Mode, scheme: Scheme, eos_ids: set,
+                   contexts: list, job: dict) -> list:
+    """The texts generated for one batch of contexts (lists of ids) under `job` (until,
+    max_gen_toks, temperature, top_k, top_p): msrnn.generate's loop, stopped when every row has
+    met EOS or a stop string; each text is cut before its first stop string."""
+    until = [s for s in job["until"] if s]
+    new = [[] for _ in contexts]
+    done = [False] * len(contexts)
+    if job["max_gen_toks"] > 0:
+        steps = stream(model, [torch.tensor(c) for c in contexts], policy, job["max_gen_toks"],
+                       job["temperature"], job["top_k"], job["top_p"], None, mode, False,
+                       eos_ids, scheme)
+        for ids, _ in steps:                                  # ids [B]: one new token a row
+            for b, token in enumerate(ids.tolist()):
+                if done[b]:
+                    continue
+                if token in eos_ids:
+                    done[b] = True
+                    continue
+                new[b].append(token)
+                text = tok.decode(new[b], skip_special_tokens=True)
+                done[b] = any(s in text for s in until)
+            if all(done):
+                steps.close()
+                break
+    texts = []
+    for ids in new:
+        text = tok.decode(ids, skip_special_tokens=True)
+        for s in until:                                       # the text before the first stop
+            text = text.split(s)[0]
+        texts.append(text)
+    return texts
+
+
+def open_model(pretrained, backend: str, dtype: str, device: str, quantize):
+    """(backend, tokenizer, torch device) that model_args name, checked before any weight is
+    read; msrnn's one-line checkpoint errors as HarnessErrors."""
+    if dtype not in DTYPES:
+        raise HarnessError(f"dtype={dtype}: use one of {', '.join(DTYPES)}")
+    if backend not in ("msrnn", "transformers"):
+        raise HarnessError(f"backend={backend}: use msrnn or transformers")
+    device = str(device or "cpu")
+    if device == LM_EVAL_DEVICE and not torch.cuda.is_available():
+        log.warning("device=%s (lm-eval's default) on a machine without CUDA: running on the "
+                    "cpu, as lm-eval's hf model does; pass --device cpu", device)
+        device = "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HarnessError(f"device={device}: this machine has no CUDA GPU; use device=cpu")
+    try:
+        directory = resolve(str(pretrained))
+        tok = load_tokenizer(directory)
+        model = load_backend(directory, backend, getattr(torch, dtype), device, quantize)
+    except (ValueError, OSError) as e:
+        raise HarnessError(f"pretrained={pretrained}: {e}") from None
+    return model, tok, torch.device(device)
+
+
+def encode(tok, string: str, add_special_tokens: bool | None = None) -> list:
+    """Token ids of `string` as lm-eval's hf model encodes: with the special tokens the
+    tokenizer adds (BOS, for some), unless add_special_tokens=False or the string already
+    starts with the BOS text."""
+    bos = tok.special.get("bos")
+    if add_special_tokens is None and bos and string.startswith(bos):
+        add_special_tokens = False
+    if add_special_tokens is False and hasattr(tok, "backend"):          # tokenizer.json
+        return tok.backend.encode(string, add_special_tokens=False).ids
+    ids = tok.encode(string)
+    if add_special_tokens is False and ids and ids[0] == tok.bos_id and not (
+            bos and string.startswith(bos)):
+        ids = ids[1:]                                   # sentencepiece: the BOS it added
+    return ids
+
+
+def generation_job(gen_kwargs: dict, default_max: int, eos_text: str) -> dict:
+    """A request's generation arguments, normalized as lm-eval normalizes them: until (stop
+    strings, EOS's text among them), max_gen_toks, and temperature (0: greedy), top_k, top_p."""
+    kwargs = normalize_gen_kwargs(copy.deepcopy(gen_kwargs), default_max)
+    ignored = sorted(set(kwargs) - GEN_KEYS)
+    if ignored:
+        log.warning("msrnn ignores the generation arguments %s", ", ".join(ignored))
+    sampling = bool(kwargs.get("do_sample"))
+    temperature = float(kwargs.get("temperature") or 0.0) if sampling else 0.0
+    return {"until": tuple(handle_stop_sequences(kwargs.get("until"), eos=eos_text)),
+            "max_gen_toks": int(kwargs["max_gen_toks"]),
+            "temperature": temperature or (1.0 if sampling else 0.0),   # transformers' default
+            "top_k": kwargs.get("top_k"), "top_p": kwargs.get("top_p")}
+
+
 @register_model("msrnn")
 class MSRNNLM(TemplateLM):
     """An msrnn backend under one policy, as lm-eval's model. Keyword arguments: the model_args
@@ -151,68 +314,33 @@ class MSRNNLM(TemplateLM):
             self.scheme, self.mode = Scheme.of(positions), Mode.of(prompt_mode)
         except ValueError as e:
             raise HarnessError(str(e)) from None
-        if dtype not in DTYPES:
-            raise HarnessError(f"dtype={dtype}: use one of {', '.join(DTYPES)}")
-        if backend not in ("msrnn", "transformers"):
-            raise HarnessError(f"backend={backend}: use msrnn or transformers")
         self.batch_size = _batch_size(batch_size)
-        device = str(device or "cpu")
-        if device == LM_EVAL_DEVICE and not torch.cuda.is_available():
-            log.warning("device=%s (lm-eval's default) on a machine without CUDA: running on "
-                        "the cpu, as lm-eval's hf model does; pass --device cpu", device)
-            device = "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise HarnessError(f"device={device}: this machine has no CUDA GPU; use device=cpu")
-        try:
-            directory = resolve(str(pretrained))
-            self.tok = load_tokenizer(directory)
-            self.model = load_backend(directory, backend, getattr(torch, dtype), device, quantize)
-        except (ValueError, OSError) as e:             # msrnn's one-line checkpoint errors
-            raise HarnessError(f"pretrained={pretrained}: {e}") from None
+        self.model, self.tok, self._device = open_model(pretrained, backend, dtype, device,
+                                                        quantize)
         self.max_length = self.model.shape.positions          # the model's range
         if self.policy.bounded and self.policy.size >= self.max_length:
             raise HarnessError(f"size={self.policy.size} is not smaller than the model's range "
                                f"of {self.max_length} positions: it would never evict; use a "
                                f"smaller size or policy=full")
-        self.pretrained, self._device = str(pretrained), torch.device(device)
+        self.pretrained = str(pretrained)
         self.eos_ids = set(self.model.eos_ids) | self.tok.eos_ids
+        # Bounded and oneshot: a context is compressed once, its continuation stepped.
+        self.steps = self.policy.bounded and self.mode is Mode.ONESHOT
 
-    # -- what lm-eval asks of a model ----------------------------------------------------------
+    # -- what lm-eval asks of a model: tokens, chat ----------------------------------------------
 
-    @property
-    def eot_token_id(self) -> int:
-        return self.tok.eos_id
+    eot_token_id = property(lambda self: self.tok.eos_id)
+    device = property(lambda self: self._device)
+    max_gen_toks = 256                                   # lm-eval's default, as its hf model's
+    tokenizer_name = property(lambda self: self.pretrained.replace("/", "__"))
 
     @property
     def prefix_token_id(self) -> int:
         """The token that conditions an empty context (lm-eval: BOS, else EOS)."""
         return self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
 
-    @property
-    def max_gen_toks(self) -> int:
-        return 256                                   # lm-eval's default, as its hf model's
-
-    @property
-    def device(self):
-        return self._device
-
-    @property
-    def tokenizer_name(self) -> str:
-        return self.pretrained.replace("/", "__")
-
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list:
-        """Token ids of `string`, with the special tokens the tokenizer adds (BOS, for some),
-        unless add_special_tokens=False or the string already starts with the BOS text."""
-        bos = self.tok.special.get("bos")
-        if add_special_tokens is None and bos and string.startswith(bos):
-            add_special_tokens = False
-        if add_special_tokens is False and hasattr(self.tok, "backend"):   # tokenizer.json
-            return self.tok.backend.encode(string, add_special_tokens=False).ids
-        ids = self.tok.encode(string)
-        if add_special_tokens is False and ids and ids[0] == self.tok.bos_id and not (
-                bos and string.startswith(bos)):
-            ids = ids[1:]                             # sentencepiece: the BOS it added
-        return ids
+        return encode(self.tok, string, add_special_tokens)
 
     def tok_decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -225,119 +353,36 @@ class MSRNNLM(TemplateLM):
         prompt, the last message is left open (transformers' continue_final_message): the text
         ends where that message's content ends, so a continuation can follow it."""
         text = self.tok.apply_chat_template(chat_history, add_generation_prompt)
-        if add_generation_prompt or not chat_history:
-            return text
-        last = str(chat_history[-1]["content"]).strip()
-        end = text.rfind(last)
-        return text if end < 0 or not last else text[:end + len(last)]
+        last = str(chat_history[-1]["content"]).strip() if chat_history else ""
+        end = text.rfind(last) if last and not add_generation_prompt else -1
+        return text if end < 0 else text[:end + len(last)]
 
-    # -- loglikelihood -------------------------------------------------------------------------
+    # -- the three request types -----------------------------------------------------------------
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list:
-        """[(key, context ids, continuation ids)] -> [(log p(continuation), greedy?)]."""
-        items = [self._item(ctx, cont) for _, ctx, cont in requests]
-        self._check([len(inp) for inp, _, _ in items],
-                    [s if self._steps else 0 for _, s, _ in items], "loglikelihood request")
+        """[(key, context ids, continuation ids)] -> [(log p(continuation), greedy?)]: the
+        input that predicts each continuation (Full: cut on the left to the model's range, as
+        lm-eval's hf model cuts it; bounded: all of it), longest first, batch_size at a time."""
+        items = []
+        for _, ctx, cont in requests:
+            whole = (ctx + cont) if self.policy.bounded else (ctx + cont)[-(self.max_length + 1):]
+            inp = torch.tensor(whole[:-1], dtype=torch.long)
+            items.append((inp, len(inp) - len(cont) + 1 if self.steps else len(inp),
+                          torch.tensor(cont, dtype=torch.long)))
+        check_requests(self.policy, self.scheme, self.max_length, [len(x) for x, _, _ in items],
+                       [p if self.steps else 0 for _, p, _ in items], "loglikelihood request")
         order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
         out = [None] * len(items)
-        with tqdm(total=len(items), desc="msrnn loglikelihood", disable=disable_tqdm) as bar:
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start:start + self.batch_size]
-                for i, answer in zip(batch, self._score([items[i] for i in batch])):
-                    out[i] = answer
-                    if requests[i][0] is not None and requests[i][0][0] is not None:
-                        self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-                bar.update(len(batch))
+        for start in tqdm(range(0, len(order), self.batch_size), "msrnn loglikelihood",
+                          disable=disable_tqdm):
+            batch = order[start:start + self.batch_size]
+            answers = score(self.model, self.policy, self.mode, self.scheme,
+                            [items[i] for i in batch])
+            for i, answer in zip(batch, answers):
+                out[i] = answer
+                if requests[i][0] is not None:             # not a rolling window
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
         return out
-
-    @property
-    def _steps(self) -> bool:
-        """Whether continuations are stepped after a compressed context (bounded, oneshot)."""
-        return self.policy.bounded and self.mode is Mode.ONESHOT
-
-    def _item(self, ctx: list, cont: list):
-        """(input ids [T] that predict the continuation's tokens, how many of them run as the
-        prompt, the continuation ids [N]). Full: cut on the left to the model's range, as
-        lm-eval's hf model cuts; a bounded multi-state reads everything."""
-        if not cont:
-            raise HarnessError("a loglikelihood request has an empty continuation")
-        whole = ctx + cont
-        if not self.policy.bounded:
-            whole = whole[-(self.max_length + 1):]
-        inp = torch.tensor(whole[:-1], dtype=torch.long)
-        prompt = len(inp) - len(cont) + 1 if self._steps else len(inp)
-        return inp, prompt, torch.tensor(cont, dtype=torch.long)
-
-    def _check(self, lengths: list, parallel: list, what: str):
-        """Every request of a call, before any runs: a bounded size smaller than the longest,
-        and rotary positions within the model's range (msrnn.positions)."""
-        if not self.policy.bounded or not lengths:
-            return
-        longest = max(lengths)
-        if self.policy.size >= longest:
-            raise HarnessError(f"size={self.policy.size} is not smaller than the longest "
-                               f"{what} ({longest} tokens): the multi-state would never evict; "
-                               f"use a smaller size or policy=full")
-        for i, (n, p) in enumerate(zip(lengths, parallel)):
-            try:
-                check_range(self.policy, self.scheme, self.max_length, n, p,
-                            what=f"{what} {i} ({n} tokens)")
-            except ValueError as e:
-                raise HarnessError(str(e).replace("(--positions)", "(model_args positions=)")
-                                   .replace(" (--past-range)", "")
-                                   .replace("allow_past_range=True", "positions=cache")) from None
-
-    @torch.inference_mode()
-    def _score(self, items: list) -> list:
-        """[(log p(continuation), greedy?)] for a batch of _item()s. The prompts run as
-        msrnn.prompt schedules them (rows of one length as one batch); with steps, the rows
-        then step together over their continuations, each leaving when it ends."""
-        device = self.model.shape.device
-        if not self._steps:
-            out = [None] * len(items)
-            for length in sorted({len(inp) for inp, _, _ in items}):
-                rows = [i for i, (inp, _, _) in enumerate(items) if len(inp) == length]
-                ids = torch.stack([items[i][0] for i in rows]).to(device)
-                state = self.model.init_state(len(rows), self.policy,
-                                              None if self.policy.bounded else length,
-                                              positions=self.scheme)
-                hidden, _ = prefill(self.model, ids, state, Mode.SEQUENTIAL, logits=False)
-                for r, i in enumerate(rows):
-                    cont = items[i][2].to(device)
-                    out[i] = self._sum(hidden[r, length - len(cont):], cont)
-            return out
-        rows = [inp[:prompt].to(device) for inp, prompt, _ in items]
-        conts = [cont.to(device) for _, _, cont in items]
-        state, logits = fill(self.model, rows, self.policy, self.mode, positions=self.scheme)
-        logp = [logits[b:b + 1].float().log_softmax(-1) for b in range(len(items))]
-        live = list(range(len(items)))                  # the item of each multi-state row
-        picked = [[lp] for lp in logp]
-        for j in range(1, max(len(c) for c in conts)):
-            going = [r for r, i in enumerate(live) if j < len(conts[i])]
-            if len(going) < len(live):                  # rows whose continuation ended leave
-                state = state.select(torch.tensor(going, device=device))
-                live = [live[r] for r in going]
-            ids = torch.stack([conts[i][j - 1] for i in live])
-            logits, state = self.model.step(ids, state)
-            for r, i in enumerate(live):
-                picked[i].append(logits[r:r + 1].float().log_softmax(-1))
-        return [self._pick(torch.cat(picked[i]), conts[i]) for i in range(len(items))]
-
-    def _sum(self, hidden, cont, piece: int = 256):
-        """(sum of log p(cont), greedy?) from the hidden states [N, E] that predict cont [N],
-        a piece at a time (a long document's logits would not fit in memory)."""
-        total, greedy = 0.0, True
-        for i in range(0, len(cont), piece):
-            logp = self.model.logits(hidden[i:i + piece]).float().log_softmax(-1)
-            s, g = self._pick(logp, cont[i:i + piece])
-            total, greedy = total + s, greedy and g
-        return total, greedy
-
-    @staticmethod
-    def _pick(logp, cont):
-        """log-probabilities [N, V] -> (sum of log p(cont[n]), whether each is the argmax)."""
-        chosen = logp.gather(-1, cont[:, None])[:, 0]
-        return float(chosen.double().sum()), bool((logp.argmax(-1) == cont).all())
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list:
         """log p(document) for each request's text. Full: lm-eval's disjoint windows of the
@@ -346,101 +391,49 @@ class MSRNNLM(TemplateLM):
         windows, owner = [], []
         for n, (text,) in enumerate(req.args for req in requests):
             ids = self.tok_encode(text)
-            if self.policy.bounded:
-                pairs = [([self.prefix_token_id], ids)]
-            else:
-                pairs = map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=ids, prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1))
+            pairs = [([self.prefix_token_id], ids)] if self.policy.bounded else \
+                map(make_disjoint_window, get_rolling_token_windows(
+                    ids, self.prefix_token_id, self.max_length, context_len=1))
             for ctx, cont in pairs:
                 windows.append((None, ctx, cont))
                 owner.append(n)
-        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
         out = [0.0] * len(requests)
-        for n, (logp, _) in zip(owner, scores):
+        for n, (logp, _) in zip(owner, self._loglikelihood_tokens(windows, disable_tqdm)):
             out[n] += logp
         for req, logp in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, logp)
         return out
 
-    # -- generation ----------------------------------------------------------------------------
-
     def generate_until(self, requests, disable_tqdm: bool = False) -> list:
         """Each request's continuation of its context: msrnn.generate's loop under the policy,
-        until EOS, a stop string (`until`) or max_gen_toks; the text is cut before the stop."""
-        jobs = [self._gen_job(*req.args) for req in requests]
-        self._check([len(ids) + max(job["max_gen_toks"] - 1, 0) for ids, job in jobs],
-                    [len(ids) if self.mode is Mode.ONESHOT else 0 for ids, _ in jobs],
-                    "generate_until request")
-        out = [None] * len(jobs)
-        groups = {}
-        for i, (_, job) in enumerate(jobs):              # one batch shares its gen kwargs
-            groups.setdefault(repr(sorted(job.items())), []).append(i)
-        with tqdm(total=len(jobs), desc="msrnn generate_until", disable=disable_tqdm) as bar:
-            for rows in groups.values():
-                rows.sort(key=lambda i: -len(jobs[i][0]))
-                for start in range(0, len(rows), self.batch_size):
-                    batch = rows[start:start + self.batch_size]
-                    texts = self._generate([jobs[i][0] for i in batch], jobs[batch[0]][1])
-                    for i, text in zip(batch, texts):
-                        out[i] = text
-                        self.cache_hook.add_partial("generate_until", requests[i].args, text)
-                    bar.update(len(batch))
-        return out
-
-    def _gen_job(self, context: str, gen_kwargs: dict):
-        """(context ids, normalized generation arguments) of one request."""
-        kwargs = normalize_gen_kwargs(copy.deepcopy(gen_kwargs), self.max_gen_toks)
-        ignored = sorted(set(kwargs) - GEN_KEYS)
-        if ignored:
-            log.warning("msrnn ignores the generation arguments %s", ", ".join(ignored))
-        until = handle_stop_sequences(kwargs.get("until"), eos=self.tok_decode(
-            [self.eot_token_id], skip_special_tokens=False))
-        n = int(kwargs["max_gen_toks"])
-        job = {"until": tuple(until), "max_gen_toks": n,
-               "temperature": float(kwargs.get("temperature") or 0.0)
-               if kwargs.get("do_sample") else 0.0,
-               "top_k": kwargs.get("top_k"), "top_p": kwargs.get("top_p")}
-        if kwargs.get("do_sample") and job["temperature"] == 0:
-            job["temperature"] = 1.0                    # sampling at transformers' default
-        ids = self.tok_encode(context)
-        if not self.policy.bounded:                     # as lm-eval's hf model: room for n
-            if n >= self.max_length:
+        until EOS, a stop string (`until`) or max_gen_toks; the text is cut before the stop.
+        Full: the context cut on the left to leave room for max_gen_toks (as lm-eval's hf)."""
+        eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        jobs = []
+        for context, gen_kwargs in (req.args for req in requests):
+            job = generation_job(gen_kwargs, self.max_gen_toks, eos)
+            n, ids = job["max_gen_toks"], self.tok_encode(context)
+            if not self.policy.bounded and n >= self.max_length:
                 raise HarnessError(f"max_gen_toks {n} must be smaller than the model's range "
                                    f"({self.max_length}) with policy=full")
-            ids = ids[-(self.max_length - n):]
-        return ids, job
-
-    @torch.inference_mode()
-    def _generate(self, contexts: list, job: dict) -> list:
-        """Texts generated for the contexts (lists of ids) of one batch, under `job`."""
-        until = [s for s in job["until"] if s]
-        new = [[] for _ in contexts]
-        done = [False] * len(contexts)
-        if job["max_gen_toks"] > 0:
-            steps = stream(self.model, [torch.tensor(c) for c in contexts], self.policy,
-                           job["max_gen_toks"], job["temperature"], job["top_k"], job["top_p"],
-                           None, self.mode, False, self.eos_ids, self.scheme)
-            for ids, _ in steps:
-                for b, token in enumerate(ids.tolist()):
-                    if done[b]:
-                        continue
-                    if token in self.eos_ids:
-                        done[b] = True
-                        continue
-                    new[b].append(token)
-                    text = self.tok_decode(new[b])
-                    done[b] = any(s in text for s in until)
-                if all(done):
-                    steps.close()
-                    break
-        texts = []
-        for ids in new:
-            text = self.tok_decode(ids)
-            for s in until:                             # the text before the first stop
-                text = text.split(s)[0]
-            texts.append(text)
-        return texts
+            jobs.append((ids if self.policy.bounded else ids[-(self.max_length - n):], job))
+        check_requests(self.policy, self.scheme, self.max_length,
+                       [len(ids) + max(job["max_gen_toks"] - 1, 0) for ids, job in jobs],
+                       [len(ids) if self.mode is Mode.ONESHOT else 0 for ids, _ in jobs],
+                       "generate_until request")
+        groups, out = {}, [None] * len(jobs)
+        for i, (_, job) in enumerate(jobs):                # a batch shares its gen kwargs
+            groups.setdefault(repr(sorted(job.items())), []).append(i)
+        batches = [rows[s:s + self.batch_size] for rows in groups.values()
+                   for rows in [sorted(rows, key=lambda i: -len(jobs[i][0]))]
+                   for s in range(0, len(rows), self.batch_size)]
+        for batch in tqdm(batches, "msrnn generate_until", disable=disable_tqdm):
+            texts = generate_texts(self.model, self.tok, self.policy, self.mode, self.scheme,
+                                   self.eos_ids, [jobs[i][0] for i in batch], jobs[batch[0]][1])
+            for i, text in zip(batch, texts):
+                out[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return out
 
 
 def _batch_size(value) -> int:
