@@ -1,5 +1,5 @@
 """The `msrnn` command line (also `python -m msrnn`): generate, chat, download, fetch-default,
-ppl, retention, needle, tasks, drift, bench.
+ppl, retention, needle, tasks, drift, bench, lm-eval.
 
 The top layer: argument parsing, checks of every argument before any expensive work, printing,
 files and plots. The library below (msrnn.generate, .evaluate, .bench, ...) takes models,
@@ -11,6 +11,7 @@ policies, token ids and plain values, and returns numbers; it never imports from
                  that tasks shares                drift.py     drift
     chat.py      chat (a session saved after each turn)
     output.py    atomic files, resumable results, plots
+    harness.py   lm-eval (lm-evaluation-harness's own command line, --model msrnn registered)
 """
 
 import argparse
@@ -18,16 +19,19 @@ import os
 import sys
 
 from .. import __version__
-from . import bench, chat, common, drift, evaluate, generate, needle, tasks
+from . import bench, chat, common, drift, evaluate, generate, harness, needle, tasks
 
 
 def main(argv=None):
     """The `msrnn` command (and `python -m msrnn`): argv, or the process's arguments."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:              # every argument after it is lm-eval's, unparsed
+        return harness.run(argv[1:])
     parser = argparse.ArgumentParser(prog="msrnn", description="Transformers as multi-state RNNs "
                                      "(Oren et al., 2024): TOVA and other compression policies.")
     parser.add_argument("--version", action="version", version=f"msrnn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (generate, chat, evaluate, bench, needle, tasks, drift):
+    for module in (generate, chat, evaluate, bench, needle, tasks, drift, harness):
         module.add_commands(commands)
     args = parser.parse_args(argv)
     try:
