@@ -19,19 +19,19 @@ import os
 import sys
 
 from .. import __version__
-from . import bench, chat, common, drift, evaluate, generate, harness, needle, tasks
+from . import bench, chat, common, drift, evaluate, generate, lmeval, needle, tasks
 
 
 def main(argv=None):
     """The `msrnn` command (and `python -m msrnn`): argv, or the process's arguments."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lm-eval"]:              # every argument after it is lm-eval's, unparsed
-        return harness.run(argv[1:])
+        return lmeval.run(argv[1:])
     parser = argparse.ArgumentParser(prog="msrnn", description="Transformers as multi-state RNNs "
                                      "(Oren et al., 2024): TOVA and other compression policies.")
     parser.add_argument("--version", action="version", version=f"msrnn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (generate, chat, evaluate, bench, needle, tasks, drift, harness):
+    for module in (generate, chat, evaluate, bench, needle, tasks, drift, lmeval):
         module.add_commands(commands)
     args = parser.parse_args(argv)
     try:

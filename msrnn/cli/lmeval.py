@@ -1,6 +1,7 @@
 """`msrnn lm-eval ARGS...`: EleutherAI's lm-evaluation-harness command line with the "msrnn"
-model registered (msrnn.harness). Every argument goes to lm-eval as it is, so every lm-eval flag
-works as lm-eval documents it; msrnn's own errors (model_args, ranges) end in one line."""
+model registered (msrnn.experiments.lmeval). Every argument goes to lm-eval as it is, so every
+lm-eval flag works as lm-eval documents it; msrnn's own errors (model_args, ranges) end in one
+line."""
 
 import argparse
 import sys
@@ -20,8 +21,8 @@ def add_commands(commands):
 def run(argv: list) -> int:
     """lm-eval's command line on argv; 2 and one line if lm-eval is missing."""
     try:
-        from .. import harness                # registers "msrnn" with lm-eval
+        from ..experiments import lmeval      # registers "msrnn" with lm-eval
     except ImportError as e:
         print(f"msrnn lm-eval: error: {e}", file=sys.stderr)
         return 2
-    return harness.cli(list(argv))
+    return lmeval.cli(list(argv))

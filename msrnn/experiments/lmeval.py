@@ -5,7 +5,8 @@ registry (`lm_eval.api.registry.register_model`), so that
 
     msrnn lm-eval --model msrnn --tasks niah_single_1 --metadata '{"max_seq_lengths": [1024]}' \\
         --model_args pretrained=SmolLM2-135M-Instruct,policy=tova,size=256
-    lm_eval.simple_evaluate(model=msrnn.harness.MSRNNLM(policy="tova", size=256), tasks=[...])
+    lm_eval.simple_evaluate(model=msrnn.experiments.lmeval.MSRNNLM(policy="tova", size=256),
+                            tasks=[...])
 
 evaluate a bounded multi-state on any of lm-eval's tasks. The three request types
 (docs/lm-eval.md):
@@ -48,12 +49,12 @@ try:
 except ImportError as e:                          # the extra was not installed
     raise ImportError(INSTALL) from e
 
-from . import policies
-from .generate import stream
-from .loading import DEFAULT_MODEL, resolve
-from .positions import Scheme, check_range
-from .prompt import Mode, fill, prefill
-from .tokenizer import load_tokenizer
+from .. import policies
+from ..generate import stream
+from ..checkpoint.loading import DEFAULT_MODEL, resolve
+from ..positions import Scheme, check_range
+from ..prompt import Mode, fill, prefill
+from ..checkpoint.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +125,9 @@ def load_backend(directory: str, backend: str, dtype: torch.dtype, device: str, 
         if quantize:
             raise HarnessError(f"quantize={quantize} quantizes msrnn's own decoder; drop it with "
                                f"backend=transformers")
-        from . import hf
+        from .. import hf
         return hf.Backend(hf.load(directory, dtype=dtype, device=device))
-    from .loading import load
+    from ..checkpoint.loading import load
     return load(directory, dtype=dtype, device=device, quantize=quantize)
 
 
@@ -451,7 +452,7 @@ def cli(argv: list) -> int:
     (this module is imported). Errors of msrnn's making end in one line and exit status 2."""
     from lm_eval.__main__ import cli_evaluate
 
-    from .loading import CheckpointError
+    from ..checkpoint.loading import CheckpointError
 
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]

@@ -1,5 +1,5 @@
-"""msrnn as an lm-evaluation-harness model (msrnn.harness): the same numbers as lm-eval's own
-`hf` model with Full, request by request, for all three request types; a bounded policy
+"""msrnn as an lm-evaluation-harness model (msrnn.experiments.lmeval): the same numbers as
+lm-eval's own `hf` model with Full, request by request, for all three request types; a bounded policy
 against msrnn's own loops; the command line and the Python route; bad input.
 
 Everything is local: a tiny random LLaMA checkpoint with a character tokenizer that both msrnn
@@ -24,7 +24,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 import msrnn  # noqa: E402
 from msrnn.evaluate import chunk_nll  # noqa: E402
-from msrnn.harness import HarnessError, MSRNNLM  # noqa: E402
+from msrnn.experiments.lmeval import HarnessError, MSRNNLM  # noqa: E402
 from msrnn.policies import TOVA  # noqa: E402
 from tiny import save, save_char_tokenizer, tiny_hf  # noqa: E402
 
