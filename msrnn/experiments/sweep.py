@@ -85,8 +85,8 @@ class Sweep:
     that identify it (a cell's and a configuration's); `fields`: the columns of results.csv."""
 
     def __init__(self, name: str, out: str | None, setup: dict, key: tuple, fields: list,
-                 log=sys.stderr):
-        self.name, self.key, self.log = name, key, log
+                 log=None):
+        self.name, self.key, self.log = name, key, log or sys.stderr
         self.results = Results(out, setup, key, fields)
 
     def say(self, text: str):
