@@ -129,7 +129,9 @@ class MultiStateCache(Cache):
         self.model, self.policy, self.state = model, policy, state
         self.shape = shape_of(model)
         check_fits(policy, self.shape.positions,
-                   f"the model's range of {self.shape.positions} positions")
+                   f"the model's range of {self.shape.positions} positions",
+                   layers=self.shape.layers,
+                   kv_heads=self.shape.kv_heads if self.shape.group is None else None)
         self.scheme, self.allow_past_range = Scheme.of(positions), allow_past_range
         self.rope = rope_of(model) if self.scheme is not Scheme.ORIGINAL and state is None \
             else None

@@ -22,6 +22,13 @@ from . import bench, common, drift, evaluate, generate, needle, tasks
 
 def main(argv=None):
     """The `msrnn` command (and `python -m msrnn`): argv, or the process's arguments."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        common.load_policies(argv)           # users' policies first: the help lists them
+    except ValueError as e:
+        command = next((a for a in argv if not a.startswith("-")), None)
+        print(f"msrnn{' ' + command if command else ''}: error: {e}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="msrnn", description="Transformers as multi-state RNNs "
                                      "(Oren et al., 2024): TOVA and other compression policies.")
     parser.add_argument("--version", action="version", version=f"msrnn {__version__}")

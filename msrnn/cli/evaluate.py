@@ -11,7 +11,7 @@ import sys
 from tqdm import tqdm
 
 from .common import (UsageError, add_backend_arg, add_device_args, add_policy_args,
-                     add_positions_args, check_decoder_options, check_device, check_out_dir,
+                     add_policy_module_arg, add_positions_args, check_decoder_options, check_device, check_out_dir,
                      check_positive, check_reach, load_model, model_config, parse_list,
                      policy_help)
 from .output import Results, figure, save_figure, write_atomic
@@ -48,6 +48,7 @@ def add_commands(commands):
     r.add_argument("--text", nargs="+", required=True)
     r.add_argument("--context", type=int, default=2048)
     r.add_argument("--size", type=int, default=256)
+    add_policy_module_arg(r)
     add_positions_args(r)
     r.add_argument("--max-chunks", type=int)
     r.add_argument("--batch", type=int, default=8)

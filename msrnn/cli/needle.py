@@ -9,10 +9,10 @@ import time
 
 from tqdm import tqdm
 
-from .common import (add_backend_arg, add_device_args, add_positions_args,
-                     add_prompt_mode_arg, check_device, check_out_dir, check_positive,
-                     check_reach, check_seed, load_model, model_config, parse_list, policy_help,
-                     UsageError)
+from .common import (add_backend_arg, add_device_args, add_policy_module_arg,
+                     add_positions_args, add_prompt_mode_arg, check_device, check_out_dir,
+                     check_positive, check_reach, check_seed, load_model, model_config,
+                     parse_list, policy_help, UsageError)
 from .evaluate import text_digest
 from .output import Results, figure, save_figure
 
@@ -48,6 +48,7 @@ def add_grid_args(p, lengths, policies, sizes, samples):
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="relative depths of the fact")
     p.add_argument("--policies", default=policies,
                    help=f"comma-separated, from: {', '.join(NAMES)}")
+    add_policy_module_arg(p)
     p.add_argument("--sizes", default=sizes, help="multi-state sizes k")
     p.add_argument("--sinks", type=int, help="first tokens never evicted (sinks: default 4)")
     p.add_argument("--samples", type=int, default=samples, help="prompts per cell (one batch)")
