@@ -178,10 +178,20 @@ def test_uniform_budget_is_the_plain_policy_bit_for_bit(models, mode):
 
 # ------------------------------------------------------------------ compiled, tensor parallel
 
-@pytest.mark.parametrize("name", ["pyramidkv", "duo"])
-def test_compiled_step_with_budgets_is_one_graph(examples, models, name):
+def test_compiled_step_with_budgets_is_one_graph(examples, models):
+    """Layers of different sizes and heads of different budgets (DuoAttention's heads, with
+    PyramidKV's falling budgets on top) in one graph, compiled once."""
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True, repr=False)
+    class Both(examples["duo_attention"].DuoAttention):
+        def budget(self, layer, layers):
+            return tuple(b + 2 * (layers - 1 - layer) for b in super().budget(layer, layers))
+
     _, ours, _, _ = models
-    policy = cases(examples)[name][0]
+    name, policy = "duo+pyramid", Both(K, sinks=2, window=4, kv_heads=2,
+                                        retrieval=((0, 0), (1, 1)))
+    assert [policy.budget(l, 2) for l in range(2)] == [(10, 6), (4, 8)]
     with torch.inference_mode():
         eager = run(ours, policy, "sequential")
     compiled = ours.compile_step()
@@ -190,7 +200,7 @@ def test_compiled_step_with_budgets_is_one_graph(examples, models, name):
     got = run(ours, policy, "sequential", step=compiled)
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert_same(got, eager, f"compiled {name}", 1e-10)
+    assert_same(got, eager, f"compiled {name}", 1e-6)   # fused kernels round otherwise
 
 
 def rank_main(rank, port, directory, out):
