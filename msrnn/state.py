@@ -52,9 +52,8 @@ class LayerState:
         self.group = group          # tensor parallel: the ranks holding the layer's other heads
         self.layer = layer          # the index the policy sees (Candidates.layer)
         self.heads = tuple(range(n_kv) if heads is None else heads)   # KV heads, in the layer
-        # The states this layer keeps (Policy.budget): one int, or one per KV head (here: this
-        # rank's heads). Equal budgets are one int; unequal ones a limit [1, Hkv, 1] that
-        # `evict` enforces head by head.
+        # Policy.budget: one int, or one per KV head (this rank's); unequal ones are a limit
+        # [1, Hkv, 1] that `evict` enforces head by head.
         budget = policy.size if budget is None else budget
         if isinstance(budget, tuple) and len(set(budget)) == 1:
             budget = budget[0]
@@ -69,6 +68,11 @@ class LayerState:
         self.memory = {name: torch.zeros(batch, n_kv, slots, dtype=mem_dtype, device=device)
                        for name in policy.memory}
         static(self.keys, self.values, self.pos, *self.memory.values())
+
+    def each(self) -> tuple:
+        """Each KV head's budget (Full: its slots)."""
+        budget = self.pos.shape[-1] if self.budget is None else self.budget
+        return budget if isinstance(budget, tuple) else (budget,) * len(self.heads)
 
     def insert(self, k, v, t):
         """C = H_{t-1} ∪ {t}: write the new token's key K_t and value V_t (k, v [B, Hkv, D]; k is
@@ -148,18 +152,13 @@ class LayerState:
         order = by_age.gather(-1, key.gather(-1, by_age).argsort(dim=-1, descending=True,
                                                                  stable=True))
         n = min(T, self.pos.shape[-1] - 1)                  # the largest budget of the layer
-        kept = order[..., :n]                                              # [B, Hkv, n]
-        if self.limit is not None:          # a head keeps its own budget's best: the rest go
-            dropped = torch.arange(n, device=kept.device) >= self.limit    # [1, Hkv, n]
-            kept = kept.masked_fill(dropped, T)              # ... last, by the sort below
-        kept = kept.sort(-1).values                                        # by position
-        if self.limit is not None:
-            kept = kept.clamp(max=T - 1)
+        # A head keeps its own budget's best; the rest (T here) go last, by the sort.
+        limit = self.budget if self.limit is None else self.limit
+        dropped = torch.arange(n, device=keys.device) >= limit            # [1, Hkv, n]
+        kept = order[..., :n].masked_fill(dropped, T).sort(-1).values.clamp(max=T - 1)
         self.keys[:, :, :n] = keys.gather(2, kept[..., None].expand(-1, -1, -1, D))
         self.values[:, :, :n] = values.gather(2, kept[..., None].expand(-1, -1, -1, D))
-        self.pos[:, :, :n] = pos.gather(-1, kept)
-        if self.limit is not None:
-            self.pos[:, :, :n] = self.pos[:, :, :n].masked_fill(dropped, -1)
+        self.pos[:, :, :n] = pos.gather(-1, kept).masked_fill(dropped, -1)
         for name, m in self.memory.items():
             m[:, :, :n] = memory[name].gather(-1, kept)
 
@@ -206,6 +205,13 @@ class Shape:
                          for f in fields(self) if getattr(self, f.name) != getattr(other, f.name))
 
 
+def mine(budget, heads: range) -> tuple:
+    """(a layer's budget for this rank's KV heads `heads`, its slots: the largest + 1)."""
+    if isinstance(budget, tuple):
+        budget = budget[heads.start:heads.stop]
+    return budget, (max(budget) if isinstance(budget, tuple) else budget) + 1
+
+
 class MultiState:
     """H_t for the whole model: one LayerState per layer, plus the position of the next token.
 
@@ -250,17 +256,12 @@ class MultiState:
         self._length = 0
         self.t = torch.zeros(batch_size, dtype=torch.long, device=shape.device)
         static(self.t)
-        self.layers = []
-        for layer in range(shape.layers):
-            budget, slots = None, capacity or min(256, shape.positions)      # Full
-            if policy.bounded:
-                budget = self.budgets[layer]
-                if isinstance(budget, tuple):
-                    budget = budget[heads.start:heads.stop]                # this rank's heads
-                slots = (max(budget) if isinstance(budget, tuple) else budget) + 1
-            self.layers.append(LayerState(policy, batch_size, shape.kv_heads, slots,
-                                          shape.head_dim, shape.dtype, shape.device, rotation,
-                                          shape.group, layer, budget, heads))
+        parts = [mine(b, heads) for b in self.budgets] or \
+            [(None, capacity or min(256, shape.positions))] * shape.layers     # Full
+        self.layers = [LayerState(policy, batch_size, shape.kv_heads, slots, shape.head_dim,
+                                  shape.dtype, shape.device, rotation, shape.group, layer,
+                                  budget, heads)
+                       for layer, (budget, slots) in enumerate(parts)]
 
     @property
     def length(self) -> int:
@@ -295,9 +296,7 @@ class MultiState:
     def total_budget(self) -> int:
         """The most states this multi-state holds, summed over its layers and KV heads: the
         memory a budget costs (Full: its slots)."""
-        return sum(sum(b) if isinstance(b, tuple) else b * self.shape.kv_heads
-                   for b in (layer.budget for layer in self.layers)) \
-            if self.policy.bounded else self.slots * len(self.layers) * self.shape.kv_heads
+        return sum(sum(layer.each()) for layer in self.layers)
 
     def positions(self, layer: int) -> torch.Tensor:
         """The absolute positions layer `layer` keeps: LongTensor [B, Hkv, n], ascending. In a
@@ -346,10 +345,8 @@ class MultiState:
         for b in range(self.batch_size):
             at = position - spread * b // self.batch_size              # row b's position
             for layer in self.layers:
-                budget = layer.budget if isinstance(layer.budget, tuple) else \
-                    (layer.budget,) * len(layer.heads)
-                for h, k in enumerate(budget):
-                    n = min(at, k) if self.policy.bounded else at
+                for h, k in enumerate(layer.each()):
+                    n = min(at, k)
                     layer.keys[b, h, :n].normal_()
                     layer.values[b, h, :n].normal_()
                     layer.pos[b, h, :n] = torch.arange(at - n, at, device=layer.pos.device)

@@ -302,3 +302,110 @@ def test_budget_ranges_use_the_largest_budget(examples):
     assert [pyramid.budget(l, 4) for l in range(4)] == [24, 19, 13, 8]   # sum 64 = 4 x 16
     assert reach(pyramid, Scheme.CACHE, 10**6, layers=4) == 24
     assert reach(pyramid, Scheme.CACHE, 10**6) == 16                     # layers unknown
+
+
+# ------------------------------------------------------------------ a user's policy everywhere
+
+USER = '''
+from dataclasses import dataclass
+from msrnn.policies import TOVA, register
+
+
+@register("halves", "TOVA with the lower layer keeping twice the upper")
+@dataclass(frozen=True, repr=False)
+class Halves(TOVA):
+    def budget(self, layer, layers):
+        return self.size if layer else 2 * self.size
+'''
+
+
+def cli(*args):
+    """`python -m msrnn.cli ARGS` in a fresh process (a fresh registry): (code, out, err)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "msrnn.cli", *args], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return out.returncode, out.stdout, out.stderr
+
+
+ROOT = EXAMPLES.parent.parent
+
+
+def test_a_policy_registered_later_is_in_the_registry_help_and_checks(tmp_path):
+    from msrnn.policies import NAMES, describe, from_name
+    before = dict(REGISTRY)
+    path = tmp_path / "user_policy.py"
+    path.write_text(USER)
+    try:
+        import_file(str(path))
+        assert "halves" in NAMES and "halves" in describe()
+        assert from_name("halves", 4).budget(0, 2) == 8
+    finally:
+        REGISTRY.clear()
+        REGISTRY.update(before)
+    code, out, _ = cli("generate", "--policy-module", str(path), "--help")
+    assert code == 0 and "halves" in out and "--policy-module FILE.py" in out
+    code, out, _ = cli("ppl", "--policy-module", str(path), "--help")
+    assert code == 0 and "halves" in out
+
+
+def test_a_users_policy_runs_through_a_command(tmp_path):
+    from tiny import save_char_tokenizer
+    directory = tmp_path / "model"
+    save(tiny_hf("llama", eos_token_id=None), directory)
+    save_char_tokenizer(directory)
+    code, out, err = cli("generate", str(directory), "--prompt", "Once upon a time, there",
+                         "--policy", "pyramidkv", "--size", "8", "--max-new-tokens", "12",
+                         "--policy-module", str(EXAMPLES / "pyramidkv.py"))
+    assert code == 0, err
+    assert "PyramidKV(8)" in err and "13 slots x 2 layers" in err
+    assert "32 states at most" in err                    # (12 + 4) x 2 KV heads: 2 x 8 x 2
+
+
+def test_bad_policy_modules_are_one_line(tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("import nothing_by_this_name\n")
+    for path, what in ((tmp_path / "missing.py", "no such file"),
+                       (broken, "ModuleNotFoundError: No module named 'nothing_by_this_name'")):
+        code, out, err = cli("ppl", "--policy-module", str(path), "--policies", "tova")
+        assert code == 2 and not out
+        assert err.strip() == f"msrnn ppl: error: --policy-module {path}: {what}" or \
+            (err.count("\n") == 1 and str(path) in err and what in err), err
+
+
+def test_two_policies_under_one_name_are_refused_naming_both():
+    from dataclasses import dataclass
+
+    from msrnn.policies import register
+    with pytest.raises(ValueError, match=r"'tova' is taken by msrnn\.policies\.TOVA; "
+                       r"test_budgets\..*Mine must register another name"):
+        @register("tova", "mine")
+        @dataclass(frozen=True, repr=False)
+        class Mine(TOVA):
+            pass
+    assert REGISTRY["tova"][0] is TOVA
+
+
+def test_installed_plugins_register_through_the_entry_point_group(monkeypatch, tmp_path):
+    import importlib.metadata
+    import sys
+
+    from msrnn.policies import load_plugins
+    (tmp_path / "plugin_policies.py").write_text(USER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    point = importlib.metadata.EntryPoint("halves", "plugin_policies", "msrnn.policies")
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group: [point] if group == "msrnn.policies" else [])
+    before = dict(REGISTRY)
+    try:
+        load_plugins()
+        assert "halves" in REGISTRY
+    finally:
+        REGISTRY.clear()
+        REGISTRY.update(before)
+        sys.modules.pop("plugin_policies", None)
+    bad = importlib.metadata.EntryPoint("gone", "no_such_plugin_module", "msrnn.policies")
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [bad])
+    with pytest.raises(ValueError, match=r"policy plugin gone \(no_such_plugin_module\): "
+                       r"ModuleNotFoundError"):
+        load_plugins()
