@@ -112,7 +112,7 @@ def stream(model: Backend, prompts, policy: Policy, max_new_tokens=256, temperat
         check_range(policy, positions, model.shape.positions,
                     len(row) + max(max_new_tokens - 1, 0),
                     len(row) if mode is Mode.ONESHOT else 0, allow_past_range,
-                    f"{where} and {max_new_tokens} new tokens")
+                    f"{where} and {max_new_tokens} new tokens", model.shape.layers)
     if compile:
         if not hasattr(model, "compile_step"):
             raise ValueError("compile=True compiles msrnn's own decode step; this backend has "

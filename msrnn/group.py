@@ -130,6 +130,19 @@ def mean(x, dims: tuple, group):
     return both[..., :-1] / both[..., -1:]
 
 
+def heads(n: int, group, device) -> tuple[range, int]:
+    """(this rank's KV heads by their index in the layer, the layer's KV heads on all ranks):
+    rank r holds the n heads after those of ranks 0..r-1 (msrnn.tp's contiguous ranges), which
+    one all-reduce of the counts tells every rank. Without a group: (range(n), n)."""
+    if group is None:
+        return range(n), n
+    counts = torch.zeros(size(group), dtype=torch.long, device=device)
+    counts[rank(group)] = n
+    total(counts, group)
+    start = int(counts[:rank(group)].sum())
+    return range(start, start + n), int(counts.sum())
+
+
 def same(token_ids, group, what: str = "token ids"):
     """Raise the same clear error on every rank unless every rank holds equal `token_ids` (a
     sharded model computes one sequence: all its ranks must read the same prompt)."""

@@ -15,9 +15,13 @@ A policy that needs memory of its own (H2O's accumulated attention) names per-st
 `memory`; the multi-state keeps one value per state in each, starts it at 0 when the state
 enters, and hands them to `observe` (update them) and `score` (read them) at every step.
 
+How many states a layer keeps is the policy's `budget(layer, layers)`: k (`size`) for every
+layer by default, or one number per layer (PyramidKV), or one per KV head (DuoAttention, Ada-KV).
+
 To add a policy, write a frozen dataclass that subclasses `Policy` with a `score` (and, if it
-remembers, `memory` and `observe`), and give it a command-line name with `@register`. See
-docs/policies.md.
+remembers, `memory` and `observe`; if its layers or heads keep different numbers of states,
+`budget`), and give it a command-line name with `@register`. See docs/policies.md and
+examples/policies/.
 """
 
 from dataclasses import dataclass, field, fields
@@ -41,6 +45,12 @@ class Candidates:
     keys    [B, Hkv, S, D]  the candidates' keys (after RoPE) and values
     values  [B, Hkv, S, D]
     memory  {name: [B, Hkv, S]}  the policy's own per-state memory (see Policy.memory)
+    layer   the layer's index, 0-based
+    heads   the KV heads of dim 1, by their index in the layer (tensor parallel: this rank's)
+    prompt  True: ranking a whole `oneshot` prompt at once; False: one decoding step
+
+    Slots are in no order while decoding (state.py); `by_position` and `to_slots` give a policy
+    the candidates in order of position, to pool over neighbours in time (SnapKV).
     """
 
     a: torch.Tensor
@@ -50,6 +60,24 @@ class Candidates:
     keys: torch.Tensor
     values: torch.Tensor
     memory: dict
+    layer: int = 0
+    heads: tuple = ()
+    prompt: bool = False
+
+    def order(self, n: int):
+        """The slots by ascending position, empty slots last: [B, n, S] indices (n = 1: head 0's
+        order, which every head shares under a layer-wise policy)."""
+        pos = self.pos[:, :n] if n == 1 else self.pos
+        return torch.where(pos < 0, torch.iinfo(pos.dtype).max, pos).argsort(dim=-1, stable=True)
+
+    def by_position(self, x):
+        """x [B, n, S], one value per slot -> the same values in order of position, empty slots
+        last: y[..., i] belongs to the i-th oldest candidate."""
+        return x.gather(-1, self.order(x.shape[1]).expand(x.shape))
+
+    def to_slots(self, y):
+        """The inverse of `by_position`: values in order of position -> one per slot."""
+        return torch.empty_like(y).scatter(-1, self.order(y.shape[1]).expand(y.shape), y)
 
 
 # One registry of command-line names, filled by the policies' own definitions (`register`);
@@ -58,8 +86,16 @@ REGISTRY: dict = {}
 
 
 def register(name: str, text: str, **fixed):
-    """Class decorator: `name` on the command line makes cls(size, sinks=..., **fixed)."""
+    """Class decorator: `name` on the command line makes cls(size, sinks=..., **fixed). A name
+    is one policy's: registering another class under it is an error (the same class, or the
+    same module's class imported again, replaces it)."""
     def add(cls):
+        if name in REGISTRY:
+            old = REGISTRY[name][0]
+            if (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise ValueError(f"policy name {name!r} is taken by {old.__module__}."
+                                 f"{old.__qualname__}; {cls.__module__}.{cls.__qualname__} "
+                                 f"must register another name")
         REGISTRY[name] = (cls, fixed, text)
         return cls
     return add
@@ -78,7 +114,11 @@ class Policy:
 
     `observation` (ω): a oneshot prompt is ranked by the mean attention row of its last ω queries
     (SnapKV's observation window) instead of its last query's alone (ω = 1, the paper's rule).
-    Only a policy that reads the row uses it; decoding steps always use the step's own row."""
+    Only a policy that reads the row uses it; decoding steps always use the step's own row.
+
+    `budget(layer, layers)`: how many states each layer keeps (`size` unless overridden);
+    `accepts`: which of the command line's arguments (size, sinks, observation) the class takes,
+    so that `from_name` refuses the others by what the class declares."""
 
     size: int | None                     # k, the multi-state size (None: unbounded)
     sinks: int = 0                       # positions < sinks are never evicted (Window+i, TOVA+i)
@@ -86,6 +126,10 @@ class Policy:
     per_head: ClassVar[bool] = False     # True: each KV head evicts on its own; False: per layer
     reads: ClassVar[frozenset] = frozenset({"row"})
     memory: ClassVar[tuple] = ()         # names of per-state buffers the multi-state keeps for it
+    accepts: ClassVar[frozenset] = frozenset({"size", "sinks", "observation"})
+    # Whether ranking the first k + 1 tokens of a prompt at once evicts what the (k+1)-th step
+    # would (prompt.parallel_prefix): False for a policy that ranks a prompt otherwise (c.prompt).
+    prompt_as_step: ClassVar[bool] = True
 
     def __post_init__(self):
         n = self.observation
@@ -110,6 +154,12 @@ class Policy:
     def bounded(self) -> bool:
         """Whether the multi-state has a size at all (every policy but Full)."""
         return self.size is not None
+
+    def budget(self, layer: int, layers: int) -> int | tuple:
+        """How many states layer `layer` (0-based, of `layers`) keeps: an int for the whole layer,
+        or, for a per-head policy, a tuple with one budget per KV head of the layer. `size`
+        stays the nominal k (the --sizes value); this is what each layer really keeps."""
+        return self.size
 
     def observe(self, c: Candidates):
         """Update the policy's memory (c.memory) from this step's attention; called at every
@@ -140,6 +190,7 @@ class Full(Policy):
 
     size: None = None
     reads: ClassVar[frozenset] = frozenset()
+    accepts: ClassVar[frozenset] = frozenset()
 
 
 @register("window", "the last k tokens")
@@ -153,6 +204,7 @@ class Window(Policy):
 
     size: int
     reads: ClassVar[frozenset] = frozenset()
+    accepts: ClassVar[frozenset] = frozenset({"size", "sinks"})
 
     def score(self, c):
         return c.pos
@@ -188,6 +240,7 @@ class H2O(Policy):
     per_head: bool = field(default=True, kw_only=True)
     reads: ClassVar[frozenset] = frozenset({"sums"})
     memory: ClassVar[tuple] = ("acc",)
+    accepts: ClassVar[frozenset] = frozenset({"size"})    # its own rule protects, not sinks
 
     def observe(self, c):
         c.memory["acc"] += c.a_sum
@@ -222,12 +275,13 @@ class KeyNorm(Policy):
     size: int
     per_head: ClassVar[bool] = True
     reads: ClassVar[frozenset] = frozenset({"keys"})
+    accepts: ClassVar[frozenset] = frozenset({"size", "sinks"})
 
     def score(self, c):
         return -c.keys.to(torch.promote_types(c.keys.dtype, torch.float32)).norm(dim=-1)
 
 
-NAMES = tuple(REGISTRY)
+NAMES = REGISTRY.keys()      # a live view: a policy registered later is in it
 
 
 def from_name(name: str, size: int | None = None, sinks: int | None = None,
@@ -235,31 +289,32 @@ def from_name(name: str, size: int | None = None, sinks: int | None = None,
     """A policy from its command-line name (REGISTRY). `sinks`: the first tokens never evicted
     (the sinks policy's i, default 4; TOVA+i; Window+i). `observation`: the oneshot observation
     window of a policy that ranks by the attention row (TOVA); the others rank otherwise and
-    ignore it."""
+    ignore it. What a class takes is what it declares (`Policy.accepts`)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(NAMES)}")
     cls, fixed, _ = REGISTRY[name]
-    if name == "full":
-        if sinks:
-            raise ValueError("the full policy keeps every token; --sinks means nothing to it")
-        return Full()
-    if size is None:
-        raise ValueError(f"policy {name!r} needs a multi-state size (--size)")
-    if sinks is not None and cls is H2O:
-        raise ValueError(f"policy {name!r} has no sinks (it keeps the recent half and heavy "
-                         f"hitters); drop --sinks or use sinks, tova or window")
-    if "row" in cls.reads:
-        fixed = {**fixed, "observation": observation}
-    return cls(size, **fixed) if sinks is None else cls(size, sinks, **fixed)
+    if sinks and "sinks" not in cls.accepts:
+        raise ValueError(f"policy {name!r} has no sinks: --sinks means nothing to it "
+                         f"({cls.__name__}); drop --sinks or use sinks, tova or window")
+    args = dict(fixed)
+    if "size" in cls.accepts:
+        if size is None:
+            raise ValueError(f"policy {name!r} needs a multi-state size (--size)")
+        args["size"] = size
+    if sinks is not None and "sinks" in cls.accepts:
+        args["sinks"] = sinks
+    if "observation" in cls.accepts:
+        args["observation"] = observation
+    return cls(**args)
 
 
 def grid(names, sizes, sinks: int | None = None, observation: int = 1) -> list:
-    """[(name, size or None, Policy)] for every policy name and size, Full once: the
-    configurations every sweep (ppl, needle, tasks) runs."""
+    """[(name, size or None, Policy)] for every policy name and size, once for a policy that
+    takes no size (Full): the configurations every sweep (ppl, needle, tasks) runs."""
     out = []
     for name in names:
-        if name == "full":
-            out.append(("full", None, from_name("full", sinks=sinks)))
+        if name in REGISTRY and "size" not in REGISTRY[name][0].accepts:
+            out.append((name, None, from_name(name, sinks=sinks)))
         else:
             out += [(name, size, from_name(name, size, sinks, observation)) for size in sizes]
     if not out:
@@ -267,12 +322,104 @@ def grid(names, sizes, sinks: int | None = None, observation: int = 1) -> list:
     return out
 
 
-def check_fits(policy: Policy, limit: int, what: str, name: str = "multi-state size"):
+def budgets(policy: Policy, layers: int, kv_heads: int | None = None) -> list:
+    """Every layer's budget (`Policy.budget`), checked before any work: a positive integer
+    larger than the sinks, or, for a per-head policy, a tuple of them with one per KV head
+    (`kv_heads`, when known). [int | tuple] per layer; [] for Full."""
+    if not policy.bounded:
+        return []
+    out = []
+    for layer in range(layers):
+        b = policy.budget(layer, layers)
+        where = f"{policy}.budget(layer={layer}, layers={layers}) returned {b!r}"
+        if isinstance(b, (tuple, list)):
+            if not policy.per_head:
+                raise ValueError(f"{where}: one budget per KV head needs a per-head policy "
+                                 f"(per_head=True); a layer-wise policy evicts the same state "
+                                 f"from every head, so return one int")
+            if kv_heads is not None and len(b) != kv_heads:
+                raise ValueError(f"{where}: {len(b)} budgets, but the layer has {kv_heads} KV "
+                                 f"heads; return one per KV head")
+            b, each = tuple(b), b
+        else:
+            each = [b]
+        for x in each:
+            if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+                raise ValueError(f"{where}: a budget must be a positive integer (the states "
+                                 f"the layer keeps)")
+            if x <= policy.sinks:
+                raise ValueError(f"{where}: a budget must be larger than sinks "
+                                 f"{policy.sinks}, which are always kept")
+        out.append(b)
+    return out
+
+
+def largest(policy: Policy, layers: int | None = None) -> int:
+    """The most states any layer or KV head keeps (`size` when the layers are not known)."""
+    if layers is None:
+        return policy.size
+    return max(max(b) if isinstance(b, tuple) else b for b in budgets(policy, layers))
+
+
+def smallest(policy: Policy, layers: int | None = None) -> int:
+    """The fewest states any layer or KV head keeps (`size` when the layers are not known)."""
+    if layers is None:
+        return policy.size
+    return min(min(b) if isinstance(b, tuple) else b for b in budgets(policy, layers))
+
+
+def check_fits(policy: Policy, limit: int, what: str, name: str = "multi-state size",
+               layers: int | None = None, kv_heads: int | None = None):
     """A bounded multi-state must be smaller than the sequences it reads (`limit`: the model's
-    range, a context, a prompt length), or it would never evict."""
-    if policy.bounded and policy.size >= limit:
-        raise ValueError(f"{name} {policy.size} is not smaller than {what}: it would never "
+    range, a context, a prompt length), or it would never evict: every layer's budget (of a
+    model with `layers` layers and `kv_heads` KV heads, when given; else the nominal size)."""
+    if not policy.bounded:
+        return
+    if layers is not None:
+        budgets(policy, layers, kv_heads)               # bad budgets fail first, by name
+    k = largest(policy, layers)
+    if k >= limit:
+        where = "" if k == policy.size else f" (the largest budget of {policy})"
+        raise ValueError(f"{name} {k}{where} is not smaller than {what}: it would never "
                          f"evict; use a smaller size or the full policy")
+
+
+def import_file(path: str):
+    """Import a user's policy file (its @register lines add its policies to REGISTRY): the
+    module, or a one-line ValueError naming the file and what went wrong."""
+    import importlib.util
+    import os
+    import sys
+
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file; give the path of a Python file that registers "
+                         f"policies (@register)")
+    name = os.path.splitext(os.path.basename(path))[0]
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module                      # dataclasses look their module up
+        spec.loader.exec_module(module)
+    except Exception as e:                              # whatever the user's file raises
+        sys.modules.pop(name, None)
+        first = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"{path}: {type(e).__name__}: {first}") from None
+    return module
+
+
+def load_plugins(group: str = "msrnn.policies"):
+    """Import every installed plugin of the entry-point group `msrnn.policies` (a package's
+    `[project.entry-points."msrnn.policies"] name = "package.module"`), which registers its
+    policies; a plugin that fails to load is a one-line ValueError naming it."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=group):
+        try:
+            ep.load()
+        except Exception as e:
+            first = (str(e).splitlines() or [""])[0]
+            raise ValueError(f"policy plugin {ep.name} ({ep.value}): {type(e).__name__}: "
+                             f"{first}") from None
 
 
 def describe() -> str:

@@ -31,6 +31,8 @@ from enum import Enum
 
 import torch
 
+from .policies import largest
+
 
 class Scheme(str, Enum):
     """The position schemes (a str: "cache" == Scheme.CACHE)."""
@@ -109,25 +111,29 @@ class Rotation:
         return rotate(x, cos, -sin)
 
 
-def reach(policy, scheme: Scheme, end: int) -> int:
+def reach(policy, scheme: Scheme, end: int, layers: int | None = None) -> int:
     """The largest rotary position a multi-state under `policy` can use by the time it has seen
     `end` tokens one step at a time. original, and Full under any scheme: end - 1. cache: at
     most k (|C| <= k + 1). compressed: each of the k + 1 numbers is a gap ceil(φ(d)) <= d with
-    d <= end - 1, and φ grows with d, so at most min(end - 1, (k + 1) ceil(φ(end - 1)))."""
+    d <= end - 1, and φ grows with d, so at most min(end - 1, (k + 1) ceil(φ(end - 1))). k is
+    the largest budget of any layer or KV head of a model with `layers` layers (Policy.budget;
+    the nominal size when `layers` is not given)."""
     if scheme is Scheme.ORIGINAL or not policy.bounded:
         return end - 1
+    k = largest(policy, layers)
     if scheme is Scheme.CACHE:
-        return min(end - 1, policy.size)
-    return min(end - 1, (policy.size + 1) * gap(max(end - 1, 0)))
+        return min(end - 1, k)
+    return min(end - 1, (k + 1) * gap(max(end - 1, 0)))
 
 
 def check_range(policy, scheme, limit: int, end: int, parallel: int = 0,
-                allow_past_range: bool = False, what: str | None = None):
+                allow_past_range: bool = False, what: str | None = None,
+                layers: int | None = None):
     """Refuse, in one line, a run whose rotary positions would pass the model's range `limit`:
     `end` tokens in all, the first `parallel` of them in one pass (a pass numbers its tokens by
     their absolute positions, whatever the scheme). `allow_past_range`: run anyway."""
     scheme = Scheme.of(scheme)
-    if allow_past_range or max(parallel, reach(policy, scheme, end) + 1) <= limit:
+    if allow_past_range or max(parallel, reach(policy, scheme, end, layers) + 1) <= limit:
         return
     what = what or f"{end} tokens"
     head = f"{what} reach position {end - 1}, past the model's range of {limit} positions " \
@@ -146,5 +152,5 @@ def check_range(policy, scheme, limit: int, end: int, parallel: int = 0,
                          f"position; use positions 'cache' or 'compressed' (--positions), or "
                          f"allow_past_range=True (--past-range) to run them anyway")
     raise ValueError(f"{head}: {scheme.value} positions of {policy} may reach "
-                     f"{reach(policy, scheme, end)}; use positions 'cache', a smaller size, or "
+                     f"{reach(policy, scheme, end, layers)}; use positions 'cache', a smaller size, or "
                      f"allow_past_range=True (--past-range)")

@@ -19,7 +19,7 @@ from enum import Enum
 import torch
 
 from .backend import Backend
-from .policies import Policy
+from .policies import Policy, smallest
 from .positions import Scheme
 
 
@@ -51,8 +51,11 @@ def parallel_prefix(T: int, state, mode: Mode) -> tuple[int, bool]:
       - else the first min(T, k+1): nothing is evicted before the multi-state holds k + 1
         candidates, and the (k+1)-th token's step sees exactly those, so ranking them by its
         attention row (`oneshot` of k + 1 tokens) makes the same one eviction; a policy whose
-        oneshot ranking averages several rows (`observation` > 1) ranks otherwise than that
-        step, so it takes the first min(T, k), which the pass keeps whole."""
+        oneshot ranking averages several rows (`observation` > 1), or that ranks a prompt
+        otherwise (`prompt_as_step` False: SnapKV's pooling), ranks otherwise than that step,
+        so it takes the first min(T, k), which the pass keeps whole. With budgets of their own
+        (Policy.budget), k is the smallest of any layer or KV head: the others keep all of
+        those tokens, and a positional policy's mask (`visible`) holds only for one k."""
     policy = state.policy
     if not policy.bounded:
         return T, False
@@ -63,9 +66,11 @@ def parallel_prefix(T: int, state, mode: Mode) -> tuple[int, bool]:
         return 0, False
     if mode is Mode.ONESHOT:
         return T, False
-    if not policy.reads and state.scheme is Scheme.ORIGINAL:
+    k = smallest(policy, state.shape.layers)
+    uniform = all(layer.budget == policy.size for layer in state.layers)
+    if not policy.reads and state.scheme is Scheme.ORIGINAL and uniform:
         return T, True
-    return min(T, policy.size + (policy.observation == 1)), False
+    return min(T, k + (policy.observation == 1 and policy.prompt_as_step)), False
 
 
 def prefill(model: Backend, token_ids, state, mode="sequential", logits: bool = True):

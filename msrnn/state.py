@@ -11,6 +11,9 @@ preallocated slots:
     memory        {name: [B, Hkv, S]}  per-state memory the policy asked for (H2O's sums)
 
 A bounded policy of size k gets S = k + 1 slots: k states and one free slot for the incoming token.
+Each layer gets its own budget's (`Policy.budget`: PyramidKV's differ by layer); where a layer's
+KV heads have budgets of their own (DuoAttention), S = the largest + 1, and a head evicts as soon
+as it holds more than its own budget, so its extra slots stay empty.
 Eviction only marks a slot empty (pos = -1) and the next token is written into it, so a step
 never copies, gathers or re-sorts the cache (under `cache` and `compressed` positions it also
 sorts the slots' positions and rotates the k + 1 keys afresh, into a copy, to renumber them; the
@@ -26,7 +29,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from . import group as groups
-from .policies import Candidates, Policy, check_fits
+from .policies import Candidates, Policy, budgets, check_fits
 from .positions import Rotation, Scheme, check_range
 
 
@@ -44,10 +47,21 @@ class LayerState:
     insert (C = H_{t-1} ∪ {t}) and evict (H_t = C \\ {e})."""
 
     def __init__(self, policy: Policy, batch: int, n_kv: int, slots: int, head_dim: int,
-                 dtype: torch.dtype, device, rotation: Rotation | None = None, group=None):
+                 dtype: torch.dtype, device, rotation: Rotation | None = None, group=None,
+                 layer: int = 0, budget: int | tuple | None = None, heads=None):
         self.policy = policy
         self.rotation = rotation    # None: keys stay at their absolute positions (positions.py)
         self.group = group          # tensor parallel: the ranks holding the layer's other heads
+        self.layer = layer          # the index the policy sees (Candidates.layer)
+        self.heads = tuple(range(n_kv) if heads is None else heads)   # KV heads, in the layer
+        # Policy.budget: one int, or one per KV head (this rank's); unequal ones are a limit
+        # [1, Hkv, 1] that `evict` enforces head by head.
+        budget = policy.size if budget is None else budget
+        if isinstance(budget, tuple) and len(set(budget)) == 1:
+            budget = budget[0]
+        self.budget, self.limit = budget, None
+        if isinstance(budget, tuple):
+            self.limit = torch.tensor(budget, device=device).view(1, n_kv, 1)
         self.keys = torch.zeros(batch, n_kv, slots, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros(batch, n_kv, slots, head_dim, dtype=dtype, device=device)
         self.pos = torch.full((batch, n_kv, slots), -1, dtype=torch.long, device=device)
@@ -56,6 +70,11 @@ class LayerState:
         self.memory = {name: torch.zeros(batch, n_kv, slots, dtype=mem_dtype, device=device)
                        for name in policy.memory}
         static(self.keys, self.values, self.pos, *self.memory.values())
+
+    def each(self) -> tuple:
+        """Each KV head's budget (Full: its slots)."""
+        budget = self.pos.shape[-1] if self.budget is None else self.budget
+        return budget if isinstance(budget, tuple) else (budget,) * len(self.heads)
 
     def insert(self, k, v, t):
         """C = H_{t-1} ∪ {t}: write the new token's key K_t and value V_t (k, v [B, Hkv, D]; k is
@@ -83,9 +102,12 @@ class LayerState:
             return
         a = self.average(probs)
         c = Candidates(a, a, self.pos, torch.as_tensor(t, device=a.device), self.keys,
-                       self.values, self.memory)
+                       self.values, self.memory, self.layer, self.heads)
         self.policy.observe(c)
         key = self.priority(c, a.dtype)
+        if self.limit is not None:   # a head over its own budget evicts, though a slot is empty
+            over = (self.pos >= 0).sum(-1, keepdim=True) > self.limit          # [B, Hkv, 1]
+            key = key.masked_fill((self.pos < 0) & over, torch.inf)
         lowest = key == key.amin(-1, keepdim=True)
         # Among the lowest, the oldest position leaves (empty slots, at -1, come first).
         oldest = torch.where(lowest, self.pos, torch.iinfo(torch.long).max)
@@ -114,7 +136,8 @@ class LayerState:
         keys and values [B, Hkv, T, D] at positions pos [B, 1, T] (-1: padding), keep the
         min(T, size) ranked best by the policy from what it reads: the last query's attention
         last [B, Hkv, G, T] and the column sums of the prompt's attention total [B, Hkv, G, T]
-        (None where the policy does not read them), in slots 0, 1, ... by position."""
+        (None where the policy does not read them), in slots 0, 1, ... by position; a KV head
+        with a budget of its own keeps min(T, its budget), its other slots empty."""
         B, n_kv, T, D = keys.shape
         pos = pos.expand(B, n_kv, T)
         wide = torch.promote_types(keys.dtype, torch.float32)
@@ -122,18 +145,22 @@ class LayerState:
         a_sum = self.average(total.to(wide)) if total is not None else a
         memory = {name: torch.zeros(B, n_kv, T, dtype=m.dtype, device=m.device)
                   for name, m in self.memory.items()}
-        c = Candidates(a, a_sum, pos, pos.amax(-1, keepdim=True), keys, values, memory)
+        c = Candidates(a, a_sum, pos, pos.amax(-1, keepdim=True), keys, values, memory,
+                       self.layer, self.heads, prompt=True)
         self.policy.observe(c)
         key = self.priority(c, wide)
         # Best first: highest score, then (ties) the newest; two stable sorts give that order.
         by_age = pos.argsort(dim=-1, descending=True, stable=True)
         order = by_age.gather(-1, key.gather(-1, by_age).argsort(dim=-1, descending=True,
                                                                  stable=True))
-        kept = order[..., : min(T, self.policy.size)].sort(-1).values  # [B, Hkv, n] by position
-        n = kept.shape[-1]
+        n = min(T, self.pos.shape[-1] - 1)                  # the largest budget of the layer
+        # A head keeps its own budget's best; the rest (T here) go last, by the sort.
+        limit = self.budget if self.limit is None else self.limit
+        dropped = torch.arange(n, device=keys.device) >= limit            # [1, Hkv, n]
+        kept = order[..., :n].masked_fill(dropped, T).sort(-1).values.clamp(max=T - 1)
         self.keys[:, :, :n] = keys.gather(2, kept[..., None].expand(-1, -1, -1, D))
         self.values[:, :, :n] = values.gather(2, kept[..., None].expand(-1, -1, -1, D))
-        self.pos[:, :, :n] = pos.gather(-1, kept)
+        self.pos[:, :, :n] = pos.gather(-1, kept).masked_fill(dropped, -1)
         for name, m in self.memory.items():
             m[:, :, :n] = memory[name].gather(-1, kept)
 
@@ -180,6 +207,13 @@ class Shape:
                          for f in fields(self) if getattr(self, f.name) != getattr(other, f.name))
 
 
+def mine(budget, heads: range) -> tuple:
+    """(a layer's budget for this rank's KV heads `heads`, its slots: the largest + 1)."""
+    if isinstance(budget, tuple):
+        budget = budget[heads.start:heads.stop]
+    return budget, (max(budget) if isinstance(budget, tuple) else budget) + 1
+
+
 class MultiState:
     """H_t for the whole model: one LayerState per layer, plus the position of the next token.
 
@@ -203,6 +237,10 @@ class MultiState:
         check_policy(policy, shape)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        # Each layer's budget (Policy.budget), checked here before anything is made; under
+        # tensor parallelism a per-head budget's part for this rank's heads (group.heads).
+        heads, n_kv = groups.heads(shape.kv_heads, shape.group, shape.device)
+        self.budgets = budgets(policy, shape.layers, n_kv)
         self.shape, self.policy, self.batch_size = shape, policy, batch_size
         self.model = None                                  # the backend that made it
         # The position scheme (positions.py). Full keeps every position, which any scheme
@@ -219,10 +257,12 @@ class MultiState:
         self._length = 0
         self.t = torch.zeros(batch_size, dtype=torch.long, device=shape.device)
         static(self.t)
-        slots = policy.size + 1 if policy.bounded else capacity or min(256, shape.positions)
+        parts = [mine(b, heads) for b in self.budgets] or \
+            [(None, capacity or min(256, shape.positions))] * shape.layers     # Full
         self.layers = [LayerState(policy, batch_size, shape.kv_heads, slots, shape.head_dim,
-                                  shape.dtype, shape.device, rotation, shape.group)
-                       for _ in range(shape.layers)]
+                                  shape.dtype, shape.device, rotation, shape.group, layer,
+                                  budget, heads)
+                       for layer, (budget, slots) in enumerate(parts)]
 
     @property
     def length(self) -> int:
@@ -241,7 +281,7 @@ class MultiState:
         for Full, grow the slots (the one place Full's multi-state grows, for either backend)."""
         end = self._length + n
         check_range(self.policy, self.scheme, self.shape.positions, end,
-                    end if parallel else 0, self.allow_past_range)
+                    end if parallel else 0, self.allow_past_range, layers=self.shape.layers)
         if not self.policy.bounded and end > self.slots:
             slots = max(2 * self.slots, end)
             if not self.allow_past_range:
@@ -251,7 +291,13 @@ class MultiState:
 
     @property
     def slots(self) -> int:
-        return self.layers[0].pos.shape[-1]
+        """Slots per layer (the most of any layer, where budgets differ by layer)."""
+        return max(layer.pos.shape[-1] for layer in self.layers)
+
+    def total_budget(self) -> int:
+        """The most states this multi-state holds, summed over its layers and KV heads: the
+        memory a budget costs (Full: its slots)."""
+        return sum(sum(layer.each()) for layer in self.layers)
 
     def positions(self, layer: int) -> torch.Tensor:
         """The absolute positions layer `layer` keeps: LongTensor [B, Hkv, n], ascending. In a
@@ -268,9 +314,9 @@ class MultiState:
         if other.scheme is not self.scheme:
             raise ValueError(f"row {b} has positions {self.scheme.value!r}, the multi-state "
                              f"copied into it {other.scheme.value!r}; use one scheme")
-        n = other.slots if self.policy.bounded else other.length
         self.reserve(max(0, other.length - self._length))
         for mine, theirs in zip(self.layers, other.layers):
+            n = theirs.pos.shape[-1] if self.policy.bounded else other.length
             mine.keys[b, :, :n] = theirs.keys[0, :, :n]
             mine.values[b, :, :n] = theirs.values[0, :, :n]
             mine.pos[b] = -1
@@ -320,11 +366,14 @@ class MultiState:
 
 
 def check_policy(policy, shape: Shape):
-    """A policy a multi-state of `shape` can hold: a Policy, smaller than the model's range."""
+    """A policy a multi-state of `shape` can hold: a Policy whose budgets are valid for every
+    layer (and, in one process, every KV head: a rank holds only some), each smaller than the
+    model's range."""
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be an msrnn.policies.Policy (e.g. msrnn.policies.TOVA(64)), "
                         f"got {policy!r}")
-    check_fits(policy, shape.positions, f"the model's range of {shape.positions} positions")
+    check_fits(policy, shape.positions, f"the model's range of {shape.positions} positions",
+               layers=shape.layers, kv_heads=shape.kv_heads if shape.group is None else None)
 
 
 def check(state, token_ids, dims: int, shape: Shape, vocab_size: int):

@@ -86,7 +86,7 @@ def main(argv=None):
           f"layer: RSS after turn {args.warmup} between {min(after):.1f} and {max(after):.1f} "
           f"MiB (spread {max(after) - min(after):.1f}); session file {sorted(files)} KiB")
     if args.out:
-        from msrnn.cli.output import write_atomic
+        from msrnn.experiments.output import write_atomic
         os.makedirs(args.out, exist_ok=True)
         write_atomic(os.path.join(args.out, "chat-memory.json"),
                      json.dumps({"setup": vars(args), "summary": summary, "turns": rows},

@@ -84,7 +84,7 @@ def main(argv=None):
               f"{'-' if r['top1_forced'] is None else format(r['top1_forced'], '.1%')} | "
               f"{r['full_ppl_float']:.2f} | {r['full_ppl_int8']:.2f} |")
     if args.out:
-        from msrnn.cli.output import write_atomic
+        from msrnn.experiments.output import write_atomic
         write_atomic(args.out, json.dumps(report, indent=1))
 
 

@@ -20,7 +20,7 @@ import time
 import torch
 
 import msrnn
-from msrnn.cli.output import figure, save_figure, write_atomic
+from msrnn.experiments.output import figure, save_figure, write_atomic
 from msrnn.generate import stream
 
 

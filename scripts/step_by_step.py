@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 import msrnn
+from msrnn.cli.common import add_policy_module_arg, load_policies
 from msrnn.policies import Policy
 from msrnn.prompt import prefill
 
@@ -48,10 +49,14 @@ class Watch(Policy):
     per_head = property(lambda self: self.inner.per_head)
     reads = property(lambda self: self.inner.reads)
     memory = property(lambda self: self.inner.memory)
+    prompt_as_step = property(lambda self: self.inner.prompt_as_step)
 
     @classmethod
     def of(cls, inner: Policy) -> "Watch":
         return cls(inner.size, inner.sinks, inner=inner)
+
+    def budget(self, layer, layers):
+        return self.inner.budget(layer, layers)
 
     def observe(self, c):
         self.inner.observe(c)
@@ -71,6 +76,12 @@ def show(tok, ids, p):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        load_policies(argv)                  # --policy-module files and plugins, before --help
+    except ValueError as e:
+        print(f"step_by_step.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", nargs="?", default="weights/SmolLM2-135M-Instruct")
     ap.add_argument("--prompt", default="The first token of a text is like the anchor of a ship:")
@@ -78,6 +89,7 @@ def main(argv=None):
     ap.add_argument("--policy", default="tova",
                     help=", ".join(n for n in msrnn.policies.NAMES if n != "full"))
     ap.add_argument("--size", type=int, default=12, help="multi-state size k")
+    add_policy_module_arg(ap)
     ap.add_argument("--sinks", type=int)
     ap.add_argument("--layer", type=int, default=None, help="layer to show (default: middle)")
     ap.add_argument("--max-new-tokens", type=int, default=24)
@@ -139,7 +151,7 @@ def main(argv=None):
         msrnn.positions.check_range(policy, args.positions, model.cfg.max_positions,
                                     len(ids) + args.max_new_tokens,
                                     len(ids) if args.prompt_mode == "oneshot" else 0,
-                                    args.past_range)
+                                    args.past_range, layers=n_layers)
     except ValueError as e:
         ap.error(str(e))
     state = model.init_state(1, policy, positions=args.positions,
@@ -181,7 +193,8 @@ def main(argv=None):
             if not in_prompt and produced in tok.eos_ids:
                 break
     print(f"\nmulti-state after {state.length} steps: {state.slots} slots per layer, "
-          f"{state.nbytes() / 2**20:.2f} MiB for all {n_layers} layers")
+          f"{state.total_budget()} states in all, {state.nbytes() / 2**20:.2f} MiB for all "
+          f"{n_layers} layers")
     if args.plot:
         from msrnn.cli.evaluate import kept_matrix, plot_multistate
 

@@ -57,7 +57,7 @@ def test_readme_code(in_repo, capsys):
 
 def test_policies_doc_and_random_baseline(in_repo, capsys):
     blocks = python_blocks("docs/policies.md")
-    assert len(blocks) == 4                          # H2O's excerpt, Random, its use, Decayed
+    assert len(blocks) == 5              # H2O's excerpt, Random, its use, Decayed, PyramidKV
     scope = {}
     for block in blocks[:3]:
         exec(block, scope)
@@ -74,6 +74,10 @@ def test_policies_doc_and_random_baseline(in_repo, capsys):
     assert "torch.Size([1, 3, 9])" in capsys.readouterr().out
     assert state.positions(0).shape == (1, 3, 8)
     assert (state.layers[0].memory["avg"] > 0).any()
+
+    # "Write your own" walks through the example file as it is, below its docstring.
+    pyramid = (REPO / "examples" / "policies" / "pyramidkv.py").read_text()
+    assert pyramid.split('"""', 2)[2].strip() == blocks[4].strip()
 
     # What a policy worth its name must do: beat evicting at random.
     model, tok, Random = scope["model"], scope["tok"], scope["Random"]

@@ -244,9 +244,9 @@ def test_each_unwritable_path_says_why(capsys, model_dir, text, tmp_path):
 
 
 def test_the_library_says_why_too(tmp_path):
-    from msrnn.cli.output import write_atomic
-    from msrnn.convert import fetch_default
-    from msrnn.loading import download
+    from msrnn.experiments.output import write_atomic
+    from msrnn.checkpoint.convert import fetch_default
+    from msrnn.checkpoint.loading import download
 
     with pytest.raises(ValueError, match=f"out_dir {NOPE}: {CANNOT}"):
         fetch_default(NOPE)

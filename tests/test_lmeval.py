@@ -23,7 +23,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 import msrnn  # noqa: E402
-from msrnn.evaluate import chunk_nll  # noqa: E402
+from msrnn.experiments.evaluate import chunk_nll  # noqa: E402
 from msrnn.experiments.lmeval import HarnessError, MSRNNLM  # noqa: E402
 from msrnn.policies import TOVA  # noqa: E402
 from tiny import save, save_char_tokenizer, tiny_hf  # noqa: E402
@@ -196,7 +196,7 @@ def tokens(lm, text):
 
 def test_bounded_policy_is_msrnns_own_loops(checkpoint, tasks):
     """TOVA(16), positions cache, sequential: a rolling document is one sequence after the
-    prefix token, past the range (= msrnn.evaluate.chunk_nll on it), a choice is its context +
+    prefix token, past the range (= msrnn.experiments.evaluate.chunk_nll on it), a choice is its context +
     continuation read as one sequence; generation is msrnn.generate's. Oneshot: the ragged
     batch (rows stepping together, leaving as they end) equals one request at a time."""
     args = dict(pretrained=checkpoint, policy="tova", size=16, positions="cache")

@@ -27,6 +27,12 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lm-eval"]:              # every argument after it is lm-eval's, unparsed
         return lmeval.run(argv[1:])
+    try:
+        common.load_policies(argv)           # users' policies first: the help lists them
+    except ValueError as e:
+        command = next((a for a in argv if not a.startswith("-")), None)
+        print(f"msrnn{' ' + command if command else ''}: error: {e}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="msrnn", description="Transformers as multi-state RNNs "
                                      "(Oren et al., 2024): TOVA and other compression policies.")
     parser.add_argument("--version", action="version", version=f"msrnn {__version__}")

@@ -5,7 +5,8 @@ import json
 import os
 import sys
 
-from .common import (DEFAULT_MODEL, DTYPES, QUANTIZE, UsageError, check_device,
+from .common import (DEFAULT_MODEL, DTYPES, QUANTIZE, UsageError, add_policy_module_arg,
+                     check_device,
                      check_out_dir, check_positive, model_config, parse_list)
 from ..experiments.output import figure, save_figure, write_atomic
 
@@ -34,6 +35,7 @@ def add_commands(commands):
     b.add_argument("--throughput-sizes", default="512,256")
     b.add_argument("--prefill-tokens", type=int, default=1024, help="prefill: prompt length")
     b.add_argument("--device", default="cpu")
+    add_policy_module_arg(b)
     b.add_argument("--out", help="directory for bench.json and bench.png")
     b.set_defaults(run=run_bench)
 

@@ -53,8 +53,35 @@ def add_sample_args(parser, samples: int):
     parser.add_argument("--seed", type=int, default=0)
 
 
+def load_policies(argv):
+    """Register, before any parser reads the registry (its help and checks), the policies of
+    installed plugins (entry-point group `msrnn.policies`) and of every `--policy-module FILE.py`
+    in argv, in order."""
+    import argparse
+
+    from ..policies import import_file, load_plugins
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)   # --policy is not it
+    pre.add_argument("--policy-module", action="append", default=[])
+    files = pre.parse_known_args(argv)[0].policy_module
+    try:
+        load_plugins()
+        for path in files:
+            import_file(path)
+    except ValueError as e:
+        raise UsageError(f"--policy-module {e}" if files and str(e).startswith(
+            tuple(files)) else str(e)) from None
+
+
+def add_policy_module_arg(parser):
+    parser.add_argument("--policy-module", action="append", metavar="FILE.py",
+                        help="a Python file whose @register'ed policies join the registry "
+                        "(repeatable); installed plugins join through the entry-point group "
+                        "msrnn.policies")
+
+
 def add_policy_args(parser, multiple=False):
     from ..policies import NAMES
+    add_policy_module_arg(parser)
     if multiple:
         parser.add_argument("--policies", default="full,window,sinks,h2o,tova",
                             help=f"comma-separated, from: {', '.join(NAMES)}")
@@ -147,11 +174,15 @@ def add_positions_args(parser, multiple: bool = False):
 
 def check_reach(cfg, policy, scheme, end: int, what: str, parallel: int = 0,
                 past_range: bool = False):
-    """Refuse before any work a run whose rotary positions pass the model's range
-    (msrnn.positions.check_range, with the command line's names)."""
+    """Refuse before any work a run whose budgets are bad (msrnn.policies.budgets) or whose
+    rotary positions pass the model's range (msrnn.positions.check_range, with the command
+    line's names)."""
+    from ..policies import budgets
     from ..positions import check_range as positions_range
     try:
-        positions_range(policy, scheme, cfg.max_positions, end, parallel, past_range, what)
+        budgets(policy, cfg.n_layers, cfg.n_kv_heads)    # each layer's, checked by name first
+        positions_range(policy, scheme, cfg.max_positions, end, parallel, past_range, what,
+                        layers=cfg.n_layers)
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -6,6 +6,7 @@ import json
 import os
 
 from .common import (UsageError, add_device_args, add_output_args, add_policy_args,
+                     add_policy_module_arg,
                      add_positions_args, check_decoder_options, check_device, check_out_dir,
                      check_policies, check_positive, check_reach, command, loader,
                      model_config, options, parse_list, read_texts, setup)
@@ -31,7 +32,7 @@ def add_commands(commands):
                    "own process (2 is fastest on a 2-core CPU)")
 
     r = command(commands, "retention", "which tokens TOVA keeps, and for how long",
-                run_retention, options(add_positions_args),
+                run_retention, options(add_positions_args), options(add_policy_module_arg),
                 options(add_output_args, "retention.json and retention.png"),
                 options(add_device_args))
     r.add_argument("--text", nargs="+", required=True)

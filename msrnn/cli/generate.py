@@ -96,7 +96,8 @@ def run_generate(args):
     check_decoder_options(args.backend, args.compile, args.quantize)
     directory, cfg = model_config(args.model)
     policies.check_fits(policy, cfg.max_positions,
-                        f"the model's range of {cfg.max_positions} positions", name="--size")
+                        f"the model's range of {cfg.max_positions} positions", name="--size",
+                        layers=cfg.n_layers, kv_heads=cfg.n_kv_heads)
     tok = load_tokenizer(directory)
     rows = [torch.tensor(tok.encode(tok.apply_chat_template([{"role": "user", "content": t}])
                                     if args.chat else t)) for t in texts]
@@ -132,6 +133,7 @@ def run_generate(args):
           f"{clock.report() if clock is not None else ''} | multi-state: {policy}, {slots} slots "
           f"x {cfg.n_layers} layers, {seen} tokens seen, "
           f"{state.nbytes() / 2**20 if state is not None else 0:.2f} MiB"
+          f"{'' if state is None else f', {state.total_budget()} states at most'}"
           f"{f' on rank 0 of {args.tp}' if args.tp > 1 else ''}", file=sys.stderr)
     return 0
 

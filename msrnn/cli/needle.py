@@ -5,8 +5,9 @@ computation, then files, plots and the printed table)."""
 import json
 import os
 
-from .common import (UsageError, add_device_args, add_output_args, add_positions_args,
-                     add_prompt_mode_arg, add_sample_args, check_device, check_observe,
+from .common import (UsageError, add_device_args, add_output_args, add_policy_module_arg,
+                     add_positions_args, add_prompt_mode_arg, add_sample_args, check_device,
+                     check_observe,
                      check_out_dir, check_policies, check_positive, check_reach, check_seed,
                      command, loader, model_config, options, parse_list, read_texts, setup)
 from ..experiments.output import figure, save_figure
@@ -37,6 +38,7 @@ def add_grid(p, lengths, policies, sizes, samples):
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="relative depths of the fact")
     p.add_argument("--policies", default=policies,
                    help=f"comma-separated, from: {', '.join(NAMES)}")
+    add_policy_module_arg(p)
     p.add_argument("--sizes", default=sizes, help="multi-state sizes k")
     p.add_argument("--sinks", type=int, help="first tokens never evicted (sinks: default 4)")
     add_sample_args(p, samples)

@@ -174,11 +174,12 @@ def fake_state(model, policy, batch: int, position: int, capacity=None, spread: 
     leave(state, position)                         # `position` tokens counted as seen
     for b in range(batch):
         at = position - spread * b // batch                           # row b's position
-        n = min(at, policy.size) if policy.bounded else at
         for layer in state.layers:
-            layer.keys[b, :, :n].normal_()
-            layer.values[b, :, :n].normal_()
-            layer.pos[b, :, :n] = torch.arange(at - n, at, device=layer.pos.device)
+            for h, k in enumerate(layer.each()):                      # each KV head's budget
+                n = min(at, k)
+                layer.keys[b, h, :n].normal_()
+                layer.values[b, h, :n].normal_()
+                layer.pos[b, h, :n] = torch.arange(at - n, at, device=layer.pos.device)
         state.t[b] = at
     return state
 

@@ -126,7 +126,7 @@ def load_backend(directory: str, backend: str, dtype: torch.dtype, device: str, 
             raise HarnessError(f"quantize={quantize} quantizes msrnn's own decoder; drop it with "
                                f"backend=transformers")
         from .. import hf
-        return hf.Backend(hf.load(directory, dtype=dtype, device=device))
+        return hf.HFBackend(hf.load(directory, dtype=dtype, device=device))
     from ..checkpoint.loading import load
     return load(directory, dtype=dtype, device=device, quantize=quantize)
 
