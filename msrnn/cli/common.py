@@ -209,7 +209,8 @@ def check_observe(args):
                          f"--prompt-mode oneshot, or drop --observe")
 
 
-def check_policies(args, limit: int, what: str, schemes=None, bounded_only: bool = False):
+def check_policies(args, limit: int, what: str, schemes=None, bounded_only: bool = False,
+                   name: str = "size"):
     """The configurations of --policies x --sizes (x position schemes), each checked: known
     names, positive sizes, smaller than `limit` (`what` names it)."""
     from ..experiments.sweep import configurations
@@ -224,7 +225,7 @@ def check_policies(args, limit: int, what: str, schemes=None, bounded_only: bool
         raise UsageError(f"--sizes must be positive, got {args.sizes!r}")
     try:
         return configurations(names, sizes, args.sinks, getattr(args, "observe", 1),
-                              schemes or (args.positions,), limit, what, bounded_only)
+                              schemes or (args.positions,), limit, what, bounded_only, name)
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -63,7 +63,7 @@ def check_grid(args, extra: int):
     lengths = sorted(set(lengths))
     depths = sorted(set(parse_depths(args.depths)))
     check_observe(args)
-    configs = check_policies(args, max(lengths), f"--lengths {max(lengths)}")
+    configs = check_policies(args, max(lengths), f"--lengths {max(lengths)}", name="--sizes")
     check_positive("--samples", args.samples)
     check_seed(args.seed)
     check_device(args.device)

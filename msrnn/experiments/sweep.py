@@ -51,19 +51,20 @@ class Config:
 
 
 def configurations(names, sizes, sinks=None, observe: int = 1, schemes=("original",),
-                   limit: int | None = None, what: str = "", bounded_only: bool = False):
+                   limit: int | None = None, what: str = "", bounded_only: bool = False,
+                   name: str = "size"):
     """Every policy name at every size (policies.grid), under every position scheme. Full keeps
     every state, which every scheme numbers alike (msrnn.positions), so it runs once, under the
-    first. `limit`: each size must be smaller than it (`what` names it in the error);
-    bounded_only: leave Full out."""
+    first. `limit`: each size must be smaller than it (`what` names it in the error, `name` the
+    size); bounded_only: leave Full out."""
     out = []
-    for name, size, policy in policies.grid(names, sizes, sinks, observe):
+    for label, size, policy in policies.grid(names, sizes, sinks, observe):
         if bounded_only and not policy.bounded:
             continue
         if limit is not None:
-            policies.check_fits(policy, limit, what, name="size")
-        out += [Config(name, size, policy, s) for s in (schemes if policy.bounded else
-                                                       schemes[:1])]
+            policies.check_fits(policy, limit, what, name=name)
+        out += [Config(label, size, policy, s) for s in (schemes if policy.bounded else
+                                                        schemes[:1])]
     return out
 
 
