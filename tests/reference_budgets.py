@@ -1,5 +1,5 @@
-"""The plain reference (tests/reference.py) with budgets run literally, and the rules of the
-policies in examples/policies/. Nothing here imports msrnn.
+"""The plain reference (tests/reference_families.py, over tests/reference.py) with budgets run
+literally, and the rules of the policies in examples/policies/. Nothing here imports msrnn.
 
     ref = Budgeted(hf, Rule.tova(16), budgets=[24, 8])        # layer 0 keeps 24, layer 1 keeps 8
     ref = Budgeted(hf, Rule("duo", 16, sinks=2, per_head=True),
@@ -24,7 +24,7 @@ The examples' rules, beside reference.py's kinds:
 
 import torch
 
-from reference import Reference
+from reference_families import Reference
 
 M = 2 ** 24 - 3
 
@@ -50,10 +50,14 @@ class Budgeted(Reference):
         self.retrieval = set(retrieval)
         self.l = 0
 
-    def k(self, l, g):
-        """KV head g of layer l keeps at most this many states."""
+    def heads_of(self, kv):
+        """The query heads that read KV head kv (its group)."""
+        return list(range(kv * self.group, (kv + 1) * self.group))
+
+    def k(self, l, kv):
+        """KV head kv of layer l keeps at most this many states."""
         b = self.budgets[l]
-        return b if isinstance(b, int) else b[g]
+        return b if isinstance(b, int) else b[kv]
 
     def layer_step(self, l, x, t, evict):
         self.l = l                                   # which layer's budgets evict (below)
@@ -62,31 +66,31 @@ class Budgeted(Reference):
     # ------------------------------------------------------------------------------ eviction
 
     def evict(self, C, a, t):
-        """As Reference.evict, each KV head against its own k: |C_g| > k(l, g) -> one leaves."""
+        """As Reference.evict, each KV head against its own k: |C_g| > k(l, kv) -> one leaves."""
         rule, l = self.rule, self.l
         assert rule.kind != "h2o", "budgets are checked with rules that keep no memory"
         if rule.per_head:
-            return [[s for s in C[g] if s.pos != self.choose(C[g], a, g, t)]
-                    if len(C[g]) > self.k(l, g) else C[g] for g in range(self.n_kv)]
+            return [[s for s in C[kv] if s.pos != self.choose(C[kv], a, kv, t)]
+                    if len(C[kv]) > self.k(l, kv) else C[kv] for kv in range(self.n_kv)]
         if len(C[0]) <= self.k(l, 0):
             return C
-        assert all([s.pos for s in C[g]] == [s.pos for s in C[0]] for g in range(self.n_kv))
+        assert all([s.pos for s in C[kv]] == [s.pos for s in C[0]] for kv in range(self.n_kv))
         victim = self.choose(C[0], a, 0, t)
-        return [[s for s in C[g] if s.pos != victim] for g in range(self.n_kv)]
+        return [[s for s in C[kv] if s.pos != victim] for kv in range(self.n_kv)]
 
-    def choose(self, cands, a, g, t):
+    def choose(self, cands, a, kv, t):
         """The evicted position among one KV head's candidates (ties: the oldest)."""
         rule, l = self.rule, self.l
         eligible = [s for s in cands if s.pos >= rule.sinks]
         if rule.kind == "hash":
             return min(eligible, key=lambda s: (draw(rule.seed, l, s.pos, t), s.pos)).pos
-        if rule.kind == "duo" and (l, g) not in self.retrieval:
+        if rule.kind == "duo" and (l, kv) not in self.retrieval:
             return min(s.pos for s in eligible)                # a streaming head: the oldest
         if rule.kind in ("duo", "snapkv"):                     # decoding: TOVA per KV head
-            heads = self.heads_of(g)
+            heads = self.heads_of(kv)
             return min(eligible, key=lambda s: (self.mean_attention(a, s.pos, heads),
                                                 s.pos)).pos
-        return self.victim(cands, a, g)                        # reference.py's kinds
+        return self.victim(cands, a, kv)                        # reference.py's kinds
 
     # ------------------------------------------------------------------------------ prompts
 
@@ -101,23 +105,23 @@ class Budgeted(Reference):
         for l in range(self.n_layers):
             attention = [[[rows[i][l][h].get(j, 0.0) for j in range(T)] for i in range(T)]
                          for h in range(self.n_heads)]
-            self.H[l] = [[s for s in self.H[l][g] if s.pos in self.keep(attention, l, g, T)]
-                         for g in range(self.n_kv)]
+            self.H[l] = [[s for s in self.H[l][kv] if s.pos in self.keep(attention, l, kv, T)]
+                         for kv in range(self.n_kv)]
         return torch.stack(logits)
 
-    def keep(self, attention, l, g, T):
-        """The prompt positions KV head g of layer l keeps: ranked best first, ties newer."""
-        rule, k = self.rule, self.k(l, g)
+    def keep(self, attention, l, kv, T):
+        """The prompt positions KV head kv of layer l keeps: ranked best first, ties newer."""
+        rule, k = self.rule, self.k(l, kv)
         if T <= k:
             return set(range(T))
         protected = list(range(rule.sinks))
-        if rule.kind == "window" or (rule.kind == "duo" and (l, g) not in self.retrieval) \
+        if rule.kind == "window" or (rule.kind == "duo" and (l, kv) not in self.retrieval) \
                 or rule.kind == "sinks":
             return set(protected + list(range(T - (k - len(protected)), T)))
         if rule.kind == "hash":
             score = {j: draw(rule.seed, l, j, T - 1) for j in range(T)}
         elif rule.kind in ("tova", "duo", "snapkv"):
-            heads = self.heads_of(g) if rule.per_head else list(range(self.n_heads))
+            heads = self.heads_of(kv) if rule.per_head else list(range(self.n_heads))
             w = self.observation
             score = {j: sum(float(attention[h][i][j]) for h in heads for i in range(T - w, T))
                      / (len(heads) * w) for j in range(T)}

@@ -23,7 +23,7 @@ import msrnn
 import msrnn.hf
 from msrnn.policies import REGISTRY, TOVA, Candidates, import_file
 from msrnn.prompt import fill
-from reference import Rule
+from reference_families import Rule
 from reference_budgets import Budgeted
 from tiny import save, tiny_hf
 

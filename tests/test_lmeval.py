@@ -284,7 +284,7 @@ def test_bad_model_args_are_one_line_before_any_request(checkpoint, tasks):
         past.loglikelihood_rolling(rolling)
 
 
-def test_policy_module_registers_a_users_policy(checkpoint, tmp_path):
+def test_policy_module_registers_a_users_policy(checkpoint, tmp_path, request):
     """policy_module=FILE: a user's policy joins the registry and runs (here: one that scores
     like the window, so it must equal window)."""
     path = tmp_path / "mine.py"
@@ -298,6 +298,8 @@ def test_policy_module_registers_a_users_policy(checkpoint, tmp_path):
             def score(self, c):
                 return c.pos.float()
         """))
+    from msrnn.policies import REGISTRY
+    request.addfinalizer(lambda: REGISTRY.pop("newest", None))    # the registry is the process's
     lm = MSRNNLM(pretrained=checkpoint, policy="newest", size=16, positions="cache",
                  policy_module=str(path))
     window = MSRNNLM(pretrained=checkpoint, policy="window", size=16, positions="cache")
