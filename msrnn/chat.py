@@ -91,14 +91,17 @@ class Conversation:
         return self.encode(turns.opening(text) if self.state.length == 0 else turns.next(text))
 
     def say(self, text: str, max_new_tokens: int, temperature: float = 0.0, top_k=None,
-            top_p=None, seed=None):
+            top_p=None, seed=None, ignore_eos: bool = False, min_new_tokens: int = 0):
+        """The reply to `text`, token by token (its end-of-turn token not among them); the
+        turn stepped into the state. `ignore_eos`, `min_new_tokens`: as msrnn.generate's."""
         ids = self.prompt(text)
         self.check_room(len(ids), max_new_tokens)
         logits, self.state = self.feed(ids)
         reply = []
         turn_seed = None if seed is None else (seed + self.turns) % 2**63   # a restart draws alike
         for new, self.state in decode(self.model, self.state, logits[:, -1], max_new_tokens,
-                                      temperature, top_k, top_p, turn_seed, self.eos_ids):
+                                      temperature, top_k, top_p, turn_seed, self.eos_ids,
+                                      ignore_eos, min_new_tokens):
             reply.append(int(new[0]))
             if reply[-1] not in self.eos_ids:
                 yield reply[-1]

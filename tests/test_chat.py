@@ -290,3 +290,32 @@ def test_on_a_terminal_it_is_a_repl(tiny, tmp_path):
     assert p.wait(timeout=60) == 0
     os.close(leader)
     assert statefile.read(str(path))[0]["session"]["turns"] == 1
+
+
+def test_decoding_past_eos(tmp_path, monkeypatch, capsys):
+    """--ignore-eos and --min-new-tokens, as generate's: on a model whose every greedy token is
+    its EOS (its final norm zeroed, so every logit is 0 and argmax is id 0, the EOS), a turn
+    ends at once; with --ignore-eos it decodes exactly --max-new-tokens, and with
+    --min-new-tokens M exactly M before its EOS."""
+    directory = tmp_path / "eos"
+    model = tiny_hf("llama", seed=3, eos_token_id=0)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    save(model, directory)
+    save_chat_tokenizer(directory)
+    seen = {}
+    for name, flags in (("plain", []), ("ignore", ["--ignore-eos"]),
+                        ("min", ["--min-new-tokens", "5"])):
+        code, out, err = chat(monkeypatch, capsys, ["hi"], str(directory), "--size", "64",
+                              "--max-new-tokens", "12", "--json", *flags,
+                              "--session", str(tmp_path / f"{name}.session"))
+        assert code == 0, err
+        seen[name] = turns_of(out)[0]
+    # A turn steps its prompt and the reply's tokens but the last, then the last and the closing:
+    # the tokens seen grow by the reply's length.
+    assert seen["ignore"]["tokens"] - seen["plain"]["tokens"] == 12 - 1
+    assert seen["min"]["tokens"] - seen["plain"]["tokens"] == 5
+    assert seen["min"]["assistant"] == "\x01" * 5 and seen["plain"]["assistant"] == ""
+    code, _, err = chat(monkeypatch, capsys, ["hi"], str(directory), "--max-new-tokens", "4",
+                        "--min-new-tokens", "5", "--session", str(tmp_path / "bad.session"))
+    assert code == 2 and "--min-new-tokens must be in 0..--max-new-tokens (4), got 5" in err

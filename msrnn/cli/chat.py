@@ -26,6 +26,10 @@ def add_commands(commands):
     c.add_argument("--session", required=True, help="the session file: created if missing, "
                    "continued if it exists, rewritten atomically after each turn")
     c.add_argument("--max-new-tokens", type=int, default=256, help="per turn")
+    c.add_argument("--min-new-tokens", type=int, default=0, metavar="N", help="no reply ends "
+                   "before N new tokens: EOS is not drawn until then")
+    c.add_argument("--ignore-eos", action="store_true", help="EOS ends no reply: every turn "
+                   "decodes --max-new-tokens (EOS is written and fed back like any token)")
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     c.add_argument("--top-p", type=float)
     c.add_argument("--top-k", type=int)
@@ -96,6 +100,9 @@ def run_chat(args):
     check_sampling(args.temperature, args.top_k, args.top_p)
     check_seed(args.seed)
     check_positive("--max-new-tokens", args.max_new_tokens)
+    if not 0 <= args.min_new_tokens <= args.max_new_tokens:
+        raise UsageError(f"--min-new-tokens must be in 0..--max-new-tokens "
+                         f"({args.max_new_tokens}), got {args.min_new_tokens}")
     check_decoder_options(args.backend, quantize=args.quantize)
     if args.tp != 1:
         raise UsageError("msrnn chat runs in one process; drop --tp")
@@ -156,7 +163,7 @@ def turn(args, talk, tok, text: str, session: dict, tty: bool):
     row = None if args.json else Row(tok, None, None)
     reply = []
     for token in talk.say(text, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                          args.seed):
+                          args.seed, args.ignore_eos, args.min_new_tokens):
         reply.append(token)
         if row is not None:
             row.add(token)
