@@ -6,9 +6,9 @@ import json
 import os
 import sys
 
-from .common import (DEFAULT_MODEL, UsageError, add_device_args, add_policy_args,
-                     add_positions_args, check_decoder_options, check_device, check_positive,
-                     check_seed, load_model, model_config, options, policy_help)
+from .common import (DEFAULT_MODEL, UsageError, add_decoding_args, add_device_args,
+                     add_policy_args, add_positions_args, check_decoder_options, check_device,
+                     check_positive, check_seed, load_model, model_config, options, policy_help)
 from .generate import Row
 
 KIND = "msrnn chat"                        # the session's own header field
@@ -18,6 +18,9 @@ def add_commands(commands):
     c = commands.add_parser("chat", help="talk in a bounded multi-state that is saved after each "
                             "turn and resumed (--session FILE)",
                             parents=[options(add_policy_args), options(add_positions_args),
+                                     options(add_decoding_args, "sampling: turn n draws with "
+                                             "seed + n, so a resumed session draws as one that "
+                                             "never stopped"),
                                      options(add_device_args)],
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             epilog=policy_help())
@@ -25,16 +28,6 @@ def add_commands(commands):
                    f"the session's model, else {DEFAULT_MODEL})")
     c.add_argument("--session", required=True, help="the session file: created if missing, "
                    "continued if it exists, rewritten atomically after each turn")
-    c.add_argument("--max-new-tokens", type=int, default=256, help="per turn")
-    c.add_argument("--min-new-tokens", type=int, default=0, metavar="N", help="no reply ends "
-                   "before N new tokens: EOS is not drawn until then")
-    c.add_argument("--ignore-eos", action="store_true", help="EOS ends no reply: every turn "
-                   "decodes --max-new-tokens (EOS is written and fed back like any token)")
-    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    c.add_argument("--top-p", type=float)
-    c.add_argument("--top-k", type=int)
-    c.add_argument("--seed", type=int, help="sampling: turn n draws with seed + n, so a resumed "
-                   "session draws as one that never stopped")
     c.add_argument("--json", action="store_true", help="one JSON line per turn: turn, user, "
                    "assistant, tokens (seen so far), slots (per layer)")
     # What a session fixes: unset means "the session's" (or, for a new one, these defaults).

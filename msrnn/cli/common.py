@@ -42,6 +42,20 @@ def command(commands, name: str, help: str, run, *parents, model: str = "require
     return p
 
 
+def add_decoding_args(parser, seed: str = "sampling: each row draws from its own generator"):
+    """How new tokens are drawn and when they stop (`msrnn generate`, `msrnn chat`)."""
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--min-new-tokens", type=int, default=0, metavar="N", help="no reply "
+                        "ends before N new tokens: EOS is not drawn until then")
+    parser.add_argument("--ignore-eos", action="store_true", help="EOS ends nothing: every "
+                        "reply decodes --max-new-tokens (EOS is written and fed back like any "
+                        "token)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--seed", type=int, help=seed)
+
+
 def add_output_args(parser, files: str):
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     parser.add_argument("--out", help=f"directory for {files} (resumable)")

@@ -6,30 +6,22 @@ import sys
 import time
 
 from ..experiments import output
-from .common import (DEFAULT_MODEL, UsageError, add_device_args, add_policy_args,
-                     add_positions_args, add_prompt_mode_arg, check_decoder_options, check_device,
-                     check_out_dir, check_reach, check_seed, command, load_model, model_config,
-                     options)
+from .common import (DEFAULT_MODEL, UsageError, add_decoding_args, add_device_args,
+                     add_policy_args, add_positions_args, add_prompt_mode_arg,
+                     check_decoder_options, check_device, check_out_dir, check_reach, check_seed,
+                     command, load_model, model_config, options)
 
 
 def add_commands(commands):
     g = command(commands, "generate", "decode text with a bounded multi-state", run_generate,
                 options(add_policy_args), options(add_prompt_mode_arg),
-                options(add_positions_args), options(add_device_args), model="default")
+                options(add_positions_args), options(add_decoding_args),
+                options(add_device_args), model="default")
     source = g.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt")
     source.add_argument("--prompt-file", help="a UTF-8 file, one prompt per line: decoded as one "
                         "(ragged) batch, each row's text to its own line (or file, with --out)")
     g.add_argument("--out", help="with --prompt-file: a directory; row i streams to row-i.txt")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--min-new-tokens", type=int, default=0, help="no row ends before N new "
-                   "tokens: EOS is not drawn until then")
-    g.add_argument("--ignore-eos", action="store_true", help="EOS ends nothing: every row "
-                   "decodes --max-new-tokens (EOS is written and fed back like any token)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--seed", type=int)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
 
