@@ -22,8 +22,6 @@ The examples' rules, beside reference.py's kinds:
           (ties: the oldest), positions < sinks never.
 """
 
-import torch
-
 from reference_families import Reference
 
 M = 2 ** 24 - 3
@@ -96,18 +94,12 @@ class Budgeted(Reference):
 
     def oneshot(self, tokens):
         """reference.py's `oneshot` with each head's own k, and the examples' rankings."""
-        assert self.t == 0, "oneshot compresses a prompt into an empty multi-state"
         T = len(tokens)
-        rows, logits = [], []
-        for tok in tokens:
-            logits.append(self.step(tok, evict=False))
-            rows.append(self.last_rows)
-        for l in range(self.n_layers):
-            attention = [[[rows[i][l][h].get(j, 0.0) for j in range(T)] for i in range(T)]
-                         for h in range(self.n_heads)]
+        logits, layers = self.prompt_attention(tokens)
+        for l, attention in enumerate(layers):
             self.H[l] = [[s for s in self.H[l][kv] if s.pos in self.keep(attention, l, kv, T)]
                          for kv in range(self.n_kv)]
-        return torch.stack(logits)
+        return logits
 
     def keep(self, attention, l, kv, T):
         """The prompt positions KV head kv of layer l keeps: ranked best first, ties newer."""

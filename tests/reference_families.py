@@ -332,17 +332,9 @@ class Reference(core.Reference):
 
         Stepping the prompt with nothing evicted *is* full causal attention: step t's attention
         row over candidates 0..t is row t of the causal attention matrix."""
-        assert self.t == 0, "oneshot compresses a prompt into an empty multi-state"
         T = len(tokens)
-        rows = []                                  # rows[t][l][h] = {pos: a_h(pos)} at query t
-        logits = []
-        for tok in tokens:
-            logits.append(self.step(tok, evict=False))
-            rows.append(self.last_rows)
-        for l in range(self.n_layers):
-            # attention[h][i][j]: query i's weight on key j (0 above the diagonal).
-            attention = [[[rows[i][l][h].get(j, 0.0) for j in range(T)] for i in range(T)]
-                         for h in range(self.n_heads)]
+        logits, layers = self.prompt_attention(tokens)
+        for l, attention in enumerate(layers):
             norms = [{s.pos: math.sqrt(sum(float(x) ** 2 for x in s.key)) for s in states}
                      for states in self.H[l]]
             keep = oneshot_keep(attention, self.rule, self.n_kv, norms)
@@ -357,7 +349,20 @@ class Reference(core.Reference):
                                     for i in range(T)) / len(heads)
                 new.append(states)
             self.H[l] = new
-        return torch.stack(logits)
+        return logits
+
+    def prompt_attention(self, tokens):
+        """Step a prompt into the empty multi-state with nothing evicted (full causal
+        attention) -> (its logits [T, V], attention[l][h][i][j]: layer l, query head h, query
+        i's weight on key j, 0 above the diagonal)."""
+        assert self.t == 0, "oneshot compresses a prompt into an empty multi-state"
+        T, rows, logits = len(tokens), [], []     # rows[t][l][h] = {pos: a_h(pos)} at query t
+        for tok in tokens:
+            logits.append(self.step(tok, evict=False))
+            rows.append(self.last_rows)
+        return torch.stack(logits), [[[[rows[i][l][h].get(j, 0.0) for j in range(T)]
+                                       for i in range(T)] for h in range(self.n_heads)]
+                                     for l in range(self.n_layers)]
 
 
 def oneshot_keep(attention, rule: Rule, n_kv: int, key_norms=None):
