@@ -97,7 +97,7 @@ def prompt(states: list, q, k, v, pos, start: int, scale: float, softcap=None, w
     T = q.shape[3]
     keys, values, k_pos = k, v, pos[:, None, None, None, :]                 # [B, 1, 1, 1, T]
     for state in states:
-        if not state.policy.bounded:          # Full: slots start .. start+T-1 take the new tokens
+        if not state.bounded:                 # Full: slots start .. start+T-1 take the new tokens
             state.append(k, v, pos, start)
             keys, values = state.keys[:, :, :start + T], state.values[:, :, :start + T]
             k_pos = state.pos[:, :1, None, None, :start + T]                # [B, 1, 1, 1, S]
@@ -112,14 +112,15 @@ def prompt(states: list, q, k, v, pos, start: int, scale: float, softcap=None, w
     if restrict:
         mask = mask & states[0].policy.visible(q_pos, k_pos)
     rows, sums = {}, None                     # the ranking rows, by observation window ω
-    for state in (s for s in states if s.policy.bounded):    # empty: the pass's keys are k
-        n = state.policy.observation
-        if "row" in state.policy.reads and n not in rows:
-            rows[n] = last_rows(q, k, mask, q_pos >= 0, n, scale, softcap)
-        if "sums" in state.policy.reads and sums is None:
-            sums = column_sums(q, k, mask, q_pos >= 0, scale, softcap)
+    for state in (s for s in states if s.bounded):           # empty: the pass's keys are k
+        for _, policy in state.runs:          # each row's policy (rows may differ)
+            n = policy.observation
+            if "row" in policy.reads and n not in rows:
+                rows[n] = last_rows(q, k, mask, q_pos >= 0, n, scale, softcap)
+            if "sums" in policy.reads and sums is None:
+                sums = column_sums(q, k, mask, q_pos >= 0, scale, softcap)
         kept = k if state.rotation is None else state.rotation.back(k, pos[:, None])
-        state.keep_best(kept, v, pos[:, None], rows.get(n), sums)
+        state.keep_best(kept, v, pos[:, None], rows, sums)
     return fused(q, keys, values, mask, scale, softcap)
 
 

@@ -70,12 +70,14 @@ class Backend:
 
     # ---------------------------------------------------------------- what every backend shares
 
-    def init_state(self, batch_size: int, policy: Policy, capacity: int | None = None,
+    def init_state(self, batch_size: int, policy, capacity: int | None = None,
                    positions="original", allow_past_range: bool = False) -> MultiState:
-        """H_0: an empty multi-state for `batch_size` sequences, bounded by `policy`, its states
-        numbered for RoPE by the scheme `positions` (msrnn.positions). `capacity`: Full's first
-        number of slots (the final length, to allocate once)."""
-        renumbered = isinstance(policy, Policy) and policy.bounded and \
+        """H_0: an empty multi-state for `batch_size` sequences, bounded by `policy` (one Policy
+        for every row, or a list with one per row), its states numbered for RoPE by the scheme
+        `positions` (msrnn.positions). `capacity`: Full's first number of slots (the final
+        length, to allocate once; Full rows beside bounded ones: the most they will hold)."""
+        rows = policy if isinstance(policy, (list, tuple)) else [policy]
+        renumbered = any(isinstance(p, Policy) and p.bounded for p in rows) and \
             Scheme.of(positions) is not Scheme.ORIGINAL
         state = MultiState(self.shape, policy, batch_size, capacity, positions, allow_past_range,
                            self.rotary() if renumbered else None)

@@ -90,10 +90,14 @@ def renumber(pos, scheme: Scheme):
 class Rotation:
     """How a renumbered multi-state (cache, compressed) rotates: keys stored at position 0 and
     turned, at each step, to the positions `renumber` gives. `rope(positions)` -> (cos, sin)
-    [*positions.shape, D] is the backend's own RoPE, the one its q and k arrived rotated by."""
+    [*positions.shape, D] is the backend's own RoPE, the one its q and k arrived rotated by.
 
-    def __init__(self, scheme: Scheme, rope):
-        self.scheme, self.rope = scheme, rope
+    `fixed` (bool [B], or None): rows whose keys stay at their absolute positions, unturned: Full
+    rows beside renumbered ones (Full keeps every state, which any scheme numbers 0, 1, ..., so
+    its row is exactly Full's own run, not its run turned there and back)."""
+
+    def __init__(self, scheme: Scheme, rope, fixed=None):
+        self.scheme, self.rope, self.fixed = scheme, rope, fixed
 
     def positions(self, pos):
         """The rotary positions of candidates at absolute positions pos [B, Hkv, S]: (keys
@@ -103,12 +107,18 @@ class Rotation:
     def to(self, x, positions):
         """R(positions) x."""
         cos, sin = self.rope(positions)
-        return rotate(x, cos, sin)
+        return self.unless_fixed(x, rotate(x, cos, sin))
 
     def back(self, x, positions):
         """R(positions)^-1 x: a query or key rotated at `positions` back to position 0."""
         cos, sin = self.rope(positions)
-        return rotate(x, cos, -sin)
+        return self.unless_fixed(x, rotate(x, cos, -sin))
+
+    def unless_fixed(self, x, turned):
+        """`turned` in every row but the fixed ones, which keep x (x [B, ...])."""
+        if self.fixed is None:
+            return turned
+        return torch.where(self.fixed.view(-1, *[1] * (x.dim() - 1)), x, turned)
 
 
 def reach(policy, scheme: Scheme, end: int, layers: int | None = None) -> int:
@@ -131,7 +141,13 @@ def check_range(policy, scheme, limit: int, end: int, parallel: int = 0,
                 layers: int | None = None):
     """Refuse, in one line, a run whose rotary positions would pass the model's range `limit`:
     `end` tokens in all, the first `parallel` of them in one pass (a pass numbers its tokens by
-    their absolute positions, whatever the scheme). `allow_past_range`: run anyway."""
+    their absolute positions, whatever the scheme). `allow_past_range`: run anyway. `policy`
+    may be a list (one per row of a batch): each is checked."""
+    if isinstance(policy, (list, tuple)):
+        for i, p in enumerate(policy):
+            if p not in policy[:i]:
+                check_range(p, scheme, limit, end, parallel, allow_past_range, what, layers)
+        return
     scheme = Scheme.of(scheme)
     if allow_past_range or max(parallel, reach(policy, scheme, end, layers) + 1) <= limit:
         return

@@ -21,6 +21,7 @@ import torch
 from .backend import Backend
 from .policies import Policy, smallest
 from .positions import Scheme
+from .state import unique
 
 
 class Mode(str, Enum):
@@ -55,9 +56,10 @@ def parallel_prefix(T: int, state, mode: Mode) -> tuple[int, bool]:
         otherwise (`prompt_as_step` False: SnapKV's pooling), ranks otherwise than that step,
         so it takes the first min(T, k), which the pass keeps whole. With budgets of their own
         (Policy.budget), k is the smallest of any layer or KV head: the others keep all of
-        those tokens, and a positional policy's mask (`visible`) holds only for one k."""
-    policy = state.policy
-    if not policy.bounded:
+        those tokens, and a positional policy's mask (`visible`) holds only for one k.
+    Rows with policies of their own (a list): the fewest tokens any row's policy allows,
+    unmasked, then steps."""
+    if not state.bounded:
         return T, False
     if state.length > 0:
         if mode is Mode.ONESHOT:
@@ -66,11 +68,12 @@ def parallel_prefix(T: int, state, mode: Mode) -> tuple[int, bool]:
         return 0, False
     if mode is Mode.ONESHOT:
         return T, False
-    k = smallest(policy, state.shape.layers)
-    uniform = all(layer.budget == policy.size for layer in state.layers)
-    if not policy.reads and state.scheme is Scheme.ORIGINAL and uniform:
+    policy, rows = state.policy, unique(state.policies)
+    if len(rows) == 1 and not policy.reads and state.scheme is Scheme.ORIGINAL and \
+            all(b == policy.size for layer in state.layers for row in layer.budgets for b in row):
         return T, True
-    return min(T, k + (policy.observation == 1 and policy.prompt_as_step)), False
+    return min(min(T, smallest(p, state.shape.layers) + (p.observation == 1 and p.prompt_as_step))
+               for p in rows if p.bounded), False
 
 
 def prefill(model: Backend, token_ids, state, mode="sequential", logits: bool = True):
@@ -97,7 +100,7 @@ def prefill_shared(model: Backend, token_ids, states: list, logits: bool = True)
 def fill(model: Backend, rows: list, policy: Policy, mode, extra: int = 0,
          positions="original", allow_past_range: bool = False):
     """A new multi-state with every prompt (1-D LongTensors) in its row: (state, logits [B, V]
-    after each prompt). Prompts of one length run as one batch; a ragged batch runs each prompt
+    after each prompt); `policy`: one for every row, or a list with one per row. Prompts of one length run as one batch; a ragged batch runs each prompt
     alone, as batch-1 generation would, and copies it into its row (MultiState.set_row), so
     padding never enters a multi-state. `extra`: tokens to come, so that Full allocates once.
     `positions`, `allow_past_range`: the multi-state's position scheme (msrnn.positions)."""
@@ -109,7 +112,7 @@ def fill(model: Backend, rows: list, policy: Policy, mode, extra: int = 0,
         return state, model.logits(hidden[:, -1])
     last = []
     for b, row in enumerate(rows):
-        alone = model.init_state(1, policy, capacity=len(row), **scheme)
+        alone = model.init_state(1, state.policies[b], capacity=len(row), **scheme)
         hidden, alone = prefill(model, row[None], alone, mode, logits=False)
         state.set_row(b, alone)
         last.append(model.logits(hidden[0, -1]))

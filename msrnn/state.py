@@ -42,39 +42,81 @@ def static(*buffers):
             torch._dynamo.mark_static_address(x)
 
 
+def per_row(policy, batch: int) -> tuple:
+    """One policy per row: `policy` for every row, or a list of `batch` policies (a sweep's
+    configurations as the rows of one batch)."""
+    if not isinstance(policy, (list, tuple)):
+        return (policy,) * batch
+    if len(policy) != batch:
+        raise ValueError(f"{len(policy)} policies for a batch of {batch} rows: give one policy "
+                         f"per row, or one policy for all of them")
+    return tuple(policy)
+
+
+def runs(policies) -> list:
+    """[(rows, policy)]: the rows in maximal runs of neighbours that share one policy, each a
+    slice. A run's tensors are views (x[rows]), so its policy scores its rows at once and its
+    memory updates land in the multi-state's own buffers."""
+    out, start = [], 0
+    for b in range(1, len(policies) + 1):
+        if b == len(policies) or policies[b] != policies[start]:
+            out.append((slice(start, b), policies[start]))
+            start = b
+    return out
+
+
 class LayerState:
     """H^l, one layer's multi-state, with the two operations of a step:
-    insert (C = H_{t-1} ∪ {t}) and evict (H_t = C \\ {e})."""
+    insert (C = H_{t-1} ∪ {t}) and evict (H_t = C \\ {e}).
 
-    def __init__(self, policy: Policy, batch: int, n_kv: int, slots: int, head_dim: int,
+    `policy`: one for every row, or one per row (a list): rows of one batch may each evict by
+    their own policy and keep their own budget, in slots of the largest; a Full row beside
+    bounded ones keeps every token in slots that never run out (MultiState checks)."""
+
+    def __init__(self, policy, batch: int, n_kv: int, slots: int, head_dim: int,
                  dtype: torch.dtype, device, rotation: Rotation | None = None, group=None,
-                 layer: int = 0, budget: int | tuple | None = None, heads=None):
-        self.policy = policy
+                 layer: int = 0, budget=None, heads=None):
+        policies = per_row(policy, batch)
+        self.runs = runs(policies)         # [(rows, policy)]: neighbours that share a policy
+        self.bounded = any(p.bounded for p in policies)
         self.rotation = rotation    # None: keys stay at their absolute positions (positions.py)
         self.group = group          # tensor parallel: the ranks holding the layer's other heads
         self.layer = layer          # the index the policy sees (Candidates.layer)
         self.heads = tuple(range(n_kv) if heads is None else heads)   # KV heads, in the layer
-        # Policy.budget: one int, or one per KV head (this rank's); unequal ones are a limit
-        # [1, Hkv, 1] that `evict` enforces head by head.
-        budget = policy.size if budget is None else budget
-        if isinstance(budget, tuple) and len(set(budget)) == 1:
-            budget = budget[0]
-        self.budget, self.limit = budget, None
-        if isinstance(budget, tuple):
-            self.limit = torch.tensor(budget, device=device).view(1, n_kv, 1)
+        # Each row's budget per KV head (Policy.budget: one int, or one per KV head, this
+        # rank's; `budget` a list: one per row; None: the policy's size). A Full row beside
+        # bounded ones never evicts: its budget is every slot but the free one. Where any row
+        # or head keeps fewer than slots - 1, they are a limit [B, Hkv, 1] that `evict`
+        # enforces row by row and head by head.
+        budget = budget if isinstance(budget, list) else [budget] * batch
+        each = []
+        for p, b in zip(policies, budget):
+            b = p.size if b is None else b
+            if b is None and self.bounded:
+                b = slots - 1
+            each.append(b if isinstance(b, tuple) else (b,) * n_kv)
+        self.budgets, self.limit = tuple(each), None
+        if self.bounded and any(b != slots - 1 for row in each for b in row):
+            self.limit = torch.tensor(each, device=device).view(batch, n_kv, 1)
         self.keys = torch.zeros(batch, n_kv, slots, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros(batch, n_kv, slots, head_dim, dtype=dtype, device=device)
         self.pos = torch.full((batch, n_kv, slots), -1, dtype=torch.long, device=device)
-        # A policy's memory is kept in at least float32, whatever the model's dtype.
+        # A policy's memory is kept in at least float32, whatever the model's dtype; rows of
+        # other policies leave a buffer at 0.
         mem_dtype = torch.promote_types(dtype, torch.float32)
+        names = dict.fromkeys(name for _, p in self.runs for name in p.memory)
         self.memory = {name: torch.zeros(batch, n_kv, slots, dtype=mem_dtype, device=device)
-                       for name in policy.memory}
+                       for name in names}
         static(self.keys, self.values, self.pos, *self.memory.values())
 
-    def each(self) -> tuple:
-        """Each KV head's budget (Full: its slots)."""
-        budget = self.pos.shape[-1] if self.budget is None else self.budget
-        return budget if isinstance(budget, tuple) else (budget,) * len(self.heads)
+    @property
+    def policy(self):
+        """The policy of every row (None where rows differ)."""
+        return self.runs[0][1] if len(self.runs) == 1 else None
+
+    def each(self, row: int = 0) -> tuple:
+        """Each KV head's budget in row `row` (Full: its slots)."""
+        return tuple(self.pos.shape[-1] if b is None else b for b in self.budgets[row])
 
     def insert(self, k, v, t):
         """C = H_{t-1} ∪ {t}: write the new token's key K_t and value V_t (k, v [B, Hkv, D]; k is
@@ -97,14 +139,18 @@ class LayerState:
 
     def evict(self, probs, t):
         """H_t = C \\ {e}: given this step's attention probs [B, Hkv, G, S] (G query heads per
-        KV head), let the policy score the candidates and empty the slot of the lowest."""
-        if not self.policy.bounded:                               # Full: nothing leaves
+        KV head), let each row's policy score its candidates and empty the slot of the lowest."""
+        if not self.bounded:                                      # Full: nothing leaves
             return
-        a = self.average(probs)
-        c = Candidates(a, a, self.pos, torch.as_tensor(t, device=a.device), self.keys,
-                       self.values, self.memory, self.layer, self.heads)
-        self.policy.observe(c)
-        key = self.priority(c, a.dtype)
+        t = torch.as_tensor(t, device=probs.device)
+
+        def seen(rows, policy):                       # what a run's policy sees of this step
+            a = self.average(probs[rows], policy)
+            return Candidates(a, a, self.pos[rows], t[rows] if t.dim() else t, self.keys[rows],
+                              self.values[rows], memory(self.memory, rows, policy), self.layer,
+                              self.heads)
+
+        key = self.rank(seen, probs.dtype)
         if self.limit is not None:   # a head over its own budget evicts, though a slot is empty
             over = (self.pos >= 0).sum(-1, keepdim=True) > self.limit          # [B, Hkv, 1]
             key = key.masked_fill((self.pos < 0) & over, torch.inf)
@@ -116,53 +162,74 @@ class LayerState:
         rows = torch.arange(B, device=victim.device)[:, None].expand(B, Hkv)
         self.pos[rows, torch.arange(Hkv, device=victim.device).expand(B, Hkv), victim] = -1
 
-    def average(self, probs):
+    def rank(self, seen, dtype):
+        """The key [B, Hkv, S] each slot is evicted by (lowest first), run by run: `seen(rows,
+        policy)` is what the run's policy sees (Candidates); it observes, then scores."""
+        keys = []
+        for rows, policy in self.runs:
+            c = seen(rows, policy)
+            policy.observe(c)
+            keys.append(self.priority(c, policy, dtype))
+        return keys[0] if len(keys) == 1 else torch.cat(keys)
+
+    def average(self, probs, policy):
         """Attention per candidate, averaged over the query heads that share the eviction:
         [B, Hkv, G, S] -> [B, Hkv, S] over a KV head's group, or [B, 1, S] over the layer
         (sharded by KV head, msrnn.tp: over the heads of every rank, the same on each)."""
-        if self.policy.per_head:
+        if policy.per_head:
             return probs.mean(2)
         return groups.mean(probs, (1, 2), self.group).unsqueeze(1)   # every rank's heads
 
-    def priority(self, c: Candidates, dtype):
+    @staticmethod
+    def priority(c: Candidates, policy, dtype):
         """The policy's scores [B, Hkv, S], with the rules every policy shares: positions below
-        `sinks` are never evicted, and an empty slot is always the first to be 'evicted'."""
-        score = self.policy.score(c).to(dtype).expand(c.pos.shape)
-        score = score.masked_fill(c.pos < self.policy.sinks, torch.inf)
+        `sinks` are never evicted, and an empty slot is always the first to be 'evicted' (a
+        Full row beside bounded ones: only empty slots are)."""
+        if not policy.bounded:
+            score = torch.full(c.pos.shape, torch.inf, dtype=dtype, device=c.pos.device)
+        else:
+            score = policy.score(c).to(dtype).expand(c.pos.shape)
+            score = score.masked_fill(c.pos < policy.sinks, torch.inf)
         return score.masked_fill(c.pos < 0, -torch.inf)
 
-    def keep_best(self, keys, values, pos, last=None, total=None):
+    def keep_best(self, keys, values, pos, last: dict, total=None):
         """Compress a whole prompt at once (docs/design.md, `oneshot`): from T candidates with
         keys and values [B, Hkv, T, D] at positions pos [B, 1, T] (-1: padding), keep the
-        min(T, size) ranked best by the policy from what it reads: the last query's attention
-        last [B, Hkv, G, T] and the column sums of the prompt's attention total [B, Hkv, G, T]
-        (None where the policy does not read them), in slots 0, 1, ... by position; a KV head
-        with a budget of its own keeps min(T, its budget), its other slots empty."""
+        min(T, size) ranked best by each row's policy from what it reads: the attention row of
+        its observation window last[ω] [B, Hkv, G, T] and the column sums of the prompt's
+        attention total [B, Hkv, G, T] (absent where no policy reads them), in slots 0, 1, ...
+        by position; a row or KV head with a budget of its own keeps min(T, its budget), its
+        other slots empty."""
         B, n_kv, T, D = keys.shape
         pos = pos.expand(B, n_kv, T)
         wide = torch.promote_types(keys.dtype, torch.float32)
-        a = self.average(last.to(wide)) if last is not None else None
-        a_sum = self.average(total.to(wide)) if total is not None else a
-        memory = {name: torch.zeros(B, n_kv, T, dtype=m.dtype, device=m.device)
-                  for name, m in self.memory.items()}
-        c = Candidates(a, a_sum, pos, pos.amax(-1, keepdim=True), keys, values, memory,
-                       self.layer, self.heads, prompt=True)
-        self.policy.observe(c)
-        key = self.priority(c, wide)
+        memory_ = {name: torch.zeros(B, n_kv, T, dtype=m.dtype, device=m.device)
+                   for name, m in self.memory.items()}
+
+        def seen(rows, policy):                       # what a run's policy sees of the prompt
+            row = last.get(policy.observation)
+            a = self.average(row[rows].to(wide), policy) if row is not None else None
+            a_sum = self.average(total[rows].to(wide), policy) if total is not None else a
+            return Candidates(a, a_sum, pos[rows], pos[rows].amax(-1, keepdim=True),
+                              keys[rows], values[rows], memory(memory_, rows, policy),
+                              self.layer, self.heads, prompt=True)
+
+        key = self.rank(seen, wide)
         # Best first: highest score, then (ties) the newest; two stable sorts give that order.
         by_age = pos.argsort(dim=-1, descending=True, stable=True)
         order = by_age.gather(-1, key.gather(-1, by_age).argsort(dim=-1, descending=True,
                                                                  stable=True))
         n = min(T, self.pos.shape[-1] - 1)                  # the largest budget of the layer
-        # A head keeps its own budget's best; the rest (T here) go last, by the sort.
-        limit = self.budget if self.limit is None else self.limit
-        dropped = torch.arange(n, device=keys.device) >= limit            # [1, Hkv, n]
+        # A row or head keeps its own budget's best; the rest (T here) go last, by the sort.
+        dropped = torch.zeros(1, 1, n, dtype=torch.bool, device=keys.device)
+        if self.limit is not None:
+            dropped = torch.arange(n, device=keys.device) >= self.limit        # [B, Hkv, n]
         kept = order[..., :n].masked_fill(dropped, T).sort(-1).values.clamp(max=T - 1)
         self.keys[:, :, :n] = keys.gather(2, kept[..., None].expand(-1, -1, -1, D))
         self.values[:, :, :n] = values.gather(2, kept[..., None].expand(-1, -1, -1, D))
         self.pos[:, :, :n] = pos.gather(-1, kept).masked_fill(dropped, -1)
         for name, m in self.memory.items():
-            m[:, :, :n] = memory[name].gather(-1, kept)
+            m[:, :, :n] = memory_[name].gather(-1, kept)
 
     def append(self, keys, values, pos, start: int):
         """Full's multi-state grows in order: write T new states [B, Hkv, T, D] at positions
@@ -187,7 +254,17 @@ class LayerState:
         """Keep the given rows (a LongTensor of row indices, repeats allowed: beam search)."""
         self.keys, self.values, self.pos = self.keys[rows], self.values[rows], self.pos[rows]
         self.memory = {name: m[rows] for name, m in self.memory.items()}
+        policies = [p for r, p in self.runs for _ in range(r.start, r.stop)]
+        self.runs = runs([policies[int(b)] for b in rows])
+        self.budgets = tuple(self.budgets[int(b)] for b in rows)
+        if self.limit is not None:
+            self.limit = self.limit[rows]
         static(self.keys, self.values, self.pos, *self.memory.values())
+
+
+def memory(buffers: dict, rows: slice, policy) -> dict:
+    """The rows' views of the memory buffers `policy` keeps (Policy.memory)."""
+    return {name: buffers[name][rows] for name in policy.memory}
 
 
 @dataclass(frozen=True)
@@ -232,37 +309,56 @@ class MultiState:
     any other model, and token ids that model cannot read. `model` is that backend (set by
     init_state), which `save` names in the file (msrnn.statefile)."""
 
-    def __init__(self, shape: Shape, policy: Policy, batch_size: int, capacity=None,
+    def __init__(self, shape: Shape, policy, batch_size: int, capacity=None,
                  positions="original", allow_past_range: bool = False, rope=None):
-        check_policy(policy, shape)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        # Each layer's budget (Policy.budget), checked here before anything is made; under
-        # tensor parallelism a per-head budget's part for this rank's heads (group.heads).
-        heads, n_kv = groups.heads(shape.kv_heads, shape.group, shape.device)
-        self.budgets = budgets(policy, shape.layers, n_kv)
-        self.shape, self.policy, self.batch_size = shape, policy, batch_size
+        # One policy for every row, or one per row (a sweep's configurations as rows).
+        self.policies = per_row(policy, batch_size)
+        check_policy(self.policies, shape)
+        kinds = unique(self.policies)
+        self.policy = kinds[0] if len(kinds) == 1 else self.policies
+        self.bounded = any(p.bounded for p in kinds)
+        full = [b for b, p in enumerate(self.policies) if not p.bounded]
+        if self.bounded and full and capacity is None:
+            raise ValueError(f"row{'s' * (len(full) > 1)} {', '.join(map(str, full))} keep every "
+                             f"token (Full) beside bounded rows, in slots that cannot grow: give "
+                             f"capacity= (the most tokens a row will see)")
+        self.shape, self.batch_size = shape, batch_size
+        self.room = capacity if self.bounded and full else None     # what Full rows can hold
         self.model = None                                  # the backend that made it
         # The position scheme (positions.py). Full keeps every position, which any scheme
-        # numbers 0, 1, ...: its keys stay at their absolute positions.
+        # numbers 0, 1, ...: its keys stay at their absolute positions (Rotation.fixed).
         self.scheme, self.allow_past_range = Scheme.of(positions), bool(allow_past_range)
-        rotation = None
-        if self.scheme is not Scheme.ORIGINAL and policy.bounded:
+        self.rotation = None
+        if self.scheme is not Scheme.ORIGINAL and self.bounded:
             if rope is None:
                 raise ValueError(f"positions {self.scheme.value!r} rotate keys by the model's "
                                  f"RoPE: make the multi-state with model.init_state")
-            rotation = Rotation(self.scheme, rope)
+            fixed = torch.tensor([not p.bounded for p in self.policies], device=shape.device)
+            self.rotation = Rotation(self.scheme, rope, fixed if full else None)
         # Tokens seen = the position of the next token: per row in `t` (rows of a ragged batch
         # differ), and the most of any row in `_length` (for ranges and Full's slots).
         self._length = 0
         self.t = torch.zeros(batch_size, dtype=torch.long, device=shape.device)
         static(self.t)
-        parts = [mine(b, heads) for b in self.budgets] or \
-            [(None, capacity or min(256, shape.positions))] * shape.layers     # Full
-        self.layers = [LayerState(policy, batch_size, shape.kv_heads, slots, shape.head_dim,
-                                  shape.dtype, shape.device, rotation, shape.group, layer,
-                                  budget, heads)
-                       for layer, (budget, slots) in enumerate(parts)]
+        # Each layer's budget for each row (Policy.budget, checked by check_policy); under
+        # tensor parallelism a per-head budget's part for this rank's heads (group.heads). A
+        # layer's slots are its largest budget's + 1; Full alone starts with `capacity` and
+        # grows (reserve), Full beside bounded rows holds `capacity` + 1 for good.
+        heads, n_kv = groups.heads(shape.kv_heads, shape.group, shape.device)
+        table = {i: budgets(p, shape.layers, n_kv) for i, p in enumerate(kinds)}
+        rows = [table[kinds.index(p)] for p in self.policies]      # [B][layer]
+        self.layers = []
+        for layer in range(shape.layers):
+            parts = [mine(r[layer], heads) if r else (None, (capacity or 0) + 1) for r in rows]
+            slots = max(n for _, n in parts)
+            if not self.bounded:
+                slots = capacity or min(256, shape.positions)
+            self.layers.append(LayerState(self.policies, batch_size, shape.kv_heads, slots,
+                                          shape.head_dim, shape.dtype, shape.device,
+                                          self.rotation,
+                                          shape.group, layer, [b for b, _ in parts], heads))
 
     @property
     def length(self) -> int:
@@ -282,7 +378,11 @@ class MultiState:
         end = self._length + n
         check_range(self.policy, self.scheme, self.shape.positions, end,
                     end if parallel else 0, self.allow_past_range, layers=self.shape.layers)
-        if not self.policy.bounded and end > self.slots:
+        if self.room is not None and end > self.room:
+            raise ValueError(f"{end} tokens do not fit the Full rows of this multi-state, made "
+                             f"with capacity={self.room} beside bounded rows; make it with "
+                             f"capacity >= {end}")
+        if not self.bounded and end > self.slots:
             slots = max(2 * self.slots, end)
             if not self.allow_past_range:
                 slots = min(slots, self.shape.positions)
@@ -294,10 +394,10 @@ class MultiState:
         """Slots per layer (the most of any layer, where budgets differ by layer)."""
         return max(layer.pos.shape[-1] for layer in self.layers)
 
-    def total_budget(self) -> int:
-        """The most states this multi-state holds, summed over its layers and KV heads: the
-        memory a budget costs (Full: its slots)."""
-        return sum(sum(layer.each()) for layer in self.layers)
+    def total_budget(self, row: int = 0) -> int:
+        """The most states row `row` holds, summed over its layers and KV heads: the memory a
+        budget costs (Full: its slots)."""
+        return sum(sum(layer.each(row)) for layer in self.layers)
 
     def positions(self, layer: int) -> torch.Tensor:
         """The absolute positions layer `layer` keeps: LongTensor [B, Hkv, n], ascending. In a
@@ -314,15 +414,18 @@ class MultiState:
         if other.scheme is not self.scheme:
             raise ValueError(f"row {b} has positions {self.scheme.value!r}, the multi-state "
                              f"copied into it {other.scheme.value!r}; use one scheme")
+        if other.policies[0] != self.policies[b]:
+            raise ValueError(f"row {b} has policy {self.policies[b]}, the multi-state copied "
+                             f"into it {other.policies[0]}; use the row's policy")
         self.reserve(max(0, other.length - self._length))
         for mine, theirs in zip(self.layers, other.layers):
-            n = theirs.pos.shape[-1] if self.policy.bounded else other.length
+            n = theirs.pos.shape[-1] if theirs.bounded else other.length
             mine.keys[b, :, :n] = theirs.keys[0, :, :n]
             mine.values[b, :, :n] = theirs.values[0, :, :n]
             mine.pos[b] = -1
             mine.pos[b, :, :n] = theirs.pos[0, :, :n]
-            for name, m in mine.memory.items():
-                m[b, :, :n] = theirs.memory[name][0, :, :n]
+            for name, m in theirs.memory.items():
+                mine.memory[name][b, :, :n] = m[0, :, :n]
         self.t[b] = other.t[0]
         self._length = max(self._length, other.length)
 
@@ -333,6 +436,11 @@ class MultiState:
         rows = torch.as_tensor(rows, device=self.t.device)
         for layer in self.layers:
             layer.select(rows)
+        self.policies = tuple(self.policies[int(b)] for b in rows)
+        if self.rotation is not None and self.rotation.fixed is not None:
+            self.rotation.fixed = self.rotation.fixed[rows]         # every layer's rotation
+        kinds = unique(self.policies)
+        self.policy = kinds[0] if len(kinds) == 1 else self.policies
         self.t = self.t[rows]
         static(self.t)
         self.batch_size = len(rows)
@@ -361,19 +469,31 @@ class MultiState:
                    for x in (layer.keys, layer.values, layer.pos, *layer.memory.values()))
 
     def __repr__(self):
-        return (f"MultiState({self.policy}, batch={self.batch_size}, layers={len(self.layers)}, "
+        policy = self.policy if isinstance(self.policy, Policy) else list(self.policy)
+        return (f"MultiState({policy}, batch={self.batch_size}, layers={len(self.layers)}, "
                 f"slots={self.slots}, t={self._length}, positions={self.scheme.value!r})")
 
 
+def unique(policies) -> list:
+    """The distinct policies of a list, in order of first appearance."""
+    out = []
+    for p in policies:
+        if p not in out:
+            out.append(p)
+    return out
+
+
 def check_policy(policy, shape: Shape):
-    """A policy a multi-state of `shape` can hold: a Policy whose budgets are valid for every
-    layer (and, in one process, every KV head: a rank holds only some), each smaller than the
-    model's range."""
-    if not isinstance(policy, Policy):
-        raise TypeError(f"policy must be an msrnn.policies.Policy (e.g. msrnn.policies.TOVA(64)), "
-                        f"got {policy!r}")
-    check_fits(policy, shape.positions, f"the model's range of {shape.positions} positions",
-               layers=shape.layers, kv_heads=shape.kv_heads if shape.group is None else None)
+    """A policy a multi-state of `shape` can hold (or a list of them, one per row): a Policy
+    whose budgets are valid for every layer (and, in one process, every KV head: a rank holds
+    only some), each smaller than the model's range."""
+    for p in unique(policy if isinstance(policy, (list, tuple)) else [policy]):
+        if not isinstance(p, Policy):
+            raise TypeError(f"policy must be an msrnn.policies.Policy (e.g. "
+                            f"msrnn.policies.TOVA(64)), or a list of them with one per row, "
+                            f"got {p!r}")
+        check_fits(p, shape.positions, f"the model's range of {shape.positions} positions",
+                   layers=shape.layers, kv_heads=shape.kv_heads if shape.group is None else None)
 
 
 def check(state, token_ids, dims: int, shape: Shape, vocab_size: int):

@@ -17,7 +17,10 @@ and breaks its ties exactly as it would have. The metadata key "msrnn" holds the
 
     format, version       "msrnn.multistate", VERSION (a reader refuses versions it does not know)
     model                 {name, fingerprint, backend}: which checkpoint made it (`fingerprint`)
-    policy                {name, args}: the registry name and the dataclass's arguments
+    policy                {name, args}: the registry name and the dataclass's arguments (a list
+                          of them, one per row, for rows with policies of their own)
+    capacity              what Full's slots were made for (Full rows beside bounded ones: the
+                          most tokens they hold)
     positions, allow_past_range, length, dtype, rows, slots, layers, kv_heads, head_dim
     digest                sha256 of the tensors' bytes: a damaged file is refused, not resumed
     session               what a caller stored beside the state (`msrnn chat`: its turns)
@@ -110,7 +113,10 @@ def header(state, session: dict | None = None) -> dict:
     return {"format": FORMAT, "version": VERSION,
             "model": {"name": made_by.name, "fingerprint": made_by.fingerprint,
                       "backend": made_by.backend},
-            "policy": describe_policy(state.policy), "positions": state.scheme.value,
+            "policy": describe_policy(state.policy) if isinstance(state.policy, Policy) else
+                      [describe_policy(p) for p in state.policy],
+            "capacity": state.slots if state.room is None else state.room,
+            "positions": state.scheme.value,
             "allow_past_range": state.allow_past_range, "length": state.length,
             "dtype": str(s.dtype).removeprefix("torch."), "rows": state.batch_size,
             "slots": state.slots, "layers": s.layers, "kv_heads": s.kv_heads,
@@ -241,9 +247,10 @@ def load(path: str, model):
     decoder, its Compiled step, msrnn.hf.HFBackend), ready for its next step."""
     head, named = read(path)
     check_model(head, model, path)
-    pol = policy(head["policy"], path)
+    spec = head["policy"]
+    pol = [policy(p, path) for p in spec] if isinstance(spec, list) else policy(spec, path)
     rows, slots = head["rows"], head["slots"]
-    state = model.init_state(rows, pol, capacity=slots,
+    state = model.init_state(rows, pol, capacity=head.get("capacity", slots),
                              positions=head["positions"],
                              allow_past_range=head["allow_past_range"])
     wanted = tensors(state)                          # the names, shapes and dtypes it needs
