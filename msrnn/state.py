@@ -411,22 +411,32 @@ class MultiState:
     def set_row(self, b: int, other: "MultiState"):
         """Make row b of this multi-state a copy of the batch-1 multi-state `other` (a prompt
         run on its own: how a ragged batch is filled, one prompt at a time)."""
+        self.set_rows(b, other)
+
+    def set_rows(self, start: int, other: "MultiState"):
+        """Make rows start, start+1, ... a copy of `other`'s rows (a multi-state of the same
+        scheme and, row by row, the same policies): how prompts run on their own, or
+        configurations that shared one prompt pass (experiments.needle), become one batch."""
+        rows = range(start, start + other.batch_size)
         if other.scheme is not self.scheme:
-            raise ValueError(f"row {b} has positions {self.scheme.value!r}, the multi-state "
-                             f"copied into it {other.scheme.value!r}; use one scheme")
-        if other.policies[0] != self.policies[b]:
-            raise ValueError(f"row {b} has policy {self.policies[b]}, the multi-state copied "
-                             f"into it {other.policies[0]}; use the row's policy")
+            raise ValueError(f"rows {start}.. have positions {self.scheme.value!r}, the "
+                             f"multi-state copied into them {other.scheme.value!r}; use one "
+                             f"scheme")
+        if other.policies != self.policies[rows.start:rows.stop]:
+            raise ValueError(f"rows {start}.. have policies "
+                             f"{list(self.policies[rows.start:rows.stop])}, the multi-state "
+                             f"copied into them {list(other.policies)}; use the rows' policies")
         self.reserve(max(0, other.length - self._length))
+        r = slice(rows.start, rows.stop)
         for mine, theirs in zip(self.layers, other.layers):
             n = theirs.pos.shape[-1] if theirs.bounded else other.length
-            mine.keys[b, :, :n] = theirs.keys[0, :, :n]
-            mine.values[b, :, :n] = theirs.values[0, :, :n]
-            mine.pos[b] = -1
-            mine.pos[b, :, :n] = theirs.pos[0, :, :n]
+            mine.keys[r, :, :n] = theirs.keys[:, :, :n]
+            mine.values[r, :, :n] = theirs.values[:, :, :n]
+            mine.pos[r] = -1
+            mine.pos[r, :, :n] = theirs.pos[:, :, :n]
             for name, m in theirs.memory.items():
-                mine.memory[name][b, :, :n] = m[0, :, :n]
-        self.t[b] = other.t[0]
+                mine.memory[name][r, :, :n] = m[:, :, :n]
+        self.t[r] = other.t
         self._length = max(self._length, other.length)
 
     def select(self, rows):

@@ -107,6 +107,28 @@ def add_policy_args(parser, multiple=False):
                         "4; window, tova, tova-head, keynorm: default 0)")
 
 
+def add_batch_args(parser):
+    """How many configurations of a sweep run together, as the rows of one batch."""
+    parser.add_argument("--batch-configs", type=int, metavar="N", help="run up to N "
+                        "configurations together as the rows of one batch (default: as many as "
+                        "a quarter of this machine's memory holds; 1: one at a time)")
+
+
+def batch_configs(args, cfg, rows: int, configs: list, tokens: int, say) -> int:
+    """--batch-configs, or the default that experiments.sweep.fit picks for configurations of
+    `rows` rows each over `tokens` tokens (their largest multi-state bounds the slots), said
+    on the log."""
+    from ..experiments.sweep import fit
+    if args.batch_configs is not None:
+        return args.batch_configs
+    sizes = [c.policy.size for c in configs if c.policy.bounded]
+    slots = max(sizes) + 1 if sizes else tokens
+    n, each = fit(cfg, rows, slots, tokens, {"float64": 8, "float32": 4}.get(args.dtype, 2))
+    say(f"up to {n} configurations together as rows of one batch ({each / 2**20:.0f} MiB each "
+        f"in a quarter of this machine's memory; --batch-configs N to choose)")
+    return n
+
+
 def add_device_args(parser):
     """Where and how the model runs: dtype, device, weights, backend, tensor parallelism."""
     parser.add_argument("--backend", choices=("msrnn", "transformers"), default="msrnn",

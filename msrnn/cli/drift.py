@@ -6,8 +6,9 @@ import json
 import os
 import time
 
-from .common import (UsageError, add_device_args, add_output_args, add_policy_args,
-                     add_positions_args, add_prompt_mode_arg, add_sample_args, check_device,
+from .common import (UsageError, add_batch_args, add_device_args, add_output_args,
+                     add_policy_args, add_positions_args, add_prompt_mode_arg, add_sample_args,
+                     batch_configs, check_device,
                      check_observe, check_out_dir, check_policies, check_positive, check_reach,
                      check_seed, command, loader, model_config, options, read_texts, setup)
 from ..experiments.output import figure, save_figure
@@ -23,7 +24,7 @@ def add_commands(commands):
                 options(add_policy_args, multiple=True), options(add_sample_args, 2),
                 options(add_prompt_mode_arg, observe=True), options(add_positions_args),
                 options(add_output_args, "results.json/.csv and drift.png"),
-                options(add_device_args))
+                options(add_device_args), options(add_batch_args))
     p.add_argument("--text", nargs="+", help="texts the openings are cut from (default: the "
                    "two public-domain books msrnn ships)")
     p.add_argument("--new-tokens", type=int, default=1024, help="tokens generated greedily")
@@ -41,6 +42,7 @@ def run_drift(args):
                         ("--prompt-tokens", args.prompt_tokens)):
         check_positive(name, value)
     check_observe(args)
+    check_positive("--batch-configs", args.batch_configs, allow_none=True)
     check_seed(args.seed)
     check_device(args.device)
     check_out_dir(args.out)
@@ -72,19 +74,24 @@ def run_drift(args):
               f"{args.new_tokens} new tokens; {sum(len(c) for _, c in todo)} to run")
 
     def work(model, cell, todo_configs):
-        kind = cell["kind"]
-        for c in todo_configs:                # Full first: the others are measured against it
-            begin = time.perf_counter()
-            outputs = drift.run(model, prompts[kind], c.policy, args.new_tokens,
-                                args.prompt_mode, None, args.positions, args.past_range)
-            full = outputs if c.name == "full" else sweep.get(cell, configs[0])["outputs"]
-            row = drift.measure(model, prompts[kind], outputs, full)
+        """The configurations together, as the rows of one batch; each is measured against
+        Full's generations (in this batch, or saved: Full is the first configuration)."""
+        kind, begin = cell["kind"], time.perf_counter()
+        outputs = drift.run(model, prompts[kind], [c.policy for c in todo_configs],
+                            args.new_tokens, args.prompt_mode, None, args.positions,
+                            args.past_range)
+        mine = {c.name: o for c, o in zip(todo_configs, outputs)}
+        full = mine["full"] if "full" in mine else sweep.get(cell, configs[0])["outputs"]
+        seconds = (time.perf_counter() - begin) / len(todo_configs)
+        for c, out in zip(todo_configs, outputs):
+            row = drift.measure(model, prompts[kind], out, full)
             yield c, {**{k: round(v, 4) for k, v in row.items()}, "samples": args.samples,
-                      "seconds": round(time.perf_counter() - begin, 1), "outputs": outputs}, \
+                      "seconds": round(seconds, 1), "outputs": out}, \
                 f"{kind} {c.policy}: first divergence {row['first_divergence']:.0f}, Full's " \
                 f"ppl {row['full_ppl']:.2f}, repeated 4-grams {row['repeat_4gram']:.2f}"
 
-    sweep.run(todo, loader(args, directory), work)
+    batch = batch_configs(args, cfg, args.samples, configs, end + 1, sweep.say)
+    sweep.run(todo, loader(args, directory), work, batch=batch)
     rows = sweep.rows(cells, configs)
     if args.out:
         plot_drift(rows, os.path.join(args.out, "drift.png"),

@@ -5,8 +5,8 @@ import functools
 import json
 import os
 
-from .common import (UsageError, add_device_args, add_output_args, add_policy_args,
-                     add_policy_module_arg,
+from .common import (UsageError, add_batch_args, add_device_args, add_output_args,
+                     add_policy_args, add_policy_module_arg, batch_configs,
                      add_positions_args, check_decoder_options, check_device, check_out_dir,
                      check_policies, check_positive, check_reach, command, loader,
                      model_config, options, parse_list, read_texts, setup)
@@ -18,7 +18,7 @@ def add_commands(commands):
                 options(add_policy_args, multiple=True),
                 options(add_positions_args, multiple=True),
                 options(add_output_args, "results.json/.csv, ppl.png and ppl-position.png"),
-                options(add_device_args))
+                options(add_device_args), options(add_batch_args))
     p.add_argument("--text", nargs="+", required=True, help="text files")
     p.add_argument("--context", type=int, default=2048, help="tokens per chunk (past the "
                    "model's range: a bounded policy with --positions cache or compressed)")
@@ -27,7 +27,8 @@ def add_commands(commands):
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (a "
                    "long context is decoded step by step)")
     p.add_argument("--max-chunks", type=int, help="at most this many chunks per text")
-    p.add_argument("--batch", type=int, default=8, help="chunks per batch")
+    p.add_argument("--batch", type=int, default=8, help="chunks per batch (of each "
+                   "configuration)")
     p.add_argument("--jobs", type=int, default=1, help="configurations run at once, each in its "
                    "own process (2 is fastest on a 2-core CPU)")
 
@@ -58,6 +59,7 @@ def run_ppl(args):
     if args.context < 2:
         raise UsageError(f"--context must be at least 2, got {args.context}")
     check_positive("--jobs", args.jobs)
+    check_positive("--batch-configs", args.batch_configs, allow_none=True)
     if args.jobs > 1 and args.tp > 1:
         raise UsageError("--jobs runs configurations in processes of their own; with --tp, "
                          "leave it at 1 (the ranks already share the work)")
@@ -86,7 +88,8 @@ def run_ppl(args):
               f"{len(configs) - sum(len(c) for _, c in todo)} done before")
     work = functools.partial(evaluate.sweep_work, chunks, args.batch, args.buckets,
                              args.past_range, args.jobs == 1)
-    sweep.run(todo, loader(args, directory, args.compile), work, args.jobs)
+    batch = batch_configs(args, cfg, args.batch, configs, args.context, sweep.say)
+    sweep.run(todo, loader(args, directory, args.compile), work, args.jobs, batch)
     rows = sweep.rows([{}], configs)
     if args.out:
         title = (f"{os.path.basename(os.path.abspath(directory))}, context {args.context}, "

@@ -5,10 +5,9 @@ computation, then files, plots and the printed table)."""
 import json
 import os
 
-from .common import (UsageError, add_device_args, add_output_args, add_policy_module_arg,
-                     add_positions_args, add_prompt_mode_arg, add_sample_args, check_device,
-                     check_observe,
-                     check_out_dir, check_policies, check_positive, check_reach, check_seed,
+from .common import (UsageError, add_batch_args, add_device_args, add_output_args,
+                     add_policy_module_arg, add_positions_args, add_prompt_mode_arg,
+                     add_sample_args, batch_configs, check_device, check_observe, check_out_dir, check_policies, check_positive, check_reach, check_seed,
                      command, loader, model_config, options, parse_list, read_texts, setup)
 from ..experiments.output import figure, save_figure
 
@@ -51,7 +50,8 @@ def grid_command(commands, name: str, help: str, run, defaults: tuple, files: st
     """A command over the grid (`msrnn needle`, `msrnn tasks`): `defaults` are those of
     --lengths, --policies, --sizes and --samples; `files`, what --out holds."""
     return command(commands, name, help, run, options(add_grid, *defaults),
-                   options(add_output_args, files), options(add_device_args))
+                   options(add_output_args, files), options(add_device_args),
+                   options(add_batch_args))
 
 
 def check_grid(args, extra: int):
@@ -65,6 +65,7 @@ def check_grid(args, extra: int):
     check_observe(args)
     configs = check_policies(args, max(lengths), f"--lengths {max(lengths)}", name="--sizes")
     check_positive("--samples", args.samples)
+    check_positive("--batch-configs", args.batch_configs, allow_none=True)
     check_seed(args.seed)
     check_device(args.device)
     check_out_dir(args.out)
@@ -160,7 +161,9 @@ def run_needle(args):
                 f"{c.policy} length {n} depth {d:g}: {r['correct']}/{args.samples}, " \
                 f"{speed:.0f} tok/s"
 
-    sweep.run(todo, loader(args, directory, warm=needle.warm_up), work)
+    batch = batch_configs(args, cfg, args.samples, configs,
+                          max(lengths) + args.max_new_tokens, sweep.say)
+    sweep.run(todo, loader(args, directory, warm=needle.warm_up), work, batch=batch)
     rows = sweep.rows(cells, configs, evicts)
     if args.out:
         title = (f"{os.path.basename(os.path.abspath(directory))}, {args.task}, "

@@ -4,7 +4,8 @@ size, with `msrnn needle`'s grid, options, resumable results and heat maps (cli/
 import json
 import os
 
-from .common import UsageError, check_positive, loader, parse_list, read_texts, setup
+from .common import (UsageError, batch_configs, check_positive, loader, parse_list,
+                     read_texts, setup)
 from .needle import check_grid, draw_sizes, grid_command, heatmap_page
 from ..experiments.output import figure, save_figure
 
@@ -43,7 +44,7 @@ def run_tasks(args):
         raise UsageError(f"unknown task {unknown[0]!r}; choose from {', '.join(tasks.TASKS)}")
     check_positive("--max-new-tokens", args.max_new_tokens, allow_none=True)
     new = {t: args.max_new_tokens or tasks.MAX_NEW_TOKENS[t] for t in names}
-    lengths, depths, configs, directory, _ = check_grid(args, max(new.values()))
+    lengths, depths, configs, directory, cfg = check_grid(args, max(new.values()))
     args.haystack = args.haystack or list(BOOKS)
     texts = read_texts(args.haystack)
     tok = load_tokenizer(directory)
@@ -93,7 +94,9 @@ def run_tasks(args):
                 f"{t} {c.policy} length {n}" + ("" if d is None else f" depth {d:g}") + \
                 f": {score:.0f}, {speed:.0f} tok/s"
 
-    sweep.run(todo, loader(args, directory, warm=needle.warm_up), work)
+    batch = batch_configs(args, cfg, args.samples, configs, max(lengths) + max(new.values()),
+                          sweep.say)
+    sweep.run(todo, loader(args, directory, warm=needle.warm_up), work, batch=batch)
     rows = sweep.rows(cells, configs, evicts)
     if args.out:
         title = (f"{os.path.basename(os.path.abspath(directory))}, {args.prompt_mode} prompt"

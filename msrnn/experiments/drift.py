@@ -96,9 +96,16 @@ def measure(model, prompts, outputs, full_outputs) -> dict:
 
 
 def run(model, prompts, policy, new_tokens: int, mode="oneshot", eos_ids=None,
-        positions="original", allow_past_range=False) -> list[list[int]]:
-    """Greedy generations (token id lists, up to and including an EOS) for each prompt."""
-    rows = generate(model, [torch.tensor(p) for p in prompts], policy, new_tokens,
-                    prompt_mode=mode, eos_ids=eos_ids, positions=positions,
-                    allow_past_range=allow_past_range)
-    return [r.tolist() for r in rows]
+        positions="original", allow_past_range=False) -> list:
+    """Greedy generations (token id lists, up to and including an EOS) for each prompt; `policy`
+    a list: each policy's generations [[ids per prompt] per policy], all of them decoded
+    together as the rows of one batch."""
+    many = isinstance(policy, (list, tuple))
+    group = list(policy) if many else [policy]
+    rows = [torch.tensor(p) for p in prompts] * len(group)
+    every = [p for p in group for _ in prompts]
+    out = generate(model, rows, every, new_tokens, prompt_mode=mode, eos_ids=eos_ids,
+                   positions=positions, allow_past_range=allow_past_range)
+    out = [r.tolist() for r in out]
+    per = [out[i * len(prompts):(i + 1) * len(prompts)] for i in range(len(group))]
+    return per if many else per[0]

@@ -48,15 +48,22 @@ def load_chunks(tok, files, context: int, max_chunks: int | None = None):
 # ----------------------------------------------------------------------------- perplexity
 
 
-def token_nll(model, hidden, targets, piece: int = 256):
-    """-log p(target) [B, n] from hidden states [B, n, E], a piece at a time (a [B, n, V] logits
-    tensor for a whole chunk would take gigabytes)."""
+def token_nll(model, hidden, targets, cells: int = 2048):
+    """-log p(target) [B, n] from hidden states [B, n, E], a piece of rows x positions at a
+    time (a [B, n, V] logits tensor for a whole batch would take gigabytes): at most `cells`
+    row-positions' logits at once."""
+    B, n = targets.shape
+    rows = max(1, min(B, cells // 256))
+    piece = max(1, min(n, cells // rows))
     out = []
-    for i in range(0, hidden.shape[1], piece):
-        logits = model.logits(hidden[:, i:i + piece]).float()
-        out.append(F.cross_entropy(logits.transpose(1, 2), targets[:, i:i + piece],
-                                   reduction="none"))
-    return torch.cat(out, 1)
+    for b in range(0, B, rows):
+        line = []
+        for i in range(0, n, piece):
+            logits = model.logits(hidden[b:b + rows, i:i + piece]).float()
+            line.append(F.cross_entropy(logits.transpose(1, 2), targets[b:b + rows, i:i + piece],
+                                        reduction="none"))
+        out.append(torch.cat(line, 1))
+    return torch.cat(out)
 
 
 @torch.inference_mode()
@@ -64,7 +71,8 @@ def chunk_nll(model, ids, policy, positions="original", allow_past_range=False) 
     """-log p(x_t | x_<t) for t = 1..T-1 of chunks ids [B, T], each from an empty multi-state
     numbered by the scheme `positions`, run as the `sequential` prompt of docs/design.md
     (msrnn.prompt decides what runs in parallel and what steps; the chunks are the rows of one
-    batch). `model`: any backend (msrnn's decoder, its compiled step, msrnn.hf.HFBackend)."""
+    batch; `policy`: one, or one per row). `model`: any backend (msrnn's decoder, its compiled
+    step, msrnn.hf.HFBackend)."""
     B, T = ids.shape
     state = model.init_state(B, policy, capacity=T,
                              positions=positions, allow_past_range=allow_past_range)
@@ -75,14 +83,21 @@ def chunk_nll(model, ids, policy, positions="original", allow_past_range=False) 
 def position_nll(model, chunks, policy, batch_size: int = 8, progress=None,
                  positions="original", allow_past_range=False) -> torch.Tensor:
     """The loss summed over chunks [N, T] at each predicted position 1..T-1: float64 [T - 1]
-    (divide by N for the mean), batch_size chunks at a time, on any backend."""
-    total = torch.zeros(chunks.shape[1] - 1, dtype=torch.float64)
+    (divide by N for the mean), batch_size chunks at a time, on any backend. `policy` a list:
+    several configurations at once, as the rows of one batch (batch_size chunks for each, rows
+    grouped by configuration): [len(policy), T - 1], one line per policy."""
+    many = isinstance(policy, (list, tuple))
+    group = list(policy) if many else [policy]
+    total = torch.zeros(len(group), chunks.shape[1] - 1, dtype=torch.float64)
     for i in range(0, len(chunks), batch_size):
         rows = chunks[i:i + batch_size].to(model.shape.device)
-        total += chunk_nll(model, rows, policy, positions, allow_past_range).double().sum(0).cpu()
+        b = len(rows)
+        every = [p for p in group for _ in range(b)] if many else policy
+        nll = chunk_nll(model, rows.repeat(len(group), 1), every, positions, allow_past_range)
+        total += nll.double().view(len(group), b, -1).sum(1).cpu()
         if progress is not None:
-            progress.update(len(rows))
-    return total
+            progress.update(b)
+    return total if many else total[0]
 
 
 def perplexity(model, chunks, policy, batch_size: int = 8, progress=None,
@@ -108,24 +123,28 @@ def buckets(total, chunks: int, width: int) -> list:
 
 def sweep_work(chunks, batch_size: int, width: int, allow_past_range: bool, progress: bool,
                model, cell, configs):
-    """A perplexity sweep's work (experiments.sweep): for each configuration, its perplexity
-    over `chunks` and that of each block of `width` positions; yields (config, row, line).
-    `seconds` leaves out the time a compiled step spent compiling (`compile_seconds`)."""
-    for c in configs:
-        start, compiled = time.perf_counter(), compile_seconds(model)
-        with tqdm(total=len(chunks), desc=f"{c.name} {c.size or ''} {c.positions}".strip(),
-                  unit="chunk", file=sys.stderr, leave=False, disable=not progress) as bar:
-            losses = position_nll(model, chunks, c.policy, batch_size, bar, c.positions,
-                                  allow_past_range)
-        compiling = compile_seconds(model) - compiled
-        seconds = time.perf_counter() - start - compiling
-        tokens = len(chunks) * losses.numel()
-        ppl = math.exp(losses.sum().item() / tokens)
+    """A perplexity sweep's work (experiments.sweep): the configurations together, as the rows
+    of one batch (one scheme; the harness groups them), each over every chunk; yields (config,
+    row, line) with its perplexity and that of each block of `width` positions. `seconds` is
+    the batch's time shared equally, less what a compiled step spent compiling
+    (`compile_seconds`)."""
+    start, compiled = time.perf_counter(), compile_seconds(model)
+    names = ", ".join(f"{c.name} {c.size or ''}".strip() for c in configs)
+    with tqdm(total=len(chunks), desc=f"{names} {configs[0].positions}", unit="chunk",
+              file=sys.stderr, leave=False, disable=not progress) as bar:
+        losses = position_nll(model, chunks, [c.policy for c in configs], batch_size, bar,
+                              configs[0].positions, allow_past_range)
+    compiling = compile_seconds(model) - compiled
+    seconds = (time.perf_counter() - start - compiling) / len(configs)
+    tokens = len(chunks) * losses.shape[1]
+    for c, loss in zip(configs, losses):
+        ppl = math.exp(loss.sum().item() / tokens)
         yield c, {"ppl": ppl, "tokens": tokens, "seconds": round(seconds, 2),
-                  "compile_seconds": round(compiling, 2),
-                  "buckets": buckets(losses, len(chunks), width)}, \
+                  "compile_seconds": round(compiling / len(configs), 2),
+                  "batched": len(configs), "buckets": buckets(loss, len(chunks), width)}, \
             f"{c.policy}, positions {c.positions}: ppl {ppl:.3f} over {tokens} tokens, " \
             f"{chunks.numel() / seconds:.0f} tok/s" + \
+            (f" ({len(configs)} together)" if len(configs) > 1 else "") + \
             (f", compiled in {compiling:.1f} s" if compiling else "")
 
 

@@ -105,43 +105,41 @@ def score(answer: str, number: int) -> bool:
 
 
 def _prompt_pass(model, ids, policies, mode, max_new_tokens, scheme):
-    """The prompt into one empty multi-state per policy: ([states], [last logits [B, V]],
-    [seconds]). oneshot runs the parallel pass once for all of them (prompt.prefill_shared,
-    where the backend can share it); its time is shared equally. `scheme`: init_state's
-    keywords for the position scheme."""
-    B, T = ids.shape
-    states = [model.init_state(B, p, capacity=T + max_new_tokens,
-                               **scheme) for p in policies]
+    """The prompts ids [B, T] once per policy, as the rows of one multi-state (policy by policy:
+    row i * B + b is prompt b under policies[i]) -> (state, last logits [P * B, V]). oneshot
+    runs the parallel pass once for all of them (prompt.prefill_shared, where the backend can
+    share it) and copies each policy's multi-state into its rows; sequential runs every row in
+    one batch. `scheme`: init_state's keywords for the position scheme."""
+    (B, T), P = ids.shape, len(policies)
+    every = [p for p in policies for _ in range(B)]
+    state = model.init_state(P * B, every, capacity=T + max_new_tokens, **scheme)
     if Mode.of(mode) is Mode.ONESHOT:
-        start = time.perf_counter()
+        states = [model.init_state(B, p, capacity=T + max_new_tokens, **scheme)
+                  for p in policies]
         last = model.logits(prefill_shared(model, ids, states, logits=False)[:, -1])
-        share = (time.perf_counter() - start) / len(states)
-        return states, [last] * len(states), [share] * len(states)
-    lasts, seconds = [], []
-    for state in states:
-        start = time.perf_counter()
-        hidden, _ = prefill(model, ids, state, mode=mode, logits=False)
-        lasts.append(model.logits(hidden[:, -1]))
-        seconds.append(time.perf_counter() - start)
-    return states, lasts, seconds
+        for i, one in enumerate(states):
+            state.set_rows(i * B, one)
+        return state, last.repeat(P, 1)
+    hidden, _ = prefill(model, ids.repeat(P, 1), state, mode=mode, logits=False)
+    return state, model.logits(hidden[:, -1])
 
 
 @torch.inference_mode()
 def answer(model, ids, policies, mode: Mode = Mode.ONESHOT, max_new_tokens: int = MAX_NEW_TOKENS,
            eos_ids=None, positions="original", allow_past_range=False):
-    """Greedy answers to prompts ids [B, T] under each policy: [(new ids [B, N], seconds)] in
-    the order of `policies`, the states numbered by the scheme `positions`. Stops at
-    max_new_tokens or when every row has ended (eos_ids)."""
+    """Greedy answers to prompts ids [B, T] under each policy, all of them decoded together as
+    the rows of one batch: [(new ids [B, N], seconds)] in the order of `policies` (seconds: the
+    whole run's, shared equally), the states numbered by the scheme `positions`. Stops at
+    max_new_tokens or when every row has ended (eos_ids); a row that ended repeats its EOS."""
     ids = torch.as_tensor(ids, device=model.shape.device)
     eos_ids = model.eos_ids if eos_ids is None else eos_ids
     scheme = dict(positions=positions, allow_past_range=allow_past_range)
-    states, lasts, seconds = _prompt_pass(model, ids, policies, mode, max_new_tokens, scheme)
-    out = []
-    for state, logits, spent in zip(states, lasts, seconds):
-        start = time.perf_counter()
-        new = [ids for ids, _ in decode(model, state, logits, max_new_tokens, eos_ids=eos_ids)]
-        out.append((torch.stack(new, 1).cpu(), spent + time.perf_counter() - start))
-    return out
+    start = time.perf_counter()
+    state, logits = _prompt_pass(model, ids, policies, mode, max_new_tokens, scheme)
+    new = [ids for ids, _ in decode(model, state, logits, max_new_tokens, eos_ids=eos_ids)]
+    new = torch.stack(new, 1).cpu()                                     # [P * B, N]
+    share = (time.perf_counter() - start) / len(policies)
+    return [(rows, share) for rows in new.split(ids.shape[0])]
 
 
 def warm_up(model):
@@ -160,8 +158,9 @@ def retrieval(model, tok, haystacks, policies, length: int, depth: float, sample
               seed: int = 0, task: str = "needle", mode: Mode = Mode.ONESHOT, chat: bool = True,
               max_new_tokens: int = MAX_NEW_TOKENS, positions="original",
               allow_past_range=False):
-    """One (length, depth) cell for several policies at once: [{accuracy, correct, seconds,
-    answers}] in the order of `policies` (the same prompts for all)."""
+    """One (length, depth) cell for several policies at once, as the rows of one batch:
+    [{accuracy, correct, seconds, answers}] in the order of `policies` (the same prompts for
+    all)."""
     ids, numbers, _ = build_prompts(tok, haystacks, length, depth, samples, seed, task, chat)
     rows = []
     for new, seconds in answer(model, ids, policies, mode, max_new_tokens, tok.eos_ids or None,

@@ -11,6 +11,9 @@ one cell, every command needs the same things, written here once:
                                        later run, refused for another setup
     sweep.pending(cells, configs)      the to-do list: the (cell, configuration) pairs the
                                        results file does not hold yet
+    batches(todo, n)                   the work items: each cell's configurations in groups of
+                                       up to n that run together as the rows of one batch
+                                       (`--batch-configs`; `fit` picks n from a memory budget)
     sweep.run(todo, load, work)        the model loaded once, only if there is work, and
                                        warmed up; the progress bar; a line per row; `jobs`
                                        processes, each with its own model, if asked
@@ -21,6 +24,7 @@ experiment module (evaluate, needle, tasks, drift) computes one cell for a few c
 """
 
 import multiprocessing
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -81,6 +85,40 @@ def backend(directory: str, dtype: torch.dtype = torch.float32, device="cpu",
     return model.compile_step() if compile else model
 
 
+def batches(todo: list, n: int) -> list:
+    """The work items [(cell, configurations)]: each cell's pending configurations in groups of
+    up to n, to run together as the rows of one batch (Backend.init_state with a policy per
+    row). Rows of one batch share a multi-state, so a group shares a position scheme; and a
+    batch's slots are its largest row's, so Full (which keeps every token) runs apart from
+    the bounded configurations, which would pay for its slots. Groups keep the grid's order."""
+    items = []
+    for cell, configs in todo:
+        groups = {}
+        for c in configs:
+            groups.setdefault((c.positions, c.policy.bounded), []).append(c)
+        for group in groups.values():
+            items += [(cell, group[i:i + n]) for i in range(0, len(group), n)]
+    return items
+
+
+def memory() -> int:
+    """This machine's memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def fit(cfg, rows: int, slots: int, tokens: int, dtype_bytes: int = 4,
+        budget: int | None = None) -> tuple[int, int]:
+    """(n, bytes per configuration): how many configurations run together by default. One
+    configuration's `rows` rows (its chunks or samples) hold multi-states of `slots` slots and
+    the prompt's hidden states and activations, about four [tokens, dim] float32 tensors a row;
+    n is as many as `budget` bytes hold (default: a quarter of this machine's memory), at
+    least 1."""
+    state = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * slots * dtype_bytes
+    each = rows * (state + 4 * tokens * cfg.dim * 4)
+    budget = memory() // 4 if budget is None else budget
+    return max(1, budget // each), each
+
+
 class Sweep:
     """A sweep's results and its run (see the module's docstring). `key`: the fields of a row
     that identify it (a cell's and a configuration's); `fields`: the columns of results.csv."""
@@ -110,43 +148,46 @@ class Sweep:
         return [self.get(cell, c) for cell in cells for c in configs
                 if applies is None or applies(cell, c)]
 
-    def run(self, todo: list, load, work, jobs: int = 1):
+    def run(self, todo: list, load, work, jobs: int = 1, batch: int = 1):
         """Compute every pending pair and save each row as it comes. `load()` makes the model
         (called once, and only if there is work; with jobs > 1, once in each of `jobs` worker
-        processes, so it must pickle); `work(model, cell, configs)` yields (config, row, line)
-        for each configuration: the row's measured fields and a line for the log."""
+        processes, so it must pickle); `work(model, cell, configs)` runs the configurations
+        together, as the rows of one batch (`batches`: up to `batch` of them, of one scheme),
+        and yields (config, row, line) for each: the row's measured fields and a line for the
+        log."""
         if not todo:
             return
         started = time.perf_counter()
         total = sum(len(configs) for _, configs in todo)
+        items = batches(todo, batch)
         with tqdm(total=total, desc=self.name, unit="config", file=self.log) as bar:
-            for cell, config, row, line in (self._serial(todo, load, work, bar) if jobs == 1
-                                            else self._pool(todo, load, work, jobs)):
+            for cell, config, row, line in (self._serial(items, load, work, bar) if jobs == 1
+                                            else self._pool(items, load, work, jobs)):
                 self.results.add({**cell, **config.fields(self.key), **row})
                 self.say(line)
                 bar.update(1)
         self.say(f"{time.perf_counter() - started:.0f} s")
 
     @staticmethod
-    def _serial(todo, load, work, bar):
+    def _serial(items, load, work, bar):
         model = load()
-        for cell, configs in todo:
+        for cell, configs in items:
             bar.set_postfix_str(", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in cell.items() if v is not None))
             for config, row, line in work(model, cell, configs):
                 yield cell, config, row, line
 
     @staticmethod
-    def _pool(todo, load, work, jobs: int):
-        """Each (cell, configuration) in one of `jobs` processes, each with its share of the CPU
-        threads. A decode step with a few rows is bound by reading the weights, and the
-        library's matrix multiply reads them barely faster with two threads than with one: two
-        one-thread processes finish about 1.6x as many steps on two cores (docs/results.md)."""
+    def _pool(items, load, work, jobs: int):
+        """Each work item in one of `jobs` processes, each with its share of the CPU threads. A
+        decode step with a few rows is bound by reading the weights, and the library's matrix
+        multiply reads them barely faster with two threads than with one: two one-thread
+        processes finish about 1.6x as many steps on two cores (docs/results.md)."""
         threads = max(1, torch.get_num_threads() // jobs)
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_worker_start, initargs=(load, threads)) as pool:
-            futures = {pool.submit(_worker_run, work, cell, config): cell
-                       for cell, configs in todo for config in configs}
+            futures = {pool.submit(_worker_run, work, cell, configs): cell
+                       for cell, configs in items}
             for future in as_completed(futures):
                 for config, row, line in future.result():
                     yield futures[future], config, row, line
@@ -161,5 +202,5 @@ def _worker_start(load, threads: int):
     _worker_model = load()
 
 
-def _worker_run(work, cell, config):
-    return list(work(_worker_model, cell, [config]))
+def _worker_run(work, cell, configs):
+    return list(work(_worker_model, cell, configs))
