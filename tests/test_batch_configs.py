@@ -6,6 +6,7 @@ resumed with another N mixes freely with what was saved; and the bad values are 
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -100,6 +101,20 @@ def test_tasks_and_drift_one_at_a_time_equal_together(tiny, capsys, tmp_path):
         [r["outputs"] for r in saved(tmp_path / "d3")]
 
 
+def test_retention_sizes_one_at_a_time_equal_together(tiny, capsys, tmp_path):
+    model, text = tiny
+    argv = ["retention", model, "--text", text, "--context", "64", "--max-chunks", "3",
+            "--batch", "2", "--size", "8,12,20", "--dtype", "float64", "--json"]
+    one, _ = json_rows(capsys, *argv, "--batch-configs", "1", "--out", tmp_path / "one")
+    together, _ = json_rows(capsys, *argv, "--batch-configs", "3", "--plot",
+                            tmp_path / "kept.png", "--layers", "0")
+    assert one == together and [r["size"] for r in one] == [8, 12, 20]
+    alone, _ = json_rows(capsys, *argv[:-4], "12", "--dtype", "float64", "--json")
+    assert alone == one[1]                                      # one size: one summary, as before
+    assert {f"retention-{k}.json" for k in (8, 12, 20)} <= set(os.listdir(tmp_path / "one"))
+    assert {f"kept-{k}.png" for k in (8, 12, 20)} <= set(os.listdir(tmp_path))
+
+
 def test_batches_group_by_scheme_keep_full_apart_and_keep_order():
     cfg = [Config("full", None, Full()), Config("tova", 8, TOVA(8)),
            Config("tova", 8, TOVA(8), "cache"), Config("h2o", 8, H2O(8)),
@@ -120,10 +135,10 @@ def test_the_default_fits_a_quarter_of_memory(tiny):
     assert n == (1 << 30) // each and fit(cfg, 8, 257, 2048, budget=1)[0] == 1
 
 
-@pytest.mark.parametrize("command", ["ppl", "needle", "tasks", "drift"])
+@pytest.mark.parametrize("command", ["ppl", "retention", "needle", "tasks", "drift"])
 def test_batch_configs_must_be_positive(tiny, capsys, command):
     model, text = tiny
-    extra = {"ppl": ["--text", text], "needle": ["--haystack", text],
-             "tasks": [], "drift": ["--text", text]}[command]
+    extra = {"ppl": ["--text", text], "needle": ["--haystack", text], "tasks": [],
+             "drift": ["--text", text], "retention": ["--text", text]}[command]
     refused(capsys, "--batch-configs must be a positive integer", command, model, *extra,
             "--batch-configs", "0")

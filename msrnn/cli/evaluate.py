@@ -4,6 +4,7 @@ first, then the computation, then files, plots and the printed table)."""
 import functools
 import json
 import os
+import sys
 
 from .common import (UsageError, add_batch_args, add_device_args, add_output_args,
                      add_policy_args, add_policy_module_arg, batch_configs,
@@ -35,10 +36,12 @@ def add_commands(commands):
     r = command(commands, "retention", "which tokens TOVA keeps, and for how long",
                 run_retention, options(add_positions_args), options(add_policy_module_arg),
                 options(add_output_args, "retention.json and retention.png"),
-                options(add_device_args))
+                options(add_device_args), options(add_batch_args))
     r.add_argument("--text", nargs="+", required=True)
     r.add_argument("--context", type=int, default=2048)
-    r.add_argument("--size", type=int, default=256)
+    r.add_argument("--size", default="256", help="TOVA's multi-state size k; several, "
+                   "comma-separated, run together (--batch-configs) and each writes its own "
+                   "files, retention-K.json/.png (and --plot FILE-K.png)")
     r.add_argument("--max-chunks", type=int)
     r.add_argument("--batch", type=int, default=8)
     r.add_argument("--plot", metavar="FILE", help="draw which positions the --layers keep at "
@@ -270,44 +273,70 @@ def plot_layers(args, n_layers: int) -> list[int]:
 
 def run_retention(args):
     from ..experiments import evaluate
+    from ..experiments.sweep import Config
     from .. import load_tokenizer
+    from ..policies import TOVA
 
-    if not 0 < args.size < args.context:
-        raise UsageError(f"--size must be between 1 and --context - 1, got {args.size}")
+    sizes = parse_list("--size", args.size, int)
+    for k in sizes:
+        if not 0 < k < args.context:
+            raise UsageError(f"--size must be between 1 and --context - 1, got {k}")
     check_positive("--batch", args.batch)
     check_positive("--max-chunks", args.max_chunks, allow_none=True)
+    check_positive("--batch-configs", args.batch_configs, allow_none=True)
     check_device(args.device)
     check_out_dir(args.out)
     directory, cfg = model_config(args.model)
-    from ..policies import TOVA
-    check_reach(cfg, TOVA(args.size), args.positions, args.context, f"--context {args.context}",
-                args.size, args.past_range)
+    for k in sizes:
+        check_reach(cfg, TOVA(k), args.positions, args.context, f"--context {args.context}",
+                    k, args.past_range)
     layers = plot_layers(args, cfg.n_layers)
     read_texts(args.text)                             # exist, and are UTF-8 text
     tok = load_tokenizer(directory)
     chunks = evaluate.load_chunks(tok, args.text, args.context, args.max_chunks)
     model = loader(args, directory)()
-    r = evaluate.retention(model, chunks, args.size, args.batch, record=layers,
-                           positions=args.positions, allow_past_range=args.past_range)
-    if args.plot:
-        plot_multistate(r["kept"], args.plot,
-                        f"TOVA({args.size}), {os.path.basename(directory)}, first chunk of "
-                        f"{args.context} tokens")
-    summary = {"size": args.size, "context": args.context, "chunks": len(chunks),
-               "backend": args.backend,
-               **evaluate.summarize_retention(r, chunks, tok)}
-    if args.out:
-        write_atomic(os.path.join(args.out, "retention.json"), json.dumps(summary, indent=1))
-        plot_retention(summary, r, os.path.join(args.out, "retention.png"),
-                       f"TOVA({args.size}), {os.path.basename(directory)}, "
-                       f"{len(chunks)} chunks x {args.context}")
+    def say(line):
+        print(f"[msrnn retention] {line}", file=sys.stderr)
+
+    n = batch_configs(args, cfg, args.batch, [Config("tova", k, TOVA(k)) for k in sizes],
+                      args.context, say) if len(sizes) > 1 else 1
+    results = []
+    for i in range(0, len(sizes), n):                 # up to n sizes as the rows of one batch
+        results += evaluate.retention(model, chunks, sizes[i:i + n], args.batch, record=layers,
+                                      positions=args.positions,
+                                      allow_past_range=args.past_range)
+    summaries = []
+    for k, r in zip(sizes, results):
+        one = "" if len(sizes) == 1 else f"-{k}"
+        if args.plot:
+            stem, ext = os.path.splitext(args.plot)
+            plot_multistate(r["kept"], f"{stem}{one}{ext or '.png'}",
+                            f"TOVA({k}), {os.path.basename(directory)}, first chunk of "
+                            f"{args.context} tokens")
+        summary = {"size": k, "context": args.context, "chunks": len(chunks),
+                   "backend": args.backend, **evaluate.summarize_retention(r, chunks, tok)}
+        if args.out:
+            write_atomic(os.path.join(args.out, f"retention{one}.json"),
+                         json.dumps(summary, indent=1))
+            plot_retention(summary, r, os.path.join(args.out, f"retention{one}.png"),
+                           f"TOVA({k}), {os.path.basename(directory)}, "
+                           f"{len(chunks)} chunks x {args.context}")
+        summaries.append(summary)
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(summaries[0] if len(sizes) == 1 else summaries))
         return 0
-    print(f"TOVA({args.size}) over {len(chunks)} chunks of {args.context} tokens")
+    for summary in summaries:
+        print_retention(summary, len(chunks), args.context)
+    return 0
+
+
+def print_retention(summary, chunks: int, context: int):
+    """One size's summary as the table a reader scans."""
+    k = summary["size"]
+    print(f"TOVA({k}) over {chunks} chunks of {context} tokens")
     print(f"first token kept after every step, in every layer and chunk: "
           f"{summary['first_kept_everywhere']}")
-    print(f"share of kept states among the last {args.size} positions: {summary['recent']:.3f}")
+    print(f"share of kept states among the last {k} positions: {summary['recent']:.3f}")
     print("layer  first-kept  recent  mean-lifetime")
     for l in summary["layers"]:
         print(f"{l['layer']:5d}  {l['first_kept']:10.2f}  {l['recent']:6.3f}  "
@@ -315,4 +344,3 @@ def run_retention(args):
     print("tokens kept longest on average (steps, over layers and occurrences):")
     for t in summary["longest_kept"]:
         print(f"  {t['token']!r:>16}  {t['mean_lifetime']:7.1f}  (x{t['count']})")
-    return 0

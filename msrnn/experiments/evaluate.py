@@ -152,7 +152,7 @@ def sweep_work(chunks, batch_size: int, width: int, allow_past_range: bool, prog
 
 
 @torch.inference_mode()
-def retention(model, chunks, size: int, batch_size: int = 8, horizon: int | None = None,
+def retention(model, chunks, size, batch_size: int = 8, horizon: int | None = None,
               record: list[int] | None = None, positions="original",
               allow_past_range: bool = False):
     """Follow TOVA(size) over chunks [N, T] on any backend, its states numbered by the scheme
@@ -168,41 +168,52 @@ def retention(model, chunks, size: int, batch_size: int = 8, horizon: int | None
                                     the steps after the multi-state filled.
       kept {l: bool [T, T]}         only for the layers in `record`: the multi-state as a picture
                                     for the first chunk, [p, t] = position p is in H^l_t (the
-                                    matrix msrnn.cli.evaluate.plot_multistate draws)."""
+                                    matrix msrnn.cli.evaluate.plot_multistate draws).
+
+    `size` a list: several sizes at once, as the rows of one batch (batch_size chunks for each,
+    a policy per row); then a list of those dicts, one per size."""
+    sizes = list(size) if isinstance(size, (list, tuple)) else [size]
     N, T = chunks.shape
-    L, horizon = model.shape.layers, horizon or T // 2
-    lifetime = torch.zeros(L, N, T, dtype=torch.long)
-    first_kept = torch.ones(L, N, dtype=torch.bool)
-    recent = torch.zeros(L, dtype=torch.float64)
+    P, L, horizon = len(sizes), model.shape.layers, horizon or T // 2
+    lifetime = torch.zeros(P, L, N, T, dtype=torch.long)
+    first_kept = torch.ones(P, L, N, dtype=torch.bool)
+    recent = torch.zeros(P, L, dtype=torch.float64)
     record = list(record or [])
-    kept = {l: torch.zeros(T, T, dtype=torch.bool) for l in record}
-    for l in record:                        # the first `size` steps keep every position so far
-        kept[l][:size, :size] = torch.ones(size, size, dtype=torch.bool).tril().T
-    for i in tqdm(range(0, N, batch_size), desc=f"retention TOVA({size})", unit="batch",
-                  file=sys.stderr, leave=False):
+    kept = [{l: torch.zeros(T, T, dtype=torch.bool) for l in record} for _ in sizes]
+    for s, k in enumerate(sizes):         # the first k steps keep every position so far
+        for l in record:
+            kept[s][l][:k, :k] = torch.ones(k, k, dtype=torch.bool).tril().T
+    first = min(sizes)
+    for i in tqdm(range(0, N, batch_size), desc=f"retention TOVA({', '.join(map(str, sizes))})",
+                  unit="batch", file=sys.stderr, leave=False):
         ids = chunks[i:i + batch_size].to(model.shape.device)
         B = len(ids)
-        state = model.init_state(B, policies.TOVA(size), positions=positions,
-                                 allow_past_range=allow_past_range)
-        prefill(model, ids[:, :size], state, logits=False)   # the first `size`: nothing leaves
-        lifetime[:, i:i + B, :size] += size - torch.arange(size)
-        for t in range(size, T):
-            model.step(ids[:, t], state)
-            pos = torch.stack([layer.pos[:, 0] for layer in state.layers]).cpu()  # [L, B, S]
-            alive = torch.zeros(L, B, T + 1, dtype=torch.long)   # column 0 takes empty slots
+        state = model.init_state(P * B, [policies.TOVA(k) for k in sizes for _ in range(B)],
+                                 positions=positions, allow_past_range=allow_past_range)
+        prefill(model, ids[:, :first].repeat(P, 1), state, logits=False)  # nothing leaves yet
+        lifetime[:, :, i:i + B, :first] += first - torch.arange(first)
+        for t in range(first, T):
+            model.step(ids[:, t].repeat(P), state)
+            pos = torch.stack([layer.pos[:, 0] for layer in state.layers]).cpu()  # [L, PB, S]
+            alive = torch.zeros(L, P * B, T + 1, dtype=torch.long)  # column 0 takes empty slots
             alive.scatter_(2, pos + 1, 1)
-            alive = alive[:, :, 1:]
-            lifetime[:, i:i + B] += alive
-            first_kept[:, i:i + B] &= alive[:, :, 0].bool()
-            recent += (pos > t - size).sum((1, 2)).double() / size
-            if i == 0:
-                for l in record:
-                    kept[l][:, t] = alive[l, 0].bool()
-    out = {"lifetime": lifetime.clamp(max=horizon)[:, :, :T - horizon],
-           "first_kept": first_kept, "recent": recent / (N * (T - size))}
-    if record:
-        out["kept"] = kept
-    return out
+            alive = alive[:, :, 1:].view(L, P, B, T).transpose(0, 1)          # [P, L, B, T]
+            lifetime[:, :, i:i + B] += alive
+            first_kept[:, :, i:i + B] &= alive[..., 0].bool()
+            for s, k in enumerate(sizes):
+                if t >= k:                    # a window of k: what it would hold
+                    recent[s] += (pos[:, s * B:(s + 1) * B] > t - k).sum((1, 2)).double() / k
+                if i == 0:
+                    for l in record:
+                        kept[s][l][:, t] = alive[s, l, 0].bool()
+    out = []
+    for s, k in enumerate(sizes):
+        one = {"lifetime": lifetime[s].clamp(max=horizon)[:, :, :T - horizon],
+               "first_kept": first_kept[s], "recent": recent[s] / (N * (T - k))}
+        if record:
+            one["kept"] = kept[s]
+        out.append(one)
+    return out if isinstance(size, (list, tuple)) else out[0]
 
 
 def summarize_retention(r, chunks, tok, top: int = 15, min_count: int = 5):
