@@ -101,7 +101,7 @@ def fill(model: Backend, rows: list, policy: Policy, mode, extra: int = 0,
          positions="original", allow_past_range: bool = False):
     """A new multi-state with every prompt (1-D LongTensors) in its row: (state, logits [B, V]
     after each prompt); `policy`: one for every row, or a list with one per row. Prompts of one length run as one batch; a ragged batch runs each prompt
-    alone, as batch-1 generation would, and copies it into its row (MultiState.set_row), so
+    alone, as batch-1 generation would, and copies it into its row (MultiState.set_rows), so
     padding never enters a multi-state. `extra`: tokens to come, so that Full allocates once.
     `positions`, `allow_past_range`: the multi-state's position scheme (msrnn.positions)."""
     lengths = [len(r) for r in rows]
@@ -114,6 +114,6 @@ def fill(model: Backend, rows: list, policy: Policy, mode, extra: int = 0,
     for b, row in enumerate(rows):
         alone = model.init_state(1, state.policies[b], capacity=len(row), **scheme)
         hidden, alone = prefill(model, row[None], alone, mode, logits=False)
-        state.set_row(b, alone)
+        state.set_rows(b, alone)
         last.append(model.logits(hidden[0, -1]))
     return state, torch.stack(last)

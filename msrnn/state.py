@@ -83,21 +83,9 @@ class LayerState:
         self.group = group          # tensor parallel: the ranks holding the layer's other heads
         self.layer = layer          # the index the policy sees (Candidates.layer)
         self.heads = tuple(range(n_kv) if heads is None else heads)   # KV heads, in the layer
-        # Each row's budget per KV head (Policy.budget: one int, or one per KV head, this
-        # rank's; `budget` a list: one per row; None: the policy's size). A Full row beside
-        # bounded ones never evicts: its budget is every slot but the free one. Where any row
-        # or head keeps fewer than slots - 1, they are a limit [B, Hkv, 1] that `evict`
-        # enforces row by row and head by head.
-        budget = budget if isinstance(budget, list) else [budget] * batch
-        each = []
-        for p, b in zip(policies, budget):
-            b = p.size if b is None else b
-            if b is None and self.bounded:
-                b = slots - 1
-            each.append(b if isinstance(b, tuple) else (b,) * n_kv)
-        self.budgets, self.limit = tuple(each), None
-        if self.bounded and any(b != slots - 1 for row in each for b in row):
-            self.limit = torch.tensor(each, device=device).view(batch, n_kv, 1)
+        # Each row's budget per KV head, and where any keeps fewer than slots - 1, the limit
+        # [B, Hkv, 1] that `evict` enforces row by row and head by head (row_budgets).
+        self.budgets, self.limit = row_budgets(policies, budget, slots, n_kv, device)
         self.keys = torch.zeros(batch, n_kv, slots, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros(batch, n_kv, slots, head_dim, dtype=dtype, device=device)
         self.pos = torch.full((batch, n_kv, slots), -1, dtype=torch.long, device=device)
@@ -145,12 +133,12 @@ class LayerState:
         t = torch.as_tensor(t, device=probs.device)
 
         def seen(rows, policy):                       # what a run's policy sees of this step
-            a = self.average(probs[rows], policy)
+            a = average(probs[rows], policy, self.group)
             return Candidates(a, a, self.pos[rows], t[rows] if t.dim() else t, self.keys[rows],
                               self.values[rows], memory(self.memory, rows, policy), self.layer,
                               self.heads)
 
-        key = self.rank(seen, probs.dtype)
+        key = rank(self.runs, seen, probs.dtype)
         if self.limit is not None:   # a head over its own budget evicts, though a slot is empty
             over = (self.pos >= 0).sum(-1, keepdim=True) > self.limit          # [B, Hkv, 1]
             key = key.masked_fill((self.pos < 0) & over, torch.inf)
@@ -161,36 +149,6 @@ class LayerState:
         B, Hkv = victim.shape
         rows = torch.arange(B, device=victim.device)[:, None].expand(B, Hkv)
         self.pos[rows, torch.arange(Hkv, device=victim.device).expand(B, Hkv), victim] = -1
-
-    def rank(self, seen, dtype):
-        """The key [B, Hkv, S] each slot is evicted by (lowest first), run by run: `seen(rows,
-        policy)` is what the run's policy sees (Candidates); it observes, then scores."""
-        keys = []
-        for rows, policy in self.runs:
-            c = seen(rows, policy)
-            policy.observe(c)
-            keys.append(self.priority(c, policy, dtype))
-        return keys[0] if len(keys) == 1 else torch.cat(keys)
-
-    def average(self, probs, policy):
-        """Attention per candidate, averaged over the query heads that share the eviction:
-        [B, Hkv, G, S] -> [B, Hkv, S] over a KV head's group, or [B, 1, S] over the layer
-        (sharded by KV head, msrnn.tp: over the heads of every rank, the same on each)."""
-        if policy.per_head:
-            return probs.mean(2)
-        return groups.mean(probs, (1, 2), self.group).unsqueeze(1)   # every rank's heads
-
-    @staticmethod
-    def priority(c: Candidates, policy, dtype):
-        """The policy's scores [B, Hkv, S], with the rules every policy shares: positions below
-        `sinks` are never evicted, and an empty slot is always the first to be 'evicted' (a
-        Full row beside bounded ones: only empty slots are)."""
-        if not policy.bounded:
-            score = torch.full(c.pos.shape, torch.inf, dtype=dtype, device=c.pos.device)
-        else:
-            score = policy.score(c).to(dtype).expand(c.pos.shape)
-            score = score.masked_fill(c.pos < policy.sinks, torch.inf)
-        return score.masked_fill(c.pos < 0, -torch.inf)
 
     def keep_best(self, keys, values, pos, last: dict, total=None):
         """Compress a whole prompt at once (docs/design.md, `oneshot`): from T candidates with
@@ -208,23 +166,15 @@ class LayerState:
 
         def seen(rows, policy):                       # what a run's policy sees of the prompt
             row = last.get(policy.observation)
-            a = self.average(row[rows].to(wide), policy) if row is not None else None
-            a_sum = self.average(total[rows].to(wide), policy) if total is not None else a
+            a = average(row[rows].to(wide), policy, self.group) if row is not None else None
+            a_sum = average(total[rows].to(wide), policy, self.group) if total is not None else a
             return Candidates(a, a_sum, pos[rows], pos[rows].amax(-1, keepdim=True),
                               keys[rows], values[rows], memory(memory_, rows, policy),
                               self.layer, self.heads, prompt=True)
 
-        key = self.rank(seen, wide)
-        # Best first: highest score, then (ties) the newest; two stable sorts give that order.
-        by_age = pos.argsort(dim=-1, descending=True, stable=True)
-        order = by_age.gather(-1, key.gather(-1, by_age).argsort(dim=-1, descending=True,
-                                                                 stable=True))
+        key = rank(self.runs, seen, wide)
         n = min(T, self.pos.shape[-1] - 1)                  # the largest budget of the layer
-        # A row or head keeps its own budget's best; the rest (T here) go last, by the sort.
-        dropped = torch.zeros(1, 1, n, dtype=torch.bool, device=keys.device)
-        if self.limit is not None:
-            dropped = torch.arange(n, device=keys.device) >= self.limit        # [B, Hkv, n]
-        kept = order[..., :n].masked_fill(dropped, T).sort(-1).values.clamp(max=T - 1)
+        kept, dropped = best(key, pos, n, self.limit)
         self.keys[:, :, :n] = keys.gather(2, kept[..., None].expand(-1, -1, -1, D))
         self.values[:, :, :n] = values.gather(2, kept[..., None].expand(-1, -1, -1, D))
         self.pos[:, :, :n] = pos.gather(-1, kept).masked_fill(dropped, -1)
@@ -260,6 +210,70 @@ class LayerState:
         if self.limit is not None:
             self.limit = self.limit[rows]
         static(self.keys, self.values, self.pos, *self.memory.values())
+
+
+def rank(runs, seen, dtype):
+    """The key [B, Hkv, S] each slot is evicted by (lowest first), run by run: `seen(rows,
+    policy)` is what the run's policy sees (Candidates); it observes, then scores."""
+    keys = []
+    for rows, policy in runs:
+        c = seen(rows, policy)
+        policy.observe(c)
+        keys.append(priority(c, policy, dtype))
+    return keys[0] if len(keys) == 1 else torch.cat(keys)
+
+
+def best(key, pos, n: int, limit=None):
+    """A oneshot prompt's kept candidates: (indices [B, Hkv, n] in order of position, which of
+    them are dropped), the n best by key [B, Hkv, T] (highest first; ties: the newest by pos),
+    a row or head with a limit [B, Hkv, 1] keeping only its own budget's best (the rest are
+    dropped: index T - 1, marked)."""
+    T = key.shape[-1]
+    # Best first: highest score, then (ties) the newest; two stable sorts give that order.
+    by_age = pos.argsort(dim=-1, descending=True, stable=True)
+    order = by_age.gather(-1, key.gather(-1, by_age).argsort(dim=-1, descending=True,
+                                                             stable=True))
+    dropped = torch.arange(n, device=key.device) >= (n if limit is None else limit)
+    return order[..., :n].masked_fill(dropped, T).sort(-1).values.clamp(max=T - 1), dropped
+
+
+def row_budgets(policies, budget, slots: int, n_kv: int, device) -> tuple:
+    """(each row's budget per KV head, the limit [B, Hkv, 1] or None): `budget` is one per row
+    (a list) or one for all (Policy.budget: an int, or a tuple with one per KV head, this
+    rank's; None: the policy's size). A Full row beside bounded ones never evicts: its budget
+    is every slot but the free one. A limit exists where any row or head keeps fewer than
+    slots - 1 (a plain bounded layer fills its k + 1 slots and evicts one, no limit needed)."""
+    budget = budget if isinstance(budget, list) else [budget] * len(policies)
+    bounded, each = any(p.bounded for p in policies), []
+    for p, b in zip(policies, budget):
+        b = p.size if b is None else b
+        if b is None and bounded:
+            b = slots - 1
+        each.append(b if isinstance(b, tuple) else (b,) * n_kv)
+    if bounded and any(b != slots - 1 for row in each for b in row):
+        return tuple(each), torch.tensor(each, device=device).view(len(each), n_kv, 1)
+    return tuple(each), None
+
+
+def average(probs, policy, group=None):
+    """Attention per candidate, averaged over the query heads that share the eviction:
+    [B, Hkv, G, S] -> [B, Hkv, S] over a KV head's group, or [B, 1, S] over the layer
+    (sharded by KV head, msrnn.tp: over the heads of every rank, the same on each)."""
+    if policy.per_head:
+        return probs.mean(2)
+    return groups.mean(probs, (1, 2), group).unsqueeze(1)   # every rank's heads
+
+
+def priority(c: Candidates, policy, dtype):
+    """The policy's scores [B, Hkv, S], with the rules every policy shares: positions below
+    `sinks` are never evicted, and an empty slot is always the first to be 'evicted' (a Full
+    row beside bounded ones: only empty slots are)."""
+    if not policy.bounded:
+        score = torch.full(c.pos.shape, torch.inf, dtype=dtype, device=c.pos.device)
+    else:
+        score = policy.score(c).to(dtype).expand(c.pos.shape)
+        score = score.masked_fill(c.pos < policy.sinks, torch.inf)
+    return score.masked_fill(c.pos < 0, -torch.inf)
 
 
 def memory(buffers: dict, rows: slice, policy) -> dict:
@@ -319,11 +333,7 @@ class MultiState:
         kinds = unique(self.policies)
         self.policy = kinds[0] if len(kinds) == 1 else self.policies
         self.bounded = any(p.bounded for p in kinds)
-        full = [b for b, p in enumerate(self.policies) if not p.bounded]
-        if self.bounded and full and capacity is None:
-            raise ValueError(f"row{'s' * (len(full) > 1)} {', '.join(map(str, full))} keep every "
-                             f"token (Full) beside bounded rows, in slots that cannot grow: give "
-                             f"capacity= (the most tokens a row will see)")
+        full = check_rows(self.policies, capacity)
         self.shape, self.batch_size = shape, batch_size
         self.room = capacity if self.bounded and full else None     # what Full rows can hold
         self.model = None                                  # the backend that made it
@@ -342,23 +352,7 @@ class MultiState:
         self._length = 0
         self.t = torch.zeros(batch_size, dtype=torch.long, device=shape.device)
         static(self.t)
-        # Each layer's budget for each row (Policy.budget, checked by check_policy); under
-        # tensor parallelism a per-head budget's part for this rank's heads (group.heads). A
-        # layer's slots are its largest budget's + 1; Full alone starts with `capacity` and
-        # grows (reserve), Full beside bounded rows holds `capacity` + 1 for good.
-        heads, n_kv = groups.heads(shape.kv_heads, shape.group, shape.device)
-        table = {i: budgets(p, shape.layers, n_kv) for i, p in enumerate(kinds)}
-        rows = [table[kinds.index(p)] for p in self.policies]      # [B][layer]
-        self.layers = []
-        for layer in range(shape.layers):
-            parts = [mine(r[layer], heads) if r else (None, (capacity or 0) + 1) for r in rows]
-            slots = max(n for _, n in parts)
-            if not self.bounded:
-                slots = capacity or min(256, shape.positions)
-            self.layers.append(LayerState(self.policies, batch_size, shape.kv_heads, slots,
-                                          shape.head_dim, shape.dtype, shape.device,
-                                          self.rotation,
-                                          shape.group, layer, [b for b, _ in parts], heads))
+        self.layers = layer_states(shape, self.policies, batch_size, capacity, self.rotation)
 
     @property
     def length(self) -> int:
@@ -408,36 +402,11 @@ class MultiState:
         n = int((pos >= 0).sum(-1).max()) if pos.numel() else 0
         return pos[..., pos.shape[-1] - n:]
 
-    def set_row(self, b: int, other: "MultiState"):
-        """Make row b of this multi-state a copy of the batch-1 multi-state `other` (a prompt
-        run on its own: how a ragged batch is filled, one prompt at a time)."""
-        self.set_rows(b, other)
-
     def set_rows(self, start: int, other: "MultiState"):
         """Make rows start, start+1, ... a copy of `other`'s rows (a multi-state of the same
-        scheme and, row by row, the same policies): how prompts run on their own, or
-        configurations that shared one prompt pass (experiments.needle), become one batch."""
-        rows = range(start, start + other.batch_size)
-        if other.scheme is not self.scheme:
-            raise ValueError(f"rows {start}.. have positions {self.scheme.value!r}, the "
-                             f"multi-state copied into them {other.scheme.value!r}; use one "
-                             f"scheme")
-        if other.policies != self.policies[rows.start:rows.stop]:
-            raise ValueError(f"rows {start}.. have policies "
-                             f"{list(self.policies[rows.start:rows.stop])}, the multi-state "
-                             f"copied into them {list(other.policies)}; use the rows' policies")
-        self.reserve(max(0, other.length - self._length))
-        r = slice(rows.start, rows.stop)
-        for mine, theirs in zip(self.layers, other.layers):
-            n = theirs.pos.shape[-1] if theirs.bounded else other.length
-            mine.keys[r, :, :n] = theirs.keys[:, :, :n]
-            mine.values[r, :, :n] = theirs.values[:, :, :n]
-            mine.pos[r] = -1
-            mine.pos[r, :, :n] = theirs.pos[:, :, :n]
-            for name, m in theirs.memory.items():
-                mine.memory[name][r, :, :n] = m[:, :, :n]
-        self.t[r] = other.t
-        self._length = max(self._length, other.length)
+        scheme and, row by row, the same policies): how a ragged batch is filled, one prompt at
+        a time, and how configurations that shared one prompt pass become one batch."""
+        copy_rows(self, start, other)
 
     def select(self, rows):
         """Keep only the given rows (a LongTensor of row indices): rows that finished stop
@@ -482,6 +451,60 @@ class MultiState:
         policy = self.policy if isinstance(self.policy, Policy) else list(self.policy)
         return (f"MultiState({policy}, batch={self.batch_size}, layers={len(self.layers)}, "
                 f"slots={self.slots}, t={self._length}, positions={self.scheme.value!r})")
+
+
+def check_rows(policies, capacity) -> list:
+    """The rows that hold Full beside bounded ones (they need a `capacity`: their slots cannot
+    grow)."""
+    full = [b for b, p in enumerate(policies) if not p.bounded]
+    if full and len(full) < len(policies) and capacity is None:
+        raise ValueError(f"row{'s' * (len(full) > 1)} {', '.join(map(str, full))} keep every "
+                         f"token (Full) beside bounded rows, in slots that cannot grow: give "
+                         f"capacity= (the most tokens a row will see)")
+    return full
+
+
+def layer_states(shape: Shape, policies, batch: int, capacity, rotation) -> list:
+    """One LayerState per layer, with each row's budget (Policy.budget, checked by
+    check_policy); under tensor parallelism a per-head budget's part for this rank's heads
+    (group.heads). A layer's slots are its largest budget's + 1; Full alone starts with
+    `capacity` and grows (MultiState.reserve), Full beside bounded rows holds `capacity` + 1
+    for good."""
+    heads, n_kv = groups.heads(shape.kv_heads, shape.group, shape.device)
+    kinds = unique(policies)
+    table = [budgets(p, shape.layers, n_kv) for p in kinds]
+    rows = [table[kinds.index(p)] for p in policies]                        # [B][layer]
+    bounded, out = any(p.bounded for p in kinds), []
+    for layer in range(shape.layers):
+        parts = [mine(r[layer], heads) if r else (None, (capacity or 0) + 1) for r in rows]
+        slots = max(n for _, n in parts) if bounded else capacity or min(256, shape.positions)
+        out.append(LayerState(policies, batch, shape.kv_heads, slots, shape.head_dim,
+                              shape.dtype, shape.device, rotation, shape.group, layer,
+                              [b for b, _ in parts], heads))
+    return out
+
+
+def copy_rows(state: MultiState, start: int, other: MultiState):
+    """MultiState.set_rows: `other`'s rows into `state`'s rows start, start+1, ..."""
+    r = slice(start, start + other.batch_size)
+    if other.scheme is not state.scheme:
+        raise ValueError(f"rows {start}.. have positions {state.scheme.value!r}, the "
+                         f"multi-state copied into them {other.scheme.value!r}; use one scheme")
+    if other.policies != state.policies[r]:
+        raise ValueError(f"rows {start}.. have policies {list(state.policies[r])}, the "
+                         f"multi-state copied into them {list(other.policies)}; use the rows' "
+                         f"policies")
+    state.reserve(max(0, other.length - state.length))
+    for ours, theirs in zip(state.layers, other.layers):
+        n = theirs.pos.shape[-1] if theirs.bounded else other.length
+        ours.keys[r, :, :n] = theirs.keys[:, :, :n]
+        ours.values[r, :, :n] = theirs.values[:, :, :n]
+        ours.pos[r] = -1
+        ours.pos[r, :, :n] = theirs.pos[:, :, :n]
+        for name, m in theirs.memory.items():
+            ours.memory[name][r, :, :n] = m[:, :, :n]
+    state.t[r] = other.t
+    state._length = max(state.length, other.length)
 
 
 def unique(policies) -> list:

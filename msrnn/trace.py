@@ -23,7 +23,7 @@ import torch
 
 from . import attention as multistate
 from .policies import H2O, TOVA, Policy, Sinks, Window
-from .state import LayerState
+from .state import LayerState, average
 
 K = 3                      # the multi-state size k
 D = 16                     # head dimension (a power of 4, so that sqrt(D) is exact)
@@ -79,7 +79,7 @@ def run(policy: Policy, logits=LOGITS):
         if "acc" in state.memory:     # H2O's sums, this step's attention added (an evicted
             score = state.memory["acc"][0].tolist()   # slot keeps its value until reused)
         elif policy.reads:
-            score = state.average(probs[:, :, :, 0]).expand(1, HKV, -1)[0].tolist()
+            score = average(probs[:, :, :, 0], policy).expand(1, HKV, -1)[0].tolist()
         else:
             score = None
         after = state.pos[0].tolist()

@@ -148,7 +148,7 @@ def code_names(text: str) -> set[str]:
 def test_doc_names_only_functions_that_exist():
     names = code_names(DOC.read_text())
     # The page must cite the functions the issue asked about, by their current names.
-    for needed in ["Attention.qkv", "RoPE.forward", "LayerState.priority", "LayerState.evict",
+    for needed in ["Attention.qkv", "RoPE.forward", "msrnn.state.priority", "LayerState.evict",
                    "Policy.score", "Policy.observe", "MultiState.advance",
                    "prompt.parallel_prefix", "Attention.parallel", "attention.column_sums",
                    "attention.step", "attention.prompt",
@@ -239,6 +239,7 @@ def test_the_hops_from_step_to_score():
     from msrnn import attention as multistate
     from msrnn.backend import Backend
     from msrnn.model import Attention, Block, Transformer
+    from msrnn import state
     from msrnn.state import LayerState
 
     doc = DOC.read_text()
@@ -247,11 +248,11 @@ def test_the_hops_from_step_to_score():
     hops = [(Backend.step, "self._step("), (Backend._step, "self.compute_step("),
             (Transformer.compute_step, "block.step("),
             (Block.step, "self.attn.step("), (Attention.step, "attention.step("),
-            (multistate.step, "state.evict("), (LayerState.evict, "self.priority("),
-            (LayerState.priority, "self.policy.score(")]
+            (multistate.step, "state.evict("), (LayerState.evict, "rank("),
+            (state.rank, "priority("), (state.priority, "policy.score(")]
     assert listed == ["Backend.step", "Backend._step", "Transformer.compute_step", "Block.step",
-                      "Attention.step", "attention.step", "LayerState.evict",
-                      "LayerState.priority", "TOVA.score"]
+                      "Attention.step", "attention.step", "LayerState.evict", "state.rank",
+                      "state.priority", "TOVA.score"]
     for function, call in hops:
         assert call in inspect.getsource(function), (function.__qualname__, call)
     assert inspect.getsource(TOVA.score).strip().splitlines()[-1].strip() == "return c.a"
@@ -282,7 +283,7 @@ def test_g_of_t_is_what_the_doc_says(tiny):
         rows.append(row)
     batch = model.init_state(2, TOVA(k))
     for b, row in enumerate(rows):
-        batch.set_row(b, row)
+        batch.set_rows(b, row)
     kept = batch.positions(0)
     assert kept.shape[-1] == 3 and (kept[1, :, :2] == -1).all() and (kept[1, :, 2] == 0).all()
 
