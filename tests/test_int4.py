@@ -98,7 +98,8 @@ def write_q4_1_gguf(hf, path):
         q = to_llama_cpp(a.q_proj.weight.detach().numpy(), c.num_attention_heads)
         k = to_llama_cpp(a.k_proj.weight.detach().numpy(), c.num_key_value_heads)
         for key, w, kind in [("attn_q", torch.from_numpy(q), Q4_1),
-                             ("attn_k", torch.from_numpy(k), Q4_1), ("attn_v", a.v_proj.weight, Q4_1),
+                             ("attn_k", torch.from_numpy(k), Q4_1),
+                             ("attn_v", a.v_proj.weight, Q4_1),
                              ("attn_output", a.o_proj.weight, Q4_1),
                              ("ffn_gate", mlp.gate_proj.weight, Q4_1),
                              ("ffn_up", mlp.up_proj.weight, Q4_1),
