@@ -1,18 +1,34 @@
-"""Weight-only int8: every projection's matrix stored as int8 with one scale per output channel.
+"""Weight-only quantization: every projection's matrix stored in fewer bits, swapped in after
+loading. Decoding one sequence streams every weight once per token, so a step costs the weights'
+bytes over the memory bandwidth (docs/performance.md); fewer bytes, a faster step.
 
-Decoding one sequence streams every weight once per token, so a step costs the weights' bytes
-over the memory bandwidth (docs/performance.md); int8 weights are a quarter of float32's. Each
-row j of a projection's W [out, in] is rounded symmetrically to
+quantize="int8": each row j of a projection's W [out, in] rounded symmetrically, one scale per
+output channel (`Int8Linear`):
 
     s_j = max_i |W_ji| / 127,    Q_ji = round(W_ji / s_j) in [-127, 127],    W ≈ Q * s[:, None]
 
-and the product keeps the scale out of the inner loop:  y = (x Q^T) * s + b.  Activations, the
-multi-state and every other weight (norms, the embedding table) stay in the model's dtype.
+quantize="int4": llama.cpp's Q4_1 blocks (`GroupLinear`, bits=4). Each group of 32 weights along
+a row's input has its own scale d and minimum m, both float16, and 4-bit codes q:
 
-What is quantized: every `Linear` of the blocks (q/k/v, o, gate/up, down) and the LM head. A tied
-LM head (SmolLM2) gets its own int8 copy of the embedding matrix, and the embedding table stays in
-float: a step looks up one of its rows, so its bytes do not count per token, and the lookup stays
-exact. The model is quantized after loading, by swapping modules (`quantize`), not by editing it.
+    m = min(w),   d = (max(w) - min(w)) / 15,   q = round((w - m) / d) in 0..15,   w ≈ d q + m
+
+5 bits a weight (16 bytes of codes, two a byte, and 4 of d and m per 32). The LM head takes
+llama.cpp's Q8_0 blocks (bits=8: d = max|w| / 127, q = round(w / d) in [-127, 127], m = 0), as
+llama.cpp's own Q4_1 files keep it: the head makes every logit, and in the default model's GGUF
+it is Q8_0.
+
+The grid is recovered, not approximated. The default model IS its GGUF's Q4_1 (and Q8_0) blocks,
+dequantized to float32 (checkpoint/convert.py): w = fl32(d q + m), with q = 0 and q = 15 (Q8_0:
+|q| = 127) in every group, as llama.cpp's quantizer makes them. So a group's minimum is m, its
+maximum gives d back, and the rounding gives q back: quantizing those floats yields the GGUF's
+own blocks, whose dequantization is the float32 checkpoint bit for bit. Each module records
+whether that happened (`exact`). Other checkpoints are quantized by the same formulas.
+
+Activations, the multi-state and every other weight (norms, the embedding table) stay in the
+model's dtype. A tied LM head (SmolLM2) gets its own quantized copy of the embedding matrix, and
+the table stays in float: a step looks up one of its rows, so its bytes do not count per token,
+and the lookup stays exact. The model is quantized by swapping modules (`quantize`), from weights
+in float32 (or wider) even when the model runs in bfloat16, so that the grid is found.
 """
 
 import torch
@@ -22,7 +38,14 @@ from torch import nn
 from . import group as groups
 from .model import Linear, Transformer, linear
 
-KINDS = ("int8",)            # what `msrnn.load(..., quantize=)` and `--quantize` accept
+KINDS = ("int8", "int4")     # what `msrnn.load(..., quantize=)` and `--quantize` accept
+GROUP = 32                   # int4: weights per group along the input (llama.cpp's block)
+
+
+def one_row(x) -> bool:
+    """Whether this call is a compiled batch-1 step on a CPU, where inductor's own loop streams
+    the weights (model.linear): one row, nothing to reuse a weight for."""
+    return torch.compiler.is_compiling() and x.device.type == "cpu" and x[..., 0].numel() == 1
 
 
 def int8_rows(w: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,13 +79,13 @@ class Int8Linear(nn.Module):
         self.bias, self.group = bias, group
 
     @classmethod
-    def of(cls, proj: Linear) -> "Int8Linear":
+    def of(cls, proj: Linear, name: str = "") -> "Int8Linear":
         """The int8 twin of a float projection (a row-parallel one keeps its group)."""
         return cls(proj.weight, proj.bias, getattr(proj, "group", None))
 
     def forward(self, x):
         q, s = self.weight, self.scale
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and x[..., 0].numel() == 1:
+        if one_row(x):
             y = linear(x, q) * s                                         # the int8 loop
         elif x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":
             rows = x.reshape(-1, x.shape[-1])                            # [rows, in]
@@ -77,24 +100,140 @@ class Int8Linear(nn.Module):
         return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, int8"
 
 
+def q4_1(w: torch.Tensor):
+    """W [out, in] -> (codes uint8 [out, G, 16], d float16 [out, G], m float16 [out, G]), G =
+    in / 32 groups of 32 along the input: w = d q + m, q = round((w - m) / d) in 0..15 with the
+    float16 d and m (a group of equal weights: d = 0, q = 0). Two codes a byte, as in a Q4_1
+    block: a group's weight j in the low four bits of byte j, weight j + 16 in the high four."""
+    g = w.detach().float().view(w.shape[0], -1, GROUP)                   # [out, G, 32]
+    lo, hi = g.amin(-1), g.amax(-1)
+    d, m = ((hi - lo) / 15).half(), lo.half()
+    d32, m32 = d.float()[..., None], m.float()[..., None]
+    q = torch.where(d32 > 0, (g - m32) / torch.where(d32 > 0, d32, 1), 0)
+    q = q.round().clamp(0, 15).to(torch.uint8)
+    return q[..., :GROUP // 2] | (q[..., GROUP // 2:] << 4), d, m
+
+
+def q8_0(w: torch.Tensor):
+    """W [out, in] -> (codes int8 [out, G, 32], d float16 [out, G]): w = d q, d = max|w| / 127,
+    q = round(w / d) in [-127, 127], per group of 32 along the input (a Q8_0 block)."""
+    g = w.detach().float().view(w.shape[0], -1, GROUP)                   # [out, G, 32]
+    d = (g.abs().amax(-1) / 127).half()
+    d32 = d.float()[..., None]
+    q = torch.where(d32 > 0, g / torch.where(d32 > 0, d32, 1), 0)
+    return q.round().clamp(-127, 127).to(torch.int8), d
+
+
+class GroupLinear(nn.Module):
+    """A projection stored in groups of 32 weights along the input, each with a float16 scale d
+    and offset m: w = d q + m. bits=4: Q4_1 (q in 0..15, two a byte); bits=8: Q8_0 (q int8, m=0).
+
+    y_o = sum_g [ d_og sum_j x_gj q_ogj ] + sum_g m_og (sum_j x_gj): the scale multiplies each
+    group's dot product once, and the offset only needs the group's sum of x, the same for every
+    output row. One row on the CPU, compiled, inductor turns that into one loop that reads each
+    code byte once and unpacks it in registers (no float copy of W). Several rows, or eager: W
+    dequantized to float32 (exactly the checkpoint's floats when `exact`), then the library's
+    matrix product in x's dtype (a prompt's many rows amortize that copy).
+
+    `exact`: whether dequantizing gives back the weights it was made from, bit for bit (a
+    checkpoint that was a Q4_1 / Q8_0 GGUF). `group`: a row-parallel projection's
+    tensor-parallel group: groups of 32 lie inside a rank's columns, so each rank quantizes its
+    own, and the partial products are summed over the ranks."""
+
+    FORMAT = ("codes", "d", "m")               # stored in their own dtypes, whatever the model's
+
+    def __init__(self, weight: torch.Tensor, bias=None, bits: int = 4, name: str = "", group=None):
+        super().__init__()
+        out, n_in = weight.shape
+        if n_in % GROUP:
+            share = " on this rank (tensor parallel)" if group is not None else ""
+            raise ValueError(f"quantize='int4': {name or 'a projection'} has {n_in} inputs{share}, "
+                             f"not a multiple of {GROUP} (int4 stores weights in groups of "
+                             f"{GROUP} along the input); use quantize='int8' for this model")
+        codes, d, *m = q4_1(weight) if bits == 4 else q8_0(weight)
+        self.register_buffer("codes", codes)        # [out, G, 16] uint8 or [out, G, 32] int8
+        self.register_buffer("d", d)                # [out, G] float16
+        self.register_buffer("m", m[0] if m else None)
+        self.bits, self.shape, self.bias, self.group = bits, (out, n_in), bias, group
+        self.exact = torch.equal(self.dequantized(), weight.detach().float())
+
+    @classmethod
+    def of(cls, proj: Linear, name: str = "", bits: int = 4) -> "GroupLinear":
+        """The grouped twin of a float projection (a row-parallel one keeps its group)."""
+        return cls(proj.weight, proj.bias, bits, name, getattr(proj, "group", None))
+
+    def dequantized(self) -> torch.Tensor:
+        """W [out, in] in float32: d q + m, computed as the GGUF's own dequantization is."""
+        c = self.codes
+        w = (torch.cat([c & 15, c >> 4], -1) if self.bits == 4 else c).float()   # [out, G, 32]
+        w.mul_(self.d.float()[..., None])      # in place: 5x faster here than `d * q + m`
+        return (w if self.m is None else w.add_(self.m.float()[..., None])).view(self.shape)
+
+    def forward(self, x):
+        if one_row(x):
+            y = self.loop(x)
+        else:
+            y = F.linear(x, self.dequantized().to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        return y if self.group is None else groups.total(y, self.group)
+
+    def loop(self, x):
+        """The sum of products of one row, for inductor to fuse: x [..., in] -> [..., out]."""
+        x = torch.as_strided(x, x.shape, x.stride())   # x once, into memory (model.linear)
+        wide = torch.promote_types(x.dtype, torch.float32)
+        xg = x.to(wide).view(*x.shape[:-1], 1, -1, GROUP)                # [..., 1, G, 32]
+        c, half = self.codes, GROUP // 2
+        if self.bits == 4:                              # low nibbles: weights 0..15, high: 16..31
+            dot = xg[..., :half] * (c & 15).to(wide) + xg[..., half:] * (c >> 4).to(wide)
+        else:
+            dot = xg * c.to(wide)                                        # [..., out, G, 32]
+        y = (dot * self.d.to(wide)[..., None]).sum((-2, -1))             # [..., out]
+        if self.m is not None:
+            y = y + (xg.sum(-1) * self.m.to(wide)).sum(-1)               # sum_g m_g sum_j x_gj
+        return y.to(x.dtype)
+
+    def extra_repr(self):
+        return (f"in={self.shape[1]}, out={self.shape[0]}, "
+                f"{'Q4_1' if self.bits == 4 else 'Q8_0'} groups of {GROUP}")
+
+
 def quantized(model) -> bool:
-    """Whether `model`'s projections are int8."""
-    return isinstance(model.blocks[0].attn.wqkv, Int8Linear)
+    """Whether `model`'s projections are quantized (int8 or int4)."""
+    return isinstance(model.blocks[0].attn.wqkv, (Int8Linear, GroupLinear))
 
 
-def quantize(model: Transformer, kind: str = "int8") -> Transformer:
-    """The model with every projection (and the LM head) swapped for an Int8Linear, in place.
-    The embedding table stays in the model's dtype (a tied head gets its own int8 copy)."""
+def quantize(model: Transformer, kind: str = "int8", dtype: torch.dtype | None = None):
+    """The model with every projection (and the LM head) swapped for a quantized one, in place:
+    int8, Int8Linear; int4, GroupLinear Q4_1 (the LM head Q8_0). The embedding table stays in
+    float (a tied head gets its own quantized copy). dtype: then every float tensor left (norms,
+    the embedding, biases, int8's scales) is cast to it; quantize from float32 weights or wider,
+    so that a bfloat16 model's int4 blocks are the checkpoint's own."""
     if kind not in KINDS:
         raise ValueError(f"quantize={kind!r}: msrnn quantizes weights to {', '.join(KINDS)}; "
                          f"or pass quantize=None for the checkpoint's own weights")
     if quantized(model):
         raise ValueError("the model is already quantized")
-    for block in model.blocks:
-        attn, mlp = block.attn, block.mlp
-        attn.wqkv, attn.wo = Int8Linear.of(attn.wqkv), Int8Linear.of(attn.wo)
-        mlp.w13, mlp.w2 = Int8Linear.of(mlp.w13), Int8Linear.of(mlp.w2)
-    # A tied head (lm_head None: logits read the embedding matrix) gets its own int8 copy.
-    model.lm_head = Int8Linear.of(model.lm_head) if model.lm_head is not None else \
-        Int8Linear(model.embed.weight)
+    make = Int8Linear.of if kind == "int8" else GroupLinear.of
+    for i, block in enumerate(model.blocks):
+        for part, attr in (("attn", "wqkv"), ("attn", "wo"), ("mlp", "w13"), ("mlp", "w2")):
+            parent = getattr(block, part)
+            setattr(parent, attr, make(getattr(parent, attr), f"blocks.{i}.{part}.{attr}"))
+    # A tied head (lm_head None: logits read the embedding matrix) gets its own quantized copy.
+    w = model.lm_head.weight if model.lm_head is not None else model.embed.weight
+    model.lm_head = Int8Linear(w) if kind == "int8" else GroupLinear(w, bits=8, name="lm_head")
+    if dtype is not None:
+        cast(model, dtype)
     return model
+
+
+def cast(model: nn.Module, dtype: torch.dtype):
+    """Every floating parameter and buffer of `model` in `dtype`, except the formats' own (a
+    GroupLinear's float16 d and m): what `model.to(dtype)` would do to a quantized model."""
+    for module in model.modules():
+        keep = module.FORMAT if isinstance(module, GroupLinear) else ()
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is not None and t.is_floating_point() and name not in keep:
+                    store[name] = (nn.Parameter(t.to(dtype), requires_grad=False)
+                                   if isinstance(t, nn.Parameter) else t.to(dtype))

@@ -15,7 +15,13 @@ int8 (msrnn.quantize: int8 W, a float32 scale per row, float32 x): the library c
 to float32 for F.linear (eager, a copy per call), "compiled F.linear" is the same compiled, and
 "compiled sum" is the loop msrnn compiles, reading 1 byte per weight; W is stored [out, in] only.
 
-    python scripts/matvec_bench.py [--rows 1,2,4,8] [--dtypes float32,bfloat16,int8]
+int4 (msrnn.quantize.GroupLinear: Q4_1 groups of 32, 4-bit codes two a byte, a float16 scale and
+minimum per group, float32 x): the library column dequantizes W to float32 for F.linear (eager,
+what msrnn runs for several rows), "compiled sum" is GroupLinear's loop over the code bytes.
+int4pack (bfloat16 x): PyTorch's own 4-bit weight-only CPU kernel,
+torch._weight_int4pack_mm_for_cpu, on the same matrices in its packed layout (library column).
+
+    python scripts/matvec_bench.py [--rows 1,2,4,8] [--dtypes float32,bfloat16,int8,int4,int4pack]
 """
 
 import argparse
@@ -50,8 +56,9 @@ def main():
           "compiled sum |")
     print("|---|---|---|---|---|---|")
     for name in args.dtypes.split(","):
-        if name == "int8":
-            int8_rows(name, [int(r) for r in args.rows.split(",")])
+        if name in ("int8", "int4", "int4pack"):
+            {"int8": int8_rows, "int4": int4_rows, "int4pack": int4pack_rows}[name](
+                name, [int(r) for r in args.rows.split(",")])
             continue
         dtype = getattr(torch, name)
         out_in = [[torch.randn(o, i, dtype=dtype) for i, o in SHAPES] for _ in range(LAYERS)]
@@ -95,6 +102,51 @@ def int8_rows(name, all_rows):
         cells = [seconds(f) for f in (library, torch.compile(library), torch.compile(summed))]
         a, b, c = (f"{t * 1e3:.1f} ({nbytes / t / 1e9:.0f})" for t in cells)
         print(f"| {name} | {rows} | {a} | - | {b} | {c} |", flush=True)
+
+
+def int4_rows(name, all_rows):
+    """The int4 rows: msrnn's GroupLinear (Q4_1), eager (dequantize, F.linear) and its loop."""
+    from msrnn.quantize import GroupLinear
+
+    ws = [[GroupLinear(torch.randn(o, i) * 0.02) for i, o in SHAPES] for _ in range(LAYERS)]
+    nbytes = sum(t.numel() * t.element_size() for layer in ws for w in layer
+                 for t in w.buffers())
+    for rows in all_rows:
+        xs = {i: torch.randn(rows, i) for i, _ in SHAPES}
+
+        def library():
+            return [w(xs[i]) for layer in ws for (i, _), w in zip(SHAPES, layer)]
+
+        def summed():
+            return [w.loop(xs[i]) for layer in ws for (i, _), w in zip(SHAPES, layer)]
+
+        cells = [seconds(f) for f in (library, torch.compile(summed))]
+        a, c = (f"{t * 1e3:.1f} ({nbytes / t / 1e9:.1f})" for t in cells)
+        print(f"| {name} | {rows} | {a} | - | - | {c} |", flush=True)
+
+
+def int4pack_rows(name, all_rows):
+    """PyTorch's int4 weight-only kernel, bfloat16 x: w = (q - 8) s + z per group of 32."""
+    ws = []
+    for _ in range(LAYERS):
+        layer = []
+        for i, o in SHAPES:
+            q = torch.randint(0, 16, (o, i), dtype=torch.int32)
+            s = torch.rand(i // 32, o, 1) * 1e-3
+            layer.append((torch._convert_weight_to_int4pack_for_cpu(q, 1),
+                          torch.cat([s, s * 8], -1).to(torch.bfloat16)))   # [G, out, 2]
+        ws.append(layer)
+    nbytes = sum(w.numel() + 2 * sz.numel() for layer in ws for w, sz in layer)
+    for rows in all_rows:
+        xs = {i: torch.randn(rows, i, dtype=torch.bfloat16) for i, _ in SHAPES}
+
+        def library():
+            return [torch._weight_int4pack_mm_for_cpu(xs[i], w, 32, sz) for layer in ws
+                    for (i, _), (w, sz) in zip(SHAPES, layer)]
+
+        t = seconds(library)
+        print(f"| {name} | {rows} | {t * 1e3:.1f} ({nbytes / t / 1e9:.1f}) | - | - | - |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -131,8 +131,8 @@ def test_compiled_int8_step_streams_int8_in_one_graph(llama):
 
 
 def test_quantize_refuses_bad_requests(checkpoint):
-    with pytest.raises(ValueError, match="quantize='int4'.*int8"):
-        msrnn.load(checkpoint, quantize="int4")
+    with pytest.raises(ValueError, match="quantize=.int2.*int8, int4"):
+        msrnn.load(checkpoint, quantize="int2")
     model = msrnn.load(checkpoint, quantize="int8")
     with pytest.raises(ValueError, match="already quantized"):
         quantize(model)
@@ -154,4 +154,4 @@ def test_cli_quantize(tmp_path, capsys):
     assert main(args + ["--backend", "transformers"]) == 2
     assert "--quantize int8 quantizes msrnn's own decoder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(args[:-1] + ["int4"])
+        main(args[:-1] + ["int2"])

@@ -54,6 +54,20 @@ def test_answers_paris(smol, smol_int8, policy, quantize):
     assert answer.startswith("The capital of France is Paris"), answer
 
 
+def test_int4_is_the_ggufs_own_blocks(smol):
+    """The default model is its GGUF's Q4_1 blocks (the embedding Q8_0) dequantized: int4 finds
+    every one of them back, so its weights are the float32 model's and so are its logits."""
+    from msrnn.quantize import GroupLinear
+
+    directory, model, tok = smol
+    int4 = msrnn.load(directory, quantize="int4")
+    layers = [m for m in int4.modules() if isinstance(m, GroupLinear)]
+    assert len(layers) == 4 * int4.cfg.n_layers + 1 and all(m.exact for m in layers)
+    prompt = torch.tensor([tok.encode(book_pages()[0])[:48]])
+    with torch.inference_mode():
+        assert torch.equal(int4(prompt), model(prompt))
+
+
 def test_tova_keeps_the_first_token_throughout(smol):
     """The paper's Sec. 7: TOVA keeps the first token for the whole sequence. 600 tokens of a
     book through TOVA(32), checked after every step in every layer. In SmolLM2 the upper half of

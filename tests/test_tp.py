@@ -93,6 +93,12 @@ def ranks_uneven(directory):
     return out
 
 
+def ranks_int4(directory):
+    """int4 weights on two ranks: each rank's groups of 32 lie inside its own columns."""
+    with msrnn.load(directory, dtype=torch.float64, tp=2, quantize="int4") as model:
+        return {"int4": run(model, TOVA(K), "sequential", 40), "kv": model.plan.kv}
+
+
 def ranks_hf(directory):
     import msrnn.hf
     with msrnn.hf.HFBackend(msrnn.hf.load(directory, dtype=torch.float64, tp=2)) as backend:
@@ -287,6 +293,21 @@ def test_an_uneven_split_equals_one_process(tiny, tmp_path):
     assert [r["kv"] for r in ranks] == [(0, 2), (2, 3)]
     assert ranks[0]["group after close"] and ranks[1]["group after close"]  # the caller's
     assert_same(ranks, reference, list(reference))
+
+
+@torch.inference_mode()
+def test_int4_split_equals_one_process(tmp_path):
+    """int4 (Q4_1 groups of 32 along the input) on two ranks: a row-parallel projection's
+    groups are its rank's own, so the ranks hold one process's blocks, and compute its logits."""
+    directory = save(tiny_hf("llama", seed=6, vocab_size=VOCAB, hidden_size=128,
+                             intermediate_size=128, num_attention_heads=8,
+                             num_key_value_heads=4), tmp_path / "m")
+    ranks, codes = on_two_ranks("ranks_int4", directory, tmp=tmp_path)
+    assert codes == [0, 0]
+    reference = {"int4": run(msrnn.load(directory, dtype=torch.float64, quantize="int4"),
+                             TOVA(K), "sequential", 40)}
+    assert [r["kv"] for r in ranks] == [(0, 2), (2, 4)]
+    assert_same(ranks, reference, ["int4"])
 
 
 @torch.inference_mode()

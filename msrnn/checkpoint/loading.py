@@ -36,8 +36,11 @@ def load(path_or_repo_id: str, dtype: torch.dtype = torch.float32, device="cpu",
     """Load a checkpoint from a local directory, or from the Hugging Face Hub by repo id.
 
     quantize="int8": every projection and the LM head stored as int8 with one scale per output
-    channel, computed here from the checkpoint's weights (msrnn.quantize); activations and the
-    multi-state stay in `dtype`.
+    channel, computed here from the checkpoint's weights (msrnn.quantize); quantize="int4":
+    every projection in 4-bit groups of 32 with a scale and a minimum each (llama.cpp's Q4_1),
+    the LM head in 8-bit groups (Q8_0); a checkpoint converted from such a GGUF (the default
+    model) gets its GGUF's own blocks back, exactly. Activations and the multi-state stay in
+    `dtype`.
 
     tp=N (N > 1): this process's shard of the model, one of N processes (started by torchrun,
     or after torch.distributed.init_process_group): its KV heads, query heads and MLP units,
@@ -55,14 +58,17 @@ def load(path_or_repo_id: str, dtype: torch.dtype = torch.float32, device="cpu",
     plan, group = tensor_parallel.plan(cfg, tp, device) if tp not in (None, 1) else (None, None)
     with torch.device("meta"):
         model = Transformer(cfg) if plan is None else tensor_parallel.Sharded(plan, group)
+    # Quantizing reads the weights in float32 (or wider) and then casts the rest to `dtype`:
+    # rounded to bfloat16 first, a Q4_1 checkpoint's weights would no longer lie on its grid.
+    wide = torch.promote_types(dtype, torch.float32) if quantize else dtype
     params = {}
     for name, (sources, combine) in recipe.items():
         tensors = [checkpoint.get(hf, shape, plan and plan.part(hf)) for hf, shape in sources]
-        params[name] = combine(*tensors).to(device=device, dtype=dtype).contiguous()
+        params[name] = combine(*tensors).to(device=device, dtype=wide).contiguous()
     model.load_state_dict(params, assign=True, strict=True)
-    model.rope = RoPE(cfg).to(device)  # computed from the config, not stored in checkpoints
     if quantize is not None:
-        quantization.quantize(model, quantize)
+        quantization.quantize(model, quantize, dtype)
+    model.rope = RoPE(cfg).to(device)  # computed from the config, not stored in checkpoints
     model.source = directory                           # where the tokenizer files are
     model.eos_ids = read_stop_tokens(directory)
     return model.eval().requires_grad_(False)

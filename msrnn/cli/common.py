@@ -139,8 +139,10 @@ def add_device_args(parser):
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--quantize", choices=QUANTIZE, help="int8: weight-only int8 "
-                        "projections and LM head, one scale per output channel, activations in "
-                        "--dtype (msrnn's decoder; docs/performance.md)")
+                        "projections and LM head, one scale per output channel; int4: 4-bit "
+                        "groups of 32 (llama.cpp's Q4_1; the LM head Q8_0), the default model's "
+                        "own GGUF blocks; activations in --dtype (msrnn's decoder; "
+                        "docs/performance.md)")
 
 
 def check_device(name: str):

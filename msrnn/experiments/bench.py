@@ -4,8 +4,9 @@
 Four parts, all in one run on one model, prompt and machine (docs/performance.md):
 
   speed       decode tokens/s and peak memory at batch 1: transformers `generate` (DynamicCache),
-              msrnn eager and compiled, Full and TOVA, float32 and bfloat16 (and int8 weights
-              with float32 activations, `quantize`); each row also as a ratio to transformers in
+              msrnn eager and compiled, Full and TOVA, float32 and bfloat16 (and int8 or int4
+              weights with float32 activations, `quantize`); each row also as a ratio to
+              transformers in
               the same dtype and to transformers float32. Every row runs in a fresh process, so
               its peak resident memory is its own.
   latency     per-token latency as the sequence grows (to 8,192): Full grows, TOVA stays flat.
@@ -15,7 +16,7 @@ Four parts, all in one run on one model, prompt and machine (docs/performance.md
   prefill     prompt tokens/s against transformers' forward.
   ceiling     bytes of weights read per token against the measured memory bandwidth: the
               fastest batch-1 decoding this machine allows, per kind of weights (float32,
-              bfloat16, int8), and each speed as a fraction of its own.
+              bfloat16, int8, int4), and each speed as a fraction of its own.
 """
 
 import json
@@ -338,7 +339,7 @@ def read_bandwidth_gbs(device, mb: int = 1024) -> float:
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes of weights a batch-1 step of `model` (as loaded: its dtype, int8 or not) reads:
+    """Bytes of weights a batch-1 step of `model` (as loaded: its dtype, quantized or not) reads:
     every projection, scale, norm and the LM head once; the embedding table only where it is
     the LM head (tied, not quantized), as a lookup reads one row of it."""
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
@@ -350,7 +351,7 @@ def weight_bytes_per_token(model) -> int:
 
 def ceiling(directory: str, device, kinds) -> dict:
     """The fastest batch-1 decoding this machine allows: read bandwidth against the bytes of
-    weights a step reads, per kind of weights: a dtype (float32, bfloat16) or int8."""
+    weights a step reads, per kind of weights: a dtype (float32, bfloat16), int8 or int4."""
     gbs = read_bandwidth_gbs(device)
     out = {"read_gb_s": gbs}
     for kind in kinds:

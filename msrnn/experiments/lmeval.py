@@ -70,7 +70,7 @@ KEYS = {
     "dtype": "float32, bfloat16, float16 or float64",
     "device": "cpu, cuda, cuda:N",
     "backend": "msrnn (msrnn's decoder) or transformers (msrnn.hf)",
-    "quantize": "int8 (msrnn's decoder)",
+    "quantize": "int8 or int4 (msrnn's decoder)",
     "policy_module": "a Python file that registers a policy (@policies.register)",
     "batch_size": "rows per batch",
     "max_batch_size": "lm-eval's, for batch_size=auto (unused)",

@@ -75,7 +75,7 @@ def configurations(names, sizes, sinks=None, observe: int = 1, schemes=("origina
 def backend(directory: str, dtype: torch.dtype = torch.float32, device="cpu",
             kind: str = "msrnn", tp: int = 1, compile: bool = False, quantize: str | None = None):
     """The backend an experiment runs on: msrnn's decoder (compile: its step compiled; quantize:
-    its weights int8), or a transformers model (`kind` "transformers", msrnn.hf); with tp > 1,
+    its weights int8 or int4), or a transformers model (`kind` "transformers", msrnn.hf); with tp > 1,
     this rank's part of it (on CUDA, the GPU cuda:LOCAL_RANK)."""
     if kind == "transformers":
         from .. import hf
