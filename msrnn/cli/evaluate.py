@@ -6,10 +6,10 @@ import json
 import os
 
 from .common import (UsageError, add_device_args, add_output_args, add_policy_args,
-                     add_policy_module_arg,
-                     add_positions_args, check_decoder_options, check_device, check_out_dir,
-                     check_policies, check_positive, check_reach, command, loader,
-                     model_config, options, parse_list, read_texts, setup)
+                     add_policy_module_arg, add_positions_args, add_worker_args,
+                     check_decoder_options, check_device, check_out_dir, check_policies,
+                     check_positive, check_reach, check_workers, command, loader, model_config,
+                     options, parse_list, read_texts, setup, workers)
 from ..experiments.output import figure, save_figure, write_atomic
 
 
@@ -18,7 +18,7 @@ def add_commands(commands):
                 options(add_policy_args, multiple=True),
                 options(add_positions_args, multiple=True),
                 options(add_output_args, "results.json/.csv, ppl.png and ppl-position.png"),
-                options(add_device_args))
+                options(add_device_args), options(add_worker_args, local=True))
     p.add_argument("--text", nargs="+", required=True, help="text files")
     p.add_argument("--context", type=int, default=2048, help="tokens per chunk (past the "
                    "model's range: a bounded policy with --positions cache or compressed)")
@@ -28,13 +28,11 @@ def add_commands(commands):
                    "long context is decoded step by step)")
     p.add_argument("--max-chunks", type=int, help="at most this many chunks per text")
     p.add_argument("--batch", type=int, default=8, help="chunks per batch")
-    p.add_argument("--jobs", type=int, default=1, help="configurations run at once, each in its "
-                   "own process (2 is fastest on a 2-core CPU)")
 
     r = command(commands, "retention", "which tokens TOVA keeps, and for how long",
                 run_retention, options(add_positions_args), options(add_policy_module_arg),
                 options(add_output_args, "retention.json and retention.png"),
-                options(add_device_args))
+                options(add_device_args), options(add_worker_args, jobs=False))
     r.add_argument("--text", nargs="+", required=True)
     r.add_argument("--context", type=int, default=2048)
     r.add_argument("--size", type=int, default=256)
@@ -57,14 +55,11 @@ def run_ppl(args):
 
     if args.context < 2:
         raise UsageError(f"--context must be at least 2, got {args.context}")
-    check_positive("--jobs", args.jobs)
-    if args.jobs > 1 and args.tp > 1:
-        raise UsageError("--jobs runs configurations in processes of their own; with --tp, "
-                         "leave it at 1 (the ranks already share the work)")
     check_positive("--batch", args.batch)
     check_positive("--buckets", args.buckets)
     check_positive("--max-chunks", args.max_chunks, allow_none=True)
-    check_device(args.device)
+    check_device(args.device, args.ray)
+    check_workers(args, local=True)
     schemes = [Scheme.of(s).value for s in parse_list("--positions", args.positions)]
     configs = check_policies(args, args.context, f"the context {args.context}", schemes)
     read_texts(args.text)                             # exist, and are UTF-8 text
@@ -84,9 +79,10 @@ def run_ppl(args):
     todo = sweep.pending([{}], configs)
     sweep.say(f"{len(chunks)} chunks x {args.context} tokens, {len(configs)} configurations, "
               f"{len(configs) - sum(len(c) for _, c in todo)} done before")
+    here = args.ray is None and (args.jobs or 1) == 1        # a bar per chunk: only here
     work = functools.partial(evaluate.sweep_work, chunks, args.batch, args.buckets,
-                             args.past_range, args.jobs == 1)
-    sweep.run(todo, loader(args, directory, args.compile), work, args.jobs)
+                             args.past_range, here)
+    sweep.run(todo, loader(args, directory, args.compile), work, **workers(args))
     rows = sweep.rows([{}], configs)
     if args.out:
         title = (f"{os.path.basename(os.path.abspath(directory))}, context {args.context}, "
@@ -273,7 +269,8 @@ def run_retention(args):
         raise UsageError(f"--size must be between 1 and --context - 1, got {args.size}")
     check_positive("--batch", args.batch)
     check_positive("--max-chunks", args.max_chunks, allow_none=True)
-    check_device(args.device)
+    check_device(args.device, args.ray)
+    check_workers(args)
     check_out_dir(args.out)
     directory, cfg = model_config(args.model)
     from ..policies import TOVA
@@ -283,9 +280,15 @@ def run_retention(args):
     read_texts(args.text)                             # exist, and are UTF-8 text
     tok = load_tokenizer(directory)
     chunks = evaluate.load_chunks(tok, args.text, args.context, args.max_chunks)
-    model = loader(args, directory)()
-    r = evaluate.retention(model, chunks, args.size, args.batch, record=layers,
-                           positions=args.positions, allow_past_range=args.past_range)
+    measure = functools.partial(evaluate.retention, chunks=chunks, size=args.size,
+                                batch_size=args.batch, record=layers, positions=args.positions,
+                                allow_past_range=args.past_range)
+    if args.ray is None:
+        r = measure(loader(args, directory)())
+    else:                                          # on one worker of the cluster
+        from ..experiments import cluster
+        r = cluster.call(loader(args, directory), measure, args.ray,
+                         workers(args)["gpu"])
     if args.plot:
         plot_multistate(r["kept"], args.plot,
                         f"TOVA({args.size}), {os.path.basename(directory)}, first chunk of "

@@ -6,10 +6,10 @@ import json
 import os
 
 from .common import (UsageError, add_device_args, add_output_args, add_policy_module_arg,
-                     add_positions_args, add_prompt_mode_arg, add_sample_args, check_device,
-                     check_observe,
-                     check_out_dir, check_policies, check_positive, check_reach, check_seed,
-                     command, loader, model_config, options, parse_list, read_texts, setup)
+                     add_positions_args, add_prompt_mode_arg, add_sample_args, add_worker_args,
+                     check_device, check_observe, check_out_dir, check_policies,
+                     check_positive, check_reach, check_seed, check_workers, command, loader,
+                     model_config, options, parse_list, read_texts, setup, workers)
 from ..experiments.output import figure, save_figure
 
 FIELDS = ["policy", "size", "length", "depth", "accuracy", "samples", "correct", "seconds",
@@ -51,7 +51,8 @@ def grid_command(commands, name: str, help: str, run, defaults: tuple, files: st
     """A command over the grid (`msrnn needle`, `msrnn tasks`): `defaults` are those of
     --lengths, --policies, --sizes and --samples; `files`, what --out holds."""
     return command(commands, name, help, run, options(add_grid, *defaults),
-                   options(add_output_args, files), options(add_device_args))
+                   options(add_output_args, files), options(add_device_args),
+                   options(add_worker_args))
 
 
 def check_grid(args, extra: int):
@@ -66,7 +67,8 @@ def check_grid(args, extra: int):
     configs = check_policies(args, max(lengths), f"--lengths {max(lengths)}", name="--sizes")
     check_positive("--samples", args.samples)
     check_seed(args.seed)
-    check_device(args.device)
+    check_device(args.device, args.ray)
+    check_workers(args)
     check_out_dir(args.out)
     directory, cfg = model_config(args.model)
     for c in configs:
@@ -160,7 +162,7 @@ def run_needle(args):
                 f"{c.policy} length {n} depth {d:g}: {r['correct']}/{args.samples}, " \
                 f"{speed:.0f} tok/s"
 
-    sweep.run(todo, loader(args, directory, warm=needle.warm_up), work)
+    sweep.run(todo, loader(args, directory, warm=needle.warm_up), work, **workers(args))
     rows = sweep.rows(cells, configs, evicts)
     if args.out:
         title = (f"{os.path.basename(os.path.abspath(directory))}, {args.task}, "

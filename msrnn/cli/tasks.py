@@ -4,7 +4,8 @@ size, with `msrnn needle`'s grid, options, resumable results and heat maps (cli/
 import json
 import os
 
-from .common import UsageError, check_positive, loader, parse_list, read_texts, setup
+from .common import (UsageError, check_positive, loader, parse_list, read_texts, setup,
+                     workers)
 from .needle import check_grid, draw_sizes, grid_command, heatmap_page
 from ..experiments.output import figure, save_figure
 
@@ -93,7 +94,7 @@ def run_tasks(args):
                 f"{t} {c.policy} length {n}" + ("" if d is None else f" depth {d:g}") + \
                 f": {score:.0f}, {speed:.0f} tok/s"
 
-    sweep.run(todo, loader(args, directory, warm=needle.warm_up), work)
+    sweep.run(todo, loader(args, directory, warm=needle.warm_up), work, **workers(args))
     rows = sweep.rows(cells, configs, evicts)
     if args.out:
         title = (f"{os.path.basename(os.path.abspath(directory))}, {args.prompt_mode} prompt"

@@ -13,7 +13,10 @@ one cell, every command needs the same things, written here once:
                                        results file does not hold yet
     sweep.run(todo, load, work)        the model loaded once, only if there is work, and
                                        warmed up; the progress bar; a line per row; `jobs`
-                                       processes, each with its own model, if asked
+                                       processes, each with its own model, if asked; or, with
+                                       `ray`, workers of a Ray cluster (experiments.cluster)
+    items(todo)                        the work items the worker processes and the Ray workers
+                                       take one at a time
     sweep.rows(cells, configs)         the results in the grid's order, for tables and plots
 
 A command (msrnn/cli) checks its arguments, makes a Sweep, and prints and plots its rows; an
@@ -89,6 +92,7 @@ class Sweep:
                  log=None):
         self.name, self.key, self.log = name, key, log or sys.stderr
         self.results = Results(out, setup, key, fields)
+        self.model = None                     # loaded by the first run that runs here
 
     def say(self, text: str):
         """A line on the log, under the progress bar if one is running."""
@@ -110,46 +114,69 @@ class Sweep:
         return [self.get(cell, c) for cell in cells for c in configs
                 if applies is None or applies(cell, c)]
 
-    def run(self, todo: list, load, work, jobs: int = 1):
+    def run(self, todo: list, load, work, jobs: int | None = None, ray: str | None = None,
+            gpu: bool = False):
         """Compute every pending pair and save each row as it comes. `load()` makes the model
-        (called once, and only if there is work; with jobs > 1, once in each of `jobs` worker
-        processes, so it must pickle); `work(model, cell, configs)` yields (config, row, line)
-        for each configuration: the row's measured fields and a line for the log."""
+        (called once, and only if there is work; the Sweep keeps it for a later run); `work(
+        model, cell, configs)` yields (config, row, line) for each configuration: the row's
+        measured fields and a line for the log.
+
+        Where the work runs: here, one cell after another (the default); with jobs > 1, each
+        item (`items`) in one of `jobs` worker processes, each with its own model (`load` and
+        `work` must pickle); with `ray` (an address: local, auto or HOST:PORT), each item on a
+        worker of that Ray cluster (msrnn.experiments.cluster: `jobs` workers, by default one per
+        free CPU, or per GPU with `gpu`; `load` and `work` go through cloudpickle, so closures
+        do too). Rows are saved in the order they finish; `rows` puts them in the grid's order.
+        Raises cluster.Lost, after saving every row that came back, when Ray workers died for
+        good."""
         if not todo:
             return
         started = time.perf_counter()
         total = sum(len(configs) for _, configs in todo)
         with tqdm(total=total, desc=self.name, unit="config", file=self.log) as bar:
-            for cell, config, row, line in (self._serial(todo, load, work, bar) if jobs == 1
-                                            else self._pool(todo, load, work, jobs)):
+            if ray is not None:
+                from . import cluster
+                rows = cluster.run(items(todo), load, work, ray, jobs, gpu, self.say)
+            elif (jobs or 1) > 1:
+                rows = self._pool(items(todo), load, work, jobs)
+            else:
+                rows = self._serial(todo, load, work, bar)
+            for cell, config, row, line in rows:
                 self.results.add({**cell, **config.fields(self.key), **row})
                 self.say(line)
                 bar.update(1)
         self.say(f"{time.perf_counter() - started:.0f} s")
 
-    @staticmethod
-    def _serial(todo, load, work, bar):
-        model = load()
+    def _serial(self, todo, load, work, bar):
+        if self.model is None:
+            self.model = load()
         for cell, configs in todo:
             bar.set_postfix_str(", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in cell.items() if v is not None))
-            for config, row, line in work(model, cell, configs):
+            for config, row, line in work(self.model, cell, configs):
                 yield cell, config, row, line
 
     @staticmethod
-    def _pool(todo, load, work, jobs: int):
-        """Each (cell, configuration) in one of `jobs` processes, each with its share of the CPU
-        threads. A decode step with a few rows is bound by reading the weights, and the
-        library's matrix multiply reads them barely faster with two threads than with one: two
-        one-thread processes finish about 1.6x as many steps on two cores (docs/results.md)."""
+    def _pool(items, load, work, jobs: int):
+        """Each item in one of `jobs` processes, each with its share of the CPU threads. A
+        decode step with a few rows is bound by reading the weights, and the library's matrix
+        multiply reads them barely faster with two threads than with one: two one-thread
+        processes finish about 1.6x as many steps on two cores (docs/results.md)."""
         threads = max(1, torch.get_num_threads() // jobs)
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_worker_start, initargs=(load, threads)) as pool:
-            futures = {pool.submit(_worker_run, work, cell, config): cell
-                       for cell, configs in todo for config in configs}
+            futures = {pool.submit(_worker_run, work, cell, configs): cell
+                       for cell, configs in items}
             for future in as_completed(futures):
                 for config, row, line in future.result():
                     yield futures[future], config, row, line
+
+
+def items(todo: list) -> list:
+    """The work items of a to-do list, [(cell, configurations)], in the grid's order: what a
+    worker process or a Ray worker takes at a time. Today one configuration of one cell each,
+    so that even one cell's configurations (ppl's grid) spread over the workers."""
+    return [(cell, [config]) for cell, configs in todo for config in configs]
 
 
 _worker_model = None            # a worker process's model (Sweep._pool)
@@ -161,5 +188,5 @@ def _worker_start(load, threads: int):
     _worker_model = load()
 
 
-def _worker_run(work, cell, config):
-    return list(work(_worker_model, cell, [config]))
+def _worker_run(work, cell, configs):
+    return list(work(_worker_model, cell, configs))
