@@ -35,7 +35,7 @@ GRID = ["--policies", "full,tova,h2o,window", "--sizes", "6,12"]
 def local_ray():
     """A local Ray instance with two CPUs for the module; `--ray local` joins it. The workers
     unpickle this module's functions by value (they cannot import a test module)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              logging_level="ERROR")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield

@@ -2,7 +2,8 @@
 one item at a time, their rows streamed back to the driver as they finish.
 
     reach(address)       before any work: Ray is installed, and a cluster answers at the
-                         address (a short TCP probe, not Ray's own minute-long retries)
+                         address (a short TCP probe, not Ray's own minute-long retries) and
+                         lets this process join
     run(items, ...)      the items on `jobs` workers; yields (cell, config, row, line) as each
                          item finishes; raises Lost, after the others finished, naming the items
                          of workers that died for good
@@ -39,9 +40,10 @@ def need():
 
 def reach(address: str):
     """Check, before any work, that --ray ADDRESS can be used: Ray imports, and for an address
-    other than `local` a cluster answers there within PROBE_SECONDS. `auto` is the cluster
-    `ray start` made on this host (or $RAY_ADDRESS). ray.init itself would retry an address
-    that does not answer for over a minute."""
+    other than `local` a cluster answers there within PROBE_SECONDS and lets this process join
+    (`connect`). `auto` is the cluster `ray start` made on this host (or $RAY_ADDRESS). ray.init
+    itself would retry an address that does not answer for over a minute. A local instance
+    starts only when there is work (`run`)."""
     need()
     if address == "local":
         return
@@ -64,6 +66,7 @@ def reach(address: str):
         why = "no answer" if isinstance(e, TimeoutError) else e.strerror or str(e)
         raise ValueError(f"--ray {address}: no Ray cluster answers at {host}:{port} ({why}); "
                          f"start one with `ray start --head` there, or use --ray local") from None
+    connect(address)
 
 
 def connect(address: str):
@@ -73,8 +76,14 @@ def connect(address: str):
 
     ray = need()
     if not ray.is_initialized():
-        ray.init(address=None if address == "local" else address, include_dashboard=False,
-                 log_to_driver=False, logging_level=logging.ERROR)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.ERROR)       # "local": a new instance, always
+        except ConnectionError as e:
+            raise ValueError(f"--ray {address}: {e}; a cluster with token authentication (Ray "
+                             f"2.60's `ray start` turns it on) admits a host with "
+                             f"RAY_AUTH_MODE=token and the head's ~/.ray/auth_token "
+                             f"(docs/scale.md)") from None
     errors_to_stderr()
     return ray
 
@@ -166,8 +175,13 @@ def run(items: list, load, work, address: str, jobs: int | None = None, gpu: boo
             worker, item = waiting.pop(ref)
             try:
                 out = ray.get(ref)
-            except ray.exceptions.RayActorError:                # died for good
-                if item is not None:
+            except ray.exceptions.RayActorError as e:
+                if e.actor_init_failed:                         # it never started
+                    cause = [line for line in str(e).splitlines() if line.strip()][-1]
+                    raise ValueError(f"--ray {address}: a worker could not start on its host "
+                                     f"({cause}); install msrnn, the same version, on every "
+                                     f"host of the cluster") from None
+                if item is not None:                            # died for good
                     lost.append(item)
                 continue
             except ray.exceptions.RayTaskError as e:            # a clear error comes back as is

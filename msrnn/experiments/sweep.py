@@ -125,7 +125,7 @@ class Sweep:
         item (`items`) in one of `jobs` worker processes, each with its own model (`load` and
         `work` must pickle); with `ray` (an address: local, auto or HOST:PORT), each item on a
         worker of that Ray cluster (msrnn.experiments.cluster: `jobs` workers, by default one per
-        free CPU, or per GPU with `gpu`; `load` and `work` go through cloudpickle, so closures
+        CPU of the cluster, or per GPU with `gpu`; `load` and `work` go through cloudpickle, so closures
         do too). Rows are saved in the order they finish; `rows` puts them in the grid's order.
         Raises cluster.Lost, after saving every row that came back, when Ray workers died for
         good."""
@@ -136,12 +136,12 @@ class Sweep:
         with tqdm(total=total, desc=self.name, unit="config", file=self.log) as bar:
             if ray is not None:
                 from . import cluster
-                rows = cluster.run(items(todo), load, work, ray, jobs, gpu, self.say)
+                done = cluster.run(items(todo), load, work, ray, jobs, gpu, self.say)
             elif (jobs or 1) > 1:
-                rows = self._pool(items(todo), load, work, jobs)
+                done = self._pool(items(todo), load, work, jobs)
             else:
-                rows = self._serial(todo, load, work, bar)
-            for cell, config, row, line in rows:
+                done = self._serial(todo, load, work, bar)
+            for cell, config, row, line in done:
                 self.results.add({**cell, **config.fields(self.key), **row})
                 self.say(line)
                 bar.update(1)
