@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install $(TORCH)
-	$(BIN)/python -m pip install -e ".[test,lm-eval]"
+	$(BIN)/python -m pip install -e ".[test,lm-eval,ray]"
 	touch $@
 
 model: setup

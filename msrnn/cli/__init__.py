@@ -19,6 +19,7 @@ import os
 import sys
 
 from .. import __version__
+from ..experiments.cluster import Lost
 from . import bench, chat, common, drift, evaluate, generate, lmeval, needle, tasks
 
 
@@ -51,13 +52,16 @@ def main(argv=None):
 
 def run(args) -> int:
     """args.run(args) -> the exit status: 0, or a clear error's one line and 2 (1: the
-    tensor-parallel group broke)."""
+    tensor-parallel group broke, or Ray workers died for good)."""
     try:
         common.ranks(args)                   # --tp: rank 0 alone prints
         return args.run(args) or 0
     except (ValueError, TypeError, OSError) as e:
         print(f"msrnn {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Lost as e:                        # --ray: workers died for good; the rest is saved
+        print(f"msrnn {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except RuntimeError as e:                # torch.distributed: a rank failed or ended
         if getattr(args, "tp", 1) == 1:
             raise

@@ -145,14 +145,21 @@ def add_device_args(parser):
                         "docs/performance.md)")
 
 
-def check_device(name: str):
-    """The torch device `name`, if this machine has it."""
+def check_device(name: str, ray: str | None = None):
+    """The torch device `name`, if this machine has it. With --ray the workers' hosts have the
+    devices, not necessarily this one: each worker is given one GPU of its host, which it sees
+    as `cuda` (experiments.cluster), so only the kind is checked here."""
     import torch
 
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"unknown --device {name!r}: use cpu, cuda or cuda:N") from None
+    if ray is not None and device.type == "cuda":
+        if device.index:
+            raise UsageError(f"--device {name} with --ray: each worker is given one GPU of its "
+                             f"host by Ray and sees it as cuda; use --device cuda")
+        return device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: this machine has no CUDA GPU (or this torch build "
                          f"has no CUDA); use --device cpu")
@@ -161,6 +168,50 @@ def check_device(name: str):
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {name}: msrnn runs on cpu or cuda")
     return device
+
+
+def add_worker_args(parser, jobs: bool = True, local: bool = False):
+    """Where a sweep's items run (experiments.sweep, experiments.cluster): --ray ADDRESS, and
+    with `jobs` --jobs N (`local`: also worker processes on this machine without --ray)."""
+    parser.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster, each worker "
+                        "loading the model once: local (a Ray instance started here), auto (the "
+                        "cluster `ray start` made on this host) or HOST:PORT of its head; the "
+                        "extra msrnn[ray] (docs/scale.md)")
+    if jobs:
+        parser.add_argument("--jobs", type=int, metavar="N", help="workers, each with its own "
+                            "model: with --ray, Ray workers (default: one per free CPU of the "
+                            "cluster, or per GPU with --device cuda)" + (
+                                "; without, processes on this machine (default 1; 2 is fastest "
+                                "on a 2-core CPU)" if local else ""))
+
+
+def check_workers(args, local: bool = False):
+    """--ray and --jobs, before any work: a positive --jobs (without --ray only where worker
+    processes run here, `local`), not with --tp, Ray installed and the cluster answering."""
+    jobs = getattr(args, "jobs", None)
+    check_positive("--jobs", jobs, allow_none=True)
+    if args.ray is None:
+        if (jobs or 1) > 1 and not local:
+            raise UsageError(f"--jobs {jobs} sets how many Ray workers run: add --ray local "
+                             f"(or a cluster's address), or drop --jobs")
+        if (jobs or 1) > 1 and args.tp > 1:
+            raise UsageError("--jobs runs configurations in processes of their own; with --tp, "
+                             "leave it at 1 (the ranks already share the work)")
+        return
+    if args.tp > 1:
+        raise UsageError("--ray runs whole models on its workers; drop --tp (or --ray)")
+    from ..experiments import cluster
+    try:
+        cluster.reach(args.ray)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def workers(args) -> dict:
+    """Sweep.run's keywords for where the items run: jobs, ray, gpu."""
+    import torch
+    return {"jobs": getattr(args, "jobs", None), "ray": args.ray,
+            "gpu": torch.device(args.device).type == "cuda"}
 
 
 def check_positive(name: str, value, allow_none=False):

@@ -2,15 +2,16 @@
 the first step that differs, Full's perplexity of its text and its repeated 4-grams, against
 multi-state size."""
 
+import functools
 import json
 import os
 import time
 
 from .common import (UsageError, add_batch_args, add_device_args, add_output_args,
                      add_policy_args, add_positions_args, add_prompt_mode_arg, add_sample_args,
-                     batch_configs, check_device,
-                     check_observe, check_out_dir, check_policies, check_positive, check_reach,
-                     check_seed, command, loader, model_config, options, read_texts, setup)
+                     add_worker_args, batch_configs, check_device, check_observe, check_out_dir,
+                     check_policies, check_positive, check_reach, check_seed, check_workers,
+                     command, loader, model_config, options, read_texts, setup, workers)
 from ..experiments.output import figure, save_figure
 
 MEASURES = ("first_divergence", "full_ppl", "repeat_4gram")
@@ -24,7 +25,7 @@ def add_commands(commands):
                 options(add_policy_args, multiple=True), options(add_sample_args, 2),
                 options(add_prompt_mode_arg, observe=True), options(add_positions_args),
                 options(add_output_args, "results.json/.csv and drift.png"),
-                options(add_device_args), options(add_batch_args))
+                options(add_device_args), options(add_worker_args), options(add_batch_args))
     p.add_argument("--text", nargs="+", help="texts the openings are cut from (default: the "
                    "two public-domain books msrnn ships)")
     p.add_argument("--new-tokens", type=int, default=1024, help="tokens generated greedily")
@@ -44,7 +45,8 @@ def run_drift(args):
     check_observe(args)
     check_positive("--batch-configs", args.batch_configs, allow_none=True)
     check_seed(args.seed)
-    check_device(args.device)
+    check_device(args.device, args.ray)
+    check_workers(args)
     check_out_dir(args.out)
     end = args.prompt_tokens + args.new_tokens - 1
     configs = [Config("full", None, Full(), args.positions)] + check_policies(
@@ -73,25 +75,31 @@ def run_drift(args):
     sweep.say(f"{len(configs)} configurations x {len(KINDS)} kinds x {args.samples} prompts, "
               f"{args.new_tokens} new tokens; {sum(len(c) for _, c in todo)} to run")
 
-    def work(model, cell, todo_configs):
+    def work(fulls, model, cell, todo_configs):
         """The configurations together, as the rows of one batch; each is measured against
-        Full's generations (in this batch, or saved: Full is the first configuration)."""
+        Full's generations (`fulls`, by kind; Full's own where it is one of them)."""
         kind, begin = cell["kind"], time.perf_counter()
         outputs = drift.run(model, prompts[kind], [c.policy for c in todo_configs],
                             args.new_tokens, args.prompt_mode, None, args.positions,
                             args.past_range)
-        mine = {c.name: o for c, o in zip(todo_configs, outputs)}
-        full = mine["full"] if "full" in mine else sweep.get(cell, configs[0])["outputs"]
         seconds = (time.perf_counter() - begin) / len(todo_configs)
         for c, out in zip(todo_configs, outputs):
+            full = out if c.name == "full" else fulls[kind]
             row = drift.measure(model, prompts[kind], out, full)
             yield c, {**{k: round(v, 4) for k, v in row.items()}, "samples": args.samples,
                       "seconds": round(seconds, 1), "outputs": out}, \
                 f"{kind} {c.policy}: first divergence {row['first_divergence']:.0f}, Full's " \
                 f"ppl {row['full_ppl']:.2f}, repeated 4-grams {row['repeat_4gram']:.2f}"
 
-    batch = batch_configs(args, cfg, args.samples, configs, end + 1, sweep.say)
-    sweep.run(todo, loader(args, directory), work, batch=batch)
+    # Full first, the others after: they are measured against its text, which a worker
+    # elsewhere (--ray) gets with its work rather than from this process's results.
+    load = loader(args, directory)
+    sweep.run([(cell, c[:1]) for cell, c in todo if c[0].name == "full"], load,
+              functools.partial(work, {}), **workers(args))
+    fulls = {cell["kind"]: sweep.get(cell, configs[0])["outputs"] for cell in cells}
+    batch = batch_configs(args, cfg, args.samples, configs[1:], end + 1, sweep.say)
+    sweep.run(sweep.pending(cells, configs[1:]), load, functools.partial(work, fulls),
+              batch=batch, **workers(args))
     rows = sweep.rows(cells, configs)
     if args.out:
         plot_drift(rows, os.path.join(args.out, "drift.png"),

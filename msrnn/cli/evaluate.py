@@ -7,10 +7,11 @@ import os
 import sys
 
 from .common import (UsageError, add_batch_args, add_device_args, add_output_args,
-                     add_policy_args, add_policy_module_arg, batch_configs,
-                     add_positions_args, check_decoder_options, check_device, check_out_dir,
-                     check_policies, check_positive, check_reach, command, loader,
-                     model_config, options, parse_list, read_texts, setup)
+                     add_policy_args, add_policy_module_arg, add_positions_args,
+                     add_worker_args, batch_configs, check_decoder_options, check_device,
+                     check_out_dir, check_policies, check_positive, check_reach, check_workers,
+                     command, loader, model_config, options, parse_list, read_texts, setup,
+                     workers)
 from ..experiments.output import figure, save_figure, write_atomic
 
 
@@ -19,7 +20,8 @@ def add_commands(commands):
                 options(add_policy_args, multiple=True),
                 options(add_positions_args, multiple=True),
                 options(add_output_args, "results.json/.csv, ppl.png and ppl-position.png"),
-                options(add_device_args), options(add_batch_args))
+                options(add_device_args), options(add_worker_args, local=True),
+                options(add_batch_args))
     p.add_argument("--text", nargs="+", required=True, help="text files")
     p.add_argument("--context", type=int, default=2048, help="tokens per chunk (past the "
                    "model's range: a bounded policy with --positions cache or compressed)")
@@ -30,13 +32,12 @@ def add_commands(commands):
     p.add_argument("--max-chunks", type=int, help="at most this many chunks per text")
     p.add_argument("--batch", type=int, default=8, help="chunks per batch (of each "
                    "configuration)")
-    p.add_argument("--jobs", type=int, default=1, help="configurations run at once, each in its "
-                   "own process (2 is fastest on a 2-core CPU)")
 
     r = command(commands, "retention", "which tokens TOVA keeps, and for how long",
                 run_retention, options(add_positions_args), options(add_policy_module_arg),
                 options(add_output_args, "retention.json and retention.png"),
-                options(add_device_args), options(add_batch_args))
+                options(add_device_args), options(add_worker_args, jobs=False),
+                options(add_batch_args))
     r.add_argument("--text", nargs="+", required=True)
     r.add_argument("--context", type=int, default=2048)
     r.add_argument("--size", default="256", help="TOVA's multi-state size k; several, "
@@ -61,15 +62,12 @@ def run_ppl(args):
 
     if args.context < 2:
         raise UsageError(f"--context must be at least 2, got {args.context}")
-    check_positive("--jobs", args.jobs)
     check_positive("--batch-configs", args.batch_configs, allow_none=True)
-    if args.jobs > 1 and args.tp > 1:
-        raise UsageError("--jobs runs configurations in processes of their own; with --tp, "
-                         "leave it at 1 (the ranks already share the work)")
     check_positive("--batch", args.batch)
     check_positive("--buckets", args.buckets)
     check_positive("--max-chunks", args.max_chunks, allow_none=True)
-    check_device(args.device)
+    check_device(args.device, args.ray)
+    check_workers(args, local=True)
     schemes = [Scheme.of(s).value for s in parse_list("--positions", args.positions)]
     configs = check_policies(args, args.context, f"the context {args.context}", schemes)
     read_texts(args.text)                             # exist, and are UTF-8 text
@@ -89,10 +87,11 @@ def run_ppl(args):
     todo = sweep.pending([{}], configs)
     sweep.say(f"{len(chunks)} chunks x {args.context} tokens, {len(configs)} configurations, "
               f"{len(configs) - sum(len(c) for _, c in todo)} done before")
+    here = args.ray is None and (args.jobs or 1) == 1        # a bar per chunk: only here
     work = functools.partial(evaluate.sweep_work, chunks, args.batch, args.buckets,
-                             args.past_range, args.jobs == 1)
+                             args.past_range, here)
     batch = batch_configs(args, cfg, args.batch, configs, args.context, sweep.say)
-    sweep.run(todo, loader(args, directory, args.compile), work, args.jobs, batch)
+    sweep.run(todo, loader(args, directory, args.compile), work, batch=batch, **workers(args))
     rows = sweep.rows([{}], configs)
     if args.out:
         title = (f"{os.path.basename(os.path.abspath(directory))}, context {args.context}, "
@@ -284,7 +283,8 @@ def run_retention(args):
     check_positive("--batch", args.batch)
     check_positive("--max-chunks", args.max_chunks, allow_none=True)
     check_positive("--batch-configs", args.batch_configs, allow_none=True)
-    check_device(args.device)
+    check_device(args.device, args.ray)
+    check_workers(args)
     check_out_dir(args.out)
     directory, cfg = model_config(args.model)
     for k in sizes:
@@ -294,17 +294,24 @@ def run_retention(args):
     read_texts(args.text)                             # exist, and are UTF-8 text
     tok = load_tokenizer(directory)
     chunks = evaluate.load_chunks(tok, args.text, args.context, args.max_chunks)
-    model = loader(args, directory)()
+
     def say(line):
         print(f"[msrnn retention] {line}", file=sys.stderr)
 
     n = batch_configs(args, cfg, args.batch, [Config("tova", k, TOVA(k)) for k in sizes],
                       args.context, say) if len(sizes) > 1 else 1
-    results = []
-    for i in range(0, len(sizes), n):                 # up to n sizes as the rows of one batch
-        results += evaluate.retention(model, chunks, sizes[i:i + n], args.batch, record=layers,
-                                      positions=args.positions,
-                                      allow_past_range=args.past_range)
+
+    def measure(model):                     # up to n sizes as the rows of one batch at a time
+        return [r for i in range(0, len(sizes), n)
+                for r in evaluate.retention(model, chunks, sizes[i:i + n], args.batch,
+                                            record=layers, positions=args.positions,
+                                            allow_past_range=args.past_range)]
+
+    if args.ray is None:
+        results = measure(loader(args, directory)())
+    else:                                          # on one worker of the cluster
+        from ..experiments import cluster
+        results = cluster.call(loader(args, directory), measure, args.ray, workers(args)["gpu"])
     summaries = []
     for k, r in zip(sizes, results):
         one = "" if len(sizes) == 1 else f"-{k}"

@@ -7,8 +7,10 @@ import os
 
 from .common import (UsageError, add_batch_args, add_device_args, add_output_args,
                      add_policy_module_arg, add_positions_args, add_prompt_mode_arg,
-                     add_sample_args, batch_configs, check_device, check_observe, check_out_dir, check_policies, check_positive, check_reach, check_seed,
-                     command, loader, model_config, options, parse_list, read_texts, setup)
+                     add_sample_args, add_worker_args, batch_configs, check_device,
+                     check_observe, check_out_dir, check_policies, check_positive, check_reach,
+                     check_seed, check_workers, command, loader, model_config, options,
+                     parse_list, read_texts, setup, workers)
 from ..experiments.output import figure, save_figure
 
 FIELDS = ["policy", "size", "length", "depth", "accuracy", "samples", "correct", "seconds",
@@ -51,7 +53,7 @@ def grid_command(commands, name: str, help: str, run, defaults: tuple, files: st
     --lengths, --policies, --sizes and --samples; `files`, what --out holds."""
     return command(commands, name, help, run, options(add_grid, *defaults),
                    options(add_output_args, files), options(add_device_args),
-                   options(add_batch_args))
+                   options(add_worker_args), options(add_batch_args))
 
 
 def check_grid(args, extra: int):
@@ -67,7 +69,8 @@ def check_grid(args, extra: int):
     check_positive("--samples", args.samples)
     check_positive("--batch-configs", args.batch_configs, allow_none=True)
     check_seed(args.seed)
-    check_device(args.device)
+    check_device(args.device, args.ray)
+    check_workers(args)
     check_out_dir(args.out)
     directory, cfg = model_config(args.model)
     for c in configs:
@@ -163,7 +166,8 @@ def run_needle(args):
 
     batch = batch_configs(args, cfg, args.samples, configs,
                           max(lengths) + args.max_new_tokens, sweep.say)
-    sweep.run(todo, loader(args, directory, warm=needle.warm_up), work, batch=batch)
+    sweep.run(todo, loader(args, directory, warm=needle.warm_up), work, batch=batch,
+              **workers(args))
     rows = sweep.rows(cells, configs, evicts)
     if args.out:
         title = (f"{os.path.basename(os.path.abspath(directory))}, {args.task}, "

@@ -5,7 +5,7 @@ import json
 import os
 
 from .common import (UsageError, batch_configs, check_positive, loader, parse_list,
-                     read_texts, setup)
+                     read_texts, setup, workers)
 from .needle import check_grid, draw_sizes, grid_command, heatmap_page
 from ..experiments.output import figure, save_figure
 
@@ -96,7 +96,8 @@ def run_tasks(args):
 
     batch = batch_configs(args, cfg, args.samples, configs, max(lengths) + max(new.values()),
                           sweep.say)
-    sweep.run(todo, loader(args, directory, warm=needle.warm_up), work, batch=batch)
+    sweep.run(todo, loader(args, directory, warm=needle.warm_up), work, batch=batch,
+              **workers(args))
     rows = sweep.rows(cells, configs, evicts)
     if args.out:
         title = (f"{os.path.basename(os.path.abspath(directory))}, {args.prompt_mode} prompt"

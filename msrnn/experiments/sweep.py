@@ -15,8 +15,10 @@ one cell, every command needs the same things, written here once:
                                        up to n that run together as the rows of one batch
                                        (`--batch-configs`; `fit` picks n from a memory budget)
     sweep.run(todo, load, work)        the model loaded once, only if there is work, and
-                                       warmed up; the progress bar; a line per row; `jobs`
-                                       processes, each with its own model, if asked
+                                       warmed up; the progress bar; a line per row; the items
+                                       here, or in `jobs` processes, each with its own model, or,
+                                       with `ray`, on the workers of a Ray cluster
+                                       (experiments.cluster)
     sweep.rows(cells, configs)         the results in the grid's order, for tables and plots
 
 A command (msrnn/cli) checks its arguments, makes a Sweep, and prints and plots its rows; an
@@ -75,7 +77,7 @@ def configurations(names, sizes, sinks=None, observe: int = 1, schemes=("origina
 def backend(directory: str, dtype: torch.dtype = torch.float32, device="cpu",
             kind: str = "msrnn", tp: int = 1, compile: bool = False, quantize: str | None = None):
     """The backend an experiment runs on: msrnn's decoder (compile: its step compiled; quantize:
-    its weights int8 or int4), or a transformers model (`kind` "transformers", msrnn.hf); with tp > 1,
+    its weights int8), or a transformers model (`kind` "transformers", msrnn.hf); with tp > 1,
     this rank's part of it (on CUDA, the GPU cuda:LOCAL_RANK)."""
     if kind == "transformers":
         from .. import hf
@@ -127,6 +129,7 @@ class Sweep:
                  log=None):
         self.name, self.key, self.log = name, key, log or sys.stderr
         self.results = Results(out, setup, key, fields)
+        self.model = None                     # loaded by the first run that runs here
 
     def say(self, text: str):
         """A line on the log, under the progress bar if one is running."""
@@ -148,33 +151,48 @@ class Sweep:
         return [self.get(cell, c) for cell in cells for c in configs
                 if applies is None or applies(cell, c)]
 
-    def run(self, todo: list, load, work, jobs: int = 1, batch: int = 1):
+    def run(self, todo: list, load, work, jobs: int | None = None, ray: str | None = None,
+            gpu: bool = False, batch: int = 1):
         """Compute every pending pair and save each row as it comes. `load()` makes the model
-        (called once, and only if there is work; with jobs > 1, once in each of `jobs` worker
-        processes, so it must pickle); `work(model, cell, configs)` runs the configurations
-        together, as the rows of one batch (`batches`: up to `batch` of them, of one scheme),
-        and yields (config, row, line) for each: the row's measured fields and a line for the
-        log."""
+        (called once, and only if there is work; the Sweep keeps it for a later run); `work(
+        model, cell, configs)` runs the configurations together, as the rows of one batch, and
+        yields (config, row, line) for each: the row's measured fields and a line for the log.
+
+        The work items are `batches(todo, batch)`: up to `batch` configurations of a cell (of
+        one scheme) at a time. Where they run: here, one after another (the default); with
+        jobs > 1, each in one of `jobs` worker processes, each with its own model (`load` and
+        `work` must pickle); with `ray` (an address: local, auto or HOST:PORT), each on a worker
+        of that Ray cluster (msrnn.experiments.cluster: `jobs` workers, by default one per CPU of
+        the cluster, or per GPU with `gpu`; `load` and `work` go through cloudpickle, so
+        closures do too). Rows are saved in the order they finish; `rows` puts them in the
+        grid's order. Raises cluster.Lost, after saving every row that came back, when Ray
+        workers died for good."""
         if not todo:
             return
         started = time.perf_counter()
         total = sum(len(configs) for _, configs in todo)
-        items = batches(todo, batch)
+        work_items = batches(todo, batch)
         with tqdm(total=total, desc=self.name, unit="config", file=self.log) as bar:
-            for cell, config, row, line in (self._serial(items, load, work, bar) if jobs == 1
-                                            else self._pool(items, load, work, jobs)):
+            if ray is not None:
+                from . import cluster
+                done = cluster.run(work_items, load, work, ray, jobs, gpu, self.say)
+            elif (jobs or 1) > 1:
+                done = self._pool(work_items, load, work, jobs)
+            else:
+                done = self._serial(work_items, load, work, bar)
+            for cell, config, row, line in done:
                 self.results.add({**cell, **config.fields(self.key), **row})
                 self.say(line)
                 bar.update(1)
         self.say(f"{time.perf_counter() - started:.0f} s")
 
-    @staticmethod
-    def _serial(items, load, work, bar):
-        model = load()
-        for cell, configs in items:
+    def _serial(self, work_items, load, work, bar):
+        if self.model is None:
+            self.model = load()
+        for cell, configs in work_items:
             bar.set_postfix_str(", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in cell.items() if v is not None))
-            for config, row, line in work(model, cell, configs):
+            for config, row, line in work(self.model, cell, configs):
                 yield cell, config, row, line
 
     @staticmethod
