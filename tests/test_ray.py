@@ -105,10 +105,11 @@ def with_dying_work(monkeypatch, name, marker=None):
 def test_a_killed_worker_is_started_again_and_its_item_retried(local_ray, tiny, capsys,
                                                                tmp_path, monkeypatch):
     model, text = tiny
-    _, here, _ = ppl(capsys, model, text)
+    _, here, _ = ppl(capsys, model, text, "--batch-configs", "1")
     monkeypatch.setattr(cluster, "RESTARTS", 1)
     with_dying_work(monkeypatch, "h2o", str(tmp_path / "died once"))
-    code, rows, err = ppl(capsys, model, text, "--ray", "local", "--jobs", "2")
+    code, rows, err = ppl(capsys, model, text, "--ray", "local", "--jobs", "2",
+                          "--batch-configs", "1")        # an item: one configuration
     assert code == 0, err
     assert os.path.exists(tmp_path / "died once")                       # it did die
     assert [r["ppl"] for r in rows] == pytest.approx([r["ppl"] for r in here], rel=1e-6)
@@ -120,7 +121,8 @@ def test_a_worker_that_dies_for_good_is_named_and_the_rest_is_kept(local_ray, ti
     monkeypatch.setattr(cluster, "RESTARTS", 0)
     with_dying_work(monkeypatch, "window")
     out = tmp_path / "out"
-    code, _, err = ppl(capsys, model, text, "--ray", "local", "--jobs", "2", "--out", out)
+    code, _, err = ppl(capsys, model, text, "--ray", "local", "--jobs", "2", "--out", out,
+                       "--batch-configs", "1")           # an item: one configuration
     assert code == 1
     last = err.strip().splitlines()[-1]
     assert last.startswith("msrnn ppl: error: Ray workers died for good (each after 0 "
