@@ -131,7 +131,8 @@ def test_batches_and_jobs_change_nothing(tiny, capsys):
 def test_interrupted_sweep_resumes_without_recomputing(tiny, capsys, tmp_path, monkeypatch):
     _, model, texts = tiny
     out = tmp_path / "sweep"
-    args = ["--policies", "full,window,tova", "--sizes", "6,12", "--out", str(out)]
+    args = ["--policies", "full,window,tova", "--sizes", "6,12", "--out", str(out),
+            "--batch-configs", "1"]                     # a configuration at a time
     computed = []
     real = evaluate.position_nll
 
