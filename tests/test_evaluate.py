@@ -155,7 +155,7 @@ def test_interrupted_sweep_resumes_without_recomputing(tiny, capsys, tmp_path, m
     monkeypatch.setattr(evaluate, "position_nll", lambda *a, **k: (computed.append(repr(a[2])),
                                                                    real(*a, **k))[1])
     code, rows, _ = ppl_cli(capsys, model, texts, *args)
-    assert code == 0 and computed == ["TOVA(6)", "TOVA(12)"]           # only what was missing
+    assert code == 0 and computed == ["[TOVA(6)]", "[TOVA(12)]"]       # only what was missing
     assert [r["ppl"] for r in rows[:3]] == [r["ppl"] for r in saved]
     assert (out / "ppl.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "ppl-position.png").read_bytes()[:4] == b"\x89PNG"
