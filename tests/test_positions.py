@@ -149,12 +149,12 @@ def test_full_under_any_scheme_is_original(models):
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
-def test_a_window_is_the_same_under_cache():
+def test_a_window_is_the_same_under_cache(tmp_path):
     """Window keeps consecutive positions: renumbering them 0..k shifts every difference by
     nothing, so Window's logits under `cache` equal `original`'s (StreamingLLM without sinks),
     up to the rounding of RoPE's angles, which are float32 (as transformers') in any dtype."""
     hf = tiny_hf("llama", seed=1, vocab_size=VOCAB)
-    model = msrnn.load(save(hf, "/tmp/msrnn-window-cache"), dtype=torch.float64)
+    model = msrnn.load(save(hf, tmp_path), dtype=torch.float64)
     tokens = ids(60)
     out = []
     for scheme in ("original", "cache"):
