@@ -1,12 +1,12 @@
 """Past the context window: the position schemes (msrnn.positions, docs/design.md "Positions").
 
-A tiny LLaMA whose range is 64 positions runs 200 tokens. For every registered policy and every
-scheme, both backends (msrnn's decoder and transformers through msrnn.hf) keep exactly the
-positions the plain reference keeps (tests/reference.py: un-rotated keys, ranks and compressed
-gaps recomputed from the kept positions at every step) and give its logits, in float64. Then:
-the renumbering against a plain-Python one, Full under any scheme = original, the refusals
-(one line, before any work where the length is known), the compiled step (no recompiles as
-positions grow) and ragged rows.
+A tiny LLaMA whose range is 64 positions runs 128 tokens (twice its range). For every registered
+policy and every scheme, both backends (msrnn's decoder and transformers through msrnn.hf) keep
+exactly the positions the plain reference keeps (tests/reference.py: un-rotated keys, ranks and
+compressed gaps recomputed from the kept positions at every step) and give its logits, in
+float64. Then: the renumbering against a plain-Python one, Full under any scheme = original, the
+refusals (one line, before any work where the length is known), the compiled step (no recompiles
+as positions grow) and ragged rows.
 """
 
 import math
@@ -26,7 +26,7 @@ from test_policies import RULES
 from tiny import save, tiny_hf
 
 RANGE = 64        # the tiny model's max_position_embeddings
-STEPS = 200       # > RANGE: every run goes past the range
+STEPS = 128       # 2 x RANGE: every run goes past the range, and as far again past it
 K = 16
 TOL = 1e-4        # logits against the reference (as tests/test_policies.py)
 VOCAB = 512
