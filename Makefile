@@ -7,7 +7,8 @@ VENV   ?= .venv
 # multi-GB CUDA build. Users with a GPU: make TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
 TORCH  ?= torch==2.13.0
 MODEL  ?= weights/SmolLM2-135M-Instruct
-# pytest-xdist workers for `make test`: one per core (tests/conftest.py gives each one torch thread)
+# pytest-xdist workers for `make test`: one per core (tests/conftest.py gives each one torch
+# thread); JOBS=0 runs the tests in one process
 JOBS   ?= auto
 BIN    := $(VENV)/bin
 
