@@ -7,6 +7,9 @@ VENV   ?= .venv
 # multi-GB CUDA build. Users with a GPU: make TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
 TORCH  ?= torch==2.13.0
 MODEL  ?= weights/SmolLM2-135M-Instruct
+# pytest-xdist workers for `make test`: one per core (tests/conftest.py gives each one torch
+# thread); JOBS=0 runs the tests in one process
+JOBS   ?= auto
 BIN    := $(VENV)/bin
 
 .PHONY: setup model demo test bench clean
@@ -26,7 +29,7 @@ demo: model
 	$(BIN)/python scripts/step_by_step.py $(MODEL) --chat --prompt "What is the capital of France?" --policy tova --size 32 --layer 15 --max-new-tokens 12
 
 test: model
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(JOBS) tests
 
 bench: model
 	$(BIN)/msrnn bench $(MODEL) --out results/bench

@@ -91,9 +91,9 @@ def test_both_backends_stop_on_the_same_tokens(tmp_path):
 
 
 def test_the_default_models_stop_tokens_agree():
-    from msrnn.checkpoint.loading import resolve
+    from test_convert import default_model_dir
 
-    directory = resolve("weights/SmolLM2-135M-Instruct")
+    directory = default_model_dir()             # made here if missing: no test comes first
     ours = msrnn.load(directory).eos_ids
     assert ours == msrnn.hf.HFBackend(msrnn.hf.load(directory)).eos_ids == [2]
     assert msrnn.load_tokenizer(directory).eos_ids == set(ours)

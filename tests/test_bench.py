@@ -16,6 +16,19 @@ def test_kv_bytes_per_slot_of_a_model_and_its_compiled_step(tmp_path):
     assert bench.kv_bytes_per_slot(model.compile_step()) == 2 * 2 * 2 * 16 * 4
 
 
+def test_step_times_before_the_first_measured_position_stay_above_zero():
+    """Throughput sums step times over every position, some before the first measured one. A
+    line through two measurements, the second one slowed by a busy machine, crosses zero there:
+    the sum is held above it by the line from (0, 0) to the first; clean ones keep their line."""
+    xs, noisy = [129, 160, 192], [1.0, 2.5, 1.0]
+    assert 1.0 + 1.5 * (0 - 129) / 31 < 0                             # the line itself
+    steps = [bench._interpolate(xs, noisy, p) for p in range(256)]
+    assert min(steps[1:]) > 0 and steps[0] == 0 and sum(steps) > 0
+    assert bench._interpolate(xs, noisy, 150) == 1.0 + 1.5 * 21 / 31   # between: the line
+    clean = [1.0, 1.125, 1.25]
+    assert bench._interpolate(xs, clean, 0) == 1.0 + 0.125 * (0 - 129) / 31 > 0   # its line
+
+
 def test_bench_latency_throughput_ceiling(tmp_path, capsys):
     model = save(tiny_hf("llama"), tmp_path / "model")
     out = tmp_path / "bench"

@@ -10,7 +10,6 @@ one; two ranks (tensor parallel, gloo) keep what one process keeps.
 """
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -205,7 +204,7 @@ def test_compiled_step_with_budgets_is_one_graph(examples, models):
 
 def rank_main(rank, port, directory, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE="2")
+                      WORLD_SIZE="2", TORCHELASTIC_USE_AGENT_STORE="True")   # test_tp.store's
     torch.set_num_threads(1)
     ex = {f.stem: import_file(str(f)) for f in sorted(EXAMPLES.glob("*.py"))}
     model = msrnn.load(directory, dtype=torch.float64, tp=2)
@@ -221,11 +220,10 @@ def test_tensor_parallel_keeps_each_heads_budget(examples, models, tmp_path):
     """Two ranks of one KV head each: each keeps its own head's budget and the positions one
     process keeps for that head."""
     _, ours, _, directory = models
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from test_tp import store
+    server = store()                                  # served by this process until the end
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=rank_main, args=(r, port, directory, str(tmp_path)))
+    procs = [ctx.Process(target=rank_main, args=(r, server.port, directory, str(tmp_path)))
              for r in range(2)]
     for p in procs:
         p.start()

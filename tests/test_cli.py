@@ -81,23 +81,10 @@ def test_download_offline_says_where_to_put_files(tmp_path):
     assert f"to {tmp_path / 'smol'}/ and pass that directory" in err
 
 
-@pytest.mark.parametrize("policy", ["tova", "h2o", "full"])
-def test_generate_backends_agree(model, policy):
-    """`--backend transformers` runs the same policy inside transformers (msrnn.hf): greedy text
-    equal to msrnn's own decoder, in both prompt modes."""
-    for mode in ("oneshot", "sequential"):
-        args = ["generate", model, "--prompt", "Once upon a time, there was", "--policy", policy,
-                "--size", "8", "--max-new-tokens", "24", "--prompt-mode", mode,
-                "--dtype", "float64"]
-        ours = msrnn(*args)
-        theirs = msrnn(*args, "--backend", "transformers")
-        assert ours[0] == theirs[0] == 0, theirs[2]
-        assert ours[1] == theirs[1] and len(ours[1]) == 25, (mode, ours[1], theirs[1])
-
-
-def test_prompt_file_decodes_a_ragged_batch(model, tmp_path):
+def test_prompt_file_decodes_a_ragged_batch(capsys, model, tmp_path):
     """`--prompt-file`: one prompt per line, one batch; each row's text on its own line, or in
-    its own file with --out, equal to decoding that prompt alone."""
+    its own file with --out, equal to decoding that prompt alone. (The batch runs as users run
+    it; the rest in this process, to spare a start of torch each.)"""
     lines = ["Once upon a time", "It was a dark and stormy night; the rain fell", "Hi"]
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(lines) + "\n")
@@ -105,16 +92,16 @@ def test_prompt_file_decodes_a_ragged_batch(model, tmp_path):
     code, out, err = msrnn("generate", model, "--prompt-file", str(path), *args)
     assert code == 0, err
     rows = out.split("\n")[:-1]               # (the tokens include other line-breaking codes)
-    alone = [msrnn("generate", model, "--prompt", line, *args)[1][:-1] for line in lines]
+    alone = [run(capsys, "generate", model, "--prompt", line, *args)[1][:-1] for line in lines]
     assert sorted(rows) == sorted(f"[{i}] " + text.replace("\n", "\\n")
                                   for i, text in enumerate(alone))
     assert "36 new tokens in 3 rows" in err
-    code, out, err = msrnn("generate", model, "--prompt-file", str(path), *args, "--out",
-                           str(tmp_path / "rows"))
+    code, out, err = run(capsys, "generate", model, "--prompt-file", path, *args, "--out",
+                         tmp_path / "rows")
     assert code == 0 and out == "", err
     assert [(tmp_path / "rows" / f"row-{i}.txt").read_text() for i in range(3)] == alone
     (tmp_path / "bad.txt").write_text("fine\n\nalso fine\n")
-    code, _, err = msrnn("generate", model, "--prompt-file", str(tmp_path / "bad.txt"))
+    code, _, err = run(capsys, "generate", model, "--prompt-file", tmp_path / "bad.txt")
     assert code == 2 and "empty prompt (" in err and "bad.txt line 2)" in err
 
 
@@ -131,6 +118,21 @@ def run(capsys, *argv):
 
 def report(err: str) -> str:
     return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("policy", ["tova", "h2o", "full"])
+def test_generate_backends_agree(capsys, model, policy):
+    """`--backend transformers` runs the same policy inside transformers (msrnn.hf): greedy text
+    equal to msrnn's own decoder, in both prompt modes. (In this process: what is compared is the
+    texts, and a fresh process would start torch and transformers again for each run.)"""
+    for mode in ("oneshot", "sequential"):
+        args = ["generate", model, "--prompt", "Once upon a time, there was", "--policy", policy,
+                "--size", "8", "--max-new-tokens", "24", "--prompt-mode", mode,
+                "--dtype", "float64"]
+        ours = run(capsys, *args)
+        theirs = run(capsys, *args, "--backend", "transformers")
+        assert ours[0] == theirs[0] == 0, theirs[2]
+        assert ours[1] == theirs[1] and len(ours[1]) == 25, (mode, ours[1], theirs[1])
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 The converted directory must hold the same model that transformers' own GGUF loader builds from
 the same file, and msrnn must run it the same way."""
 
+import fcntl
 import functools
 import json
 import os
@@ -24,9 +25,15 @@ BOOKS = Path(data.FOLDER)                     # the two books msrnn ships (msrnn
 
 @functools.lru_cache(maxsize=None)
 def default_model_dir() -> str:
-    """The converted default model, made once if missing (test_tokenizer.py uses it too)."""
-    if not (DEFAULT_DIR / "source.json").is_file():
-        convert.fetch_default(str(DEFAULT_DIR))
+    """The converted default model, made once if missing (test_tokenizer.py uses it too).
+
+    Under pytest-xdist every worker asks for it: a lock file beside it lets one convert while
+    the others wait, so that no worker replaces the directory while another reads it."""
+    DEFAULT_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with open(DEFAULT_DIR.parent / f".{DEFAULT_DIR.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)                  # released when the file closes
+        if not (DEFAULT_DIR / "source.json").is_file():
+            convert.fetch_default(str(DEFAULT_DIR))
     return str(DEFAULT_DIR)
 
 

@@ -1,12 +1,12 @@
 """Past the context window: the position schemes (msrnn.positions, docs/design.md "Positions").
 
-A tiny LLaMA whose range is 64 positions runs 200 tokens. For every registered policy and every
-scheme, both backends (msrnn's decoder and transformers through msrnn.hf) keep exactly the
-positions the plain reference keeps (tests/reference.py: un-rotated keys, ranks and compressed
-gaps recomputed from the kept positions at every step) and give its logits, in float64. Then:
-the renumbering against a plain-Python one, Full under any scheme = original, the refusals
-(one line, before any work where the length is known), the compiled step (no recompiles as
-positions grow) and ragged rows.
+A tiny LLaMA whose range is 64 positions runs 128 tokens (twice its range). For every registered
+policy and every scheme, both backends (msrnn's decoder and transformers through msrnn.hf) keep
+exactly the positions the plain reference keeps (tests/reference.py: un-rotated keys, ranks and
+compressed gaps recomputed from the kept positions at every step) and give its logits, in
+float64. Then: the renumbering against a plain-Python one, Full under any scheme = original, the
+refusals (one line, before any work where the length is known), the compiled step (no recompiles
+as positions grow) and ragged rows.
 """
 
 import math
@@ -26,7 +26,7 @@ from test_policies import RULES
 from tiny import save, tiny_hf
 
 RANGE = 64        # the tiny model's max_position_embeddings
-STEPS = 200       # > RANGE: every run goes past the range
+STEPS = 128       # 2 x RANGE: every run goes past the range, and as far again past it
 K = 16
 TOL = 1e-4        # logits against the reference (as tests/test_policies.py)
 VOCAB = 512
@@ -149,12 +149,12 @@ def test_full_under_any_scheme_is_original(models):
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
-def test_a_window_is_the_same_under_cache():
+def test_a_window_is_the_same_under_cache(tmp_path):
     """Window keeps consecutive positions: renumbering them 0..k shifts every difference by
     nothing, so Window's logits under `cache` equal `original`'s (StreamingLLM without sinks),
     up to the rounding of RoPE's angles, which are float32 (as transformers') in any dtype."""
     hf = tiny_hf("llama", seed=1, vocab_size=VOCAB)
-    model = msrnn.load(save(hf, "/tmp/msrnn-window-cache"), dtype=torch.float64)
+    model = msrnn.load(save(hf, tmp_path), dtype=torch.float64)
     tokens = ids(60)
     out = []
     for scheme in ("original", "cache"):

@@ -250,7 +250,8 @@ def throughput(model, length: int, full_batch: int, sizes, log=sys.stderr, ragge
     """The paper's Sec. 5.4 on this machine: sequences of `length` tokens, a key-value budget
     of what `full_batch` full-cache sequences need; each TOVA(size) gets the largest batch that
     fits. Tokens/s = batch * length / (sum over positions of the step time), the step time
-    measured at a few positions and interpolated linearly in between.
+    measured at a few positions and interpolated linearly in between (before the first, see
+    _interpolate).
 
     ragged: the rows sit at different positions (prompts of different lengths, up to half the
     sequence apart), each with its own. compiled: `model` steps compiled (Full then holds all
@@ -281,9 +282,16 @@ def throughput(model, length: int, full_batch: int, sizes, log=sys.stderr, ragge
 
 
 def _interpolate(xs, ys, x):
+    """The step time at position x from those measured at positions xs (ascending): the line
+    between the two measurements around x; past the last, the last. Before the first, the line
+    through the first two, but never below the line from (0, 0) to the first: a step costs
+    something at every position, and a slow spell at the second measurement (a loaded machine)
+    would tilt the line through zero and make the sum over positions negative. Clean
+    measurements never need it (their line meets position 0 above zero)."""
     for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
         if x <= x1:
-            return y0 + (y1 - y0) * (x - x0) / max(1, x1 - x0)
+            line = y0 + (y1 - y0) * (x - x0) / max(1, x1 - x0)
+            return max(line, y0 * x / x0) if x < x0 else line
     return ys[-1]
 
 
