@@ -10,7 +10,6 @@ tensor-parallel ranks; and the bad inputs.
 """
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -159,7 +158,7 @@ def test_a_saved_multi_state_of_rows_resumes(models, tmp_path):
 
 def rank_main(rank, port, directory, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE="2")
+                      WORLD_SIZE="2", TORCHELASTIC_USE_AGENT_STORE="True")   # test_tp.store's
     torch.set_num_threads(1)
     ex = {f.stem: import_file(str(f)) for f in sorted(EXAMPLES.glob("*.py"))}
     model = msrnn.load(directory, dtype=torch.float64, tp=2)
@@ -171,11 +170,10 @@ def rank_main(rank, port, directory, out):
 
 def test_tensor_parallel_rows_keep_what_one_process_keeps(examples, models, tmp_path):
     ours, _, directory = models
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from test_tp import store
+    server = store()                                  # served by this process until the end
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=rank_main, args=(r, port, directory, str(tmp_path)))
+    procs = [ctx.Process(target=rank_main, args=(r, server.port, directory, str(tmp_path)))
              for r in range(2)]
     for p in procs:
         p.start()
