@@ -67,8 +67,9 @@ def test_ppl_one_at_a_time_equals_together_and_resumes_mixed(tiny, capsys, tmp_p
     assert [r["policy"] for r in rest] == [r["policy"] for r in one]
     for a, b in zip(one, rest):
         assert abs(a["ppl"] - b["ppl"]) <= 1e-4 * a["ppl"]
-    # One at a time: 4 and Full; together: the other 4 of `original`, and 5 + 3 of `cache`.
-    assert sorted(r["batched"] for r in saved(mixed)) == [1] * 5 + [3] * 3 + [4] * 4 + [5] * 5
+    # One at a time: 4, then Full and Window+4's two (a positional policy's sequential prompt
+    # is one masked pass: it runs alone); together: H2O's two, and 5 + 3 of `cache`.
+    assert sorted(r["batched"] for r in saved(mixed)) == [1] * 7 + [2] * 2 + [3] * 3 + [5] * 5
 
 
 def test_needle_one_at_a_time_equals_together(tiny, capsys, tmp_path):
@@ -124,6 +125,13 @@ def test_batches_group_by_scheme_keep_full_apart_and_keep_order():
         [("full", "original")], [("tova", "original"), ("h2o", "original")],
         [("window", "original")], [("tova", "cache"), ("tova", "cache")]]
     assert [len(g) for _, g in batches([({}, cfg)], 1)] == [1] * 6
+    # Sequential prompts: Window at the original positions is one masked pass, alone.
+    items = batches([({}, cfg)], 4, sequential=True)
+    assert [[(c.name, c.positions) for c in group] for _, group in items] == [
+        [("full", "original")], [("tova", "original"), ("h2o", "original")],
+        [("tova", "cache"), ("tova", "cache")], [("window", "original")]]
+    items = batches([({}, cfg[1:2] + cfg[4:5] + cfg[3:4])], 4, sequential=True)
+    assert [[c.name for c in group] for _, group in items] == [["tova", "h2o"], ["window"]]
 
 
 def test_the_default_fits_a_quarter_of_memory(tiny):

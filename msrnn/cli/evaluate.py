@@ -91,7 +91,8 @@ def run_ppl(args):
     work = functools.partial(evaluate.sweep_work, chunks, args.batch, args.buckets,
                              args.past_range, here)
     batch = batch_configs(args, cfg, args.batch, configs, args.context, sweep.say)
-    sweep.run(todo, loader(args, directory, args.compile), work, batch=batch, **workers(args))
+    sweep.run(todo, loader(args, directory, args.compile), work, batch=batch, sequential=True,
+              **workers(args))
     rows = sweep.rows([{}], configs)
     if args.out:
         title = (f"{os.path.basename(os.path.abspath(directory))}, context {args.context}, "

@@ -167,7 +167,7 @@ def run_needle(args):
     batch = batch_configs(args, cfg, args.samples, configs,
                           max(lengths) + args.max_new_tokens, sweep.say)
     sweep.run(todo, loader(args, directory, warm=needle.warm_up), work, batch=batch,
-              **workers(args))
+              sequential=args.prompt_mode == "sequential", **workers(args))
     rows = sweep.rows(cells, configs, evicts)
     if args.out:
         title = (f"{os.path.basename(os.path.abspath(directory))}, {args.task}, "

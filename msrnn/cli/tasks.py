@@ -97,7 +97,7 @@ def run_tasks(args):
     batch = batch_configs(args, cfg, args.samples, configs, max(lengths) + max(new.values()),
                           sweep.say)
     sweep.run(todo, loader(args, directory, warm=needle.warm_up), work, batch=batch,
-              **workers(args))
+              sequential=args.prompt_mode == "sequential", **workers(args))
     rows = sweep.rows(cells, configs, evicts)
     if args.out:
         title = (f"{os.path.basename(os.path.abspath(directory))}, {args.prompt_mode} prompt"

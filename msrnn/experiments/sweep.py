@@ -87,20 +87,31 @@ def backend(directory: str, dtype: torch.dtype = torch.float32, device="cpu",
     return model.compile_step() if compile else model
 
 
-def batches(todo: list, n: int) -> list:
+def batches(todo: list, n: int, sequential: bool = False) -> list:
     """The work items [(cell, configurations)]: each cell's pending configurations in groups of
     up to n, to run together as the rows of one batch (Backend.init_state with a policy per
     row). Rows of one batch share a multi-state, so a group shares a position scheme; and a
     batch's slots are its largest row's, so Full (which keeps every token) runs apart from
-    the bounded configurations, which would pay for its slots. Groups keep the grid's order."""
+    the bounded configurations, which would pay for its slots. `sequential`: the prompts enter
+    step by step (ppl; --prompt-mode sequential), where a positional policy at the original
+    positions runs its whole prompt as one masked pass (prompt.parallel_prefix) that a batch
+    with other policies would turn into steps: it runs alone (`masked`). Groups keep the
+    grid's order."""
     items = []
     for cell, configs in todo:
         groups = {}
-        for c in configs:
-            groups.setdefault((c.positions, c.policy.bounded), []).append(c)
+        for i, c in enumerate(configs):
+            kind = ("alone", i) if sequential and masked(c) else c.policy.bounded
+            groups.setdefault((c.positions, kind), []).append(c)
         for group in groups.values():
             items += [(cell, group[i:i + n]) for i in range(0, len(group), n)]
     return items
+
+
+def masked(config: Config) -> bool:
+    """Whether a configuration's sequential prompt is one masked parallel pass: a policy that
+    decides by position alone (it reads nothing: Window, Sinks) at the original positions."""
+    return config.policy.bounded and not config.policy.reads and config.positions == "original"
 
 
 def memory() -> int:
@@ -152,14 +163,14 @@ class Sweep:
                 if applies is None or applies(cell, c)]
 
     def run(self, todo: list, load, work, jobs: int | None = None, ray: str | None = None,
-            gpu: bool = False, batch: int = 1):
+            gpu: bool = False, batch: int = 1, sequential: bool = False):
         """Compute every pending pair and save each row as it comes. `load()` makes the model
         (called once, and only if there is work; the Sweep keeps it for a later run); `work(
         model, cell, configs)` runs the configurations together, as the rows of one batch, and
         yields (config, row, line) for each: the row's measured fields and a line for the log.
 
-        The work items are `batches(todo, batch)`: up to `batch` configurations of a cell (of
-        one scheme) at a time. Where they run: here, one after another (the default); with
+        The work items are `batches(todo, batch, sequential)`: up to `batch` configurations of
+        a cell (of one scheme) at a time. Where they run: here, one after another (the default); with
         jobs > 1, each in one of `jobs` worker processes, each with its own model (`load` and
         `work` must pickle); with `ray` (an address: local, auto or HOST:PORT), each on a worker
         of that Ray cluster (msrnn.experiments.cluster: `jobs` workers, by default one per CPU of
@@ -171,7 +182,7 @@ class Sweep:
             return
         started = time.perf_counter()
         total = sum(len(configs) for _, configs in todo)
-        work_items = batches(todo, batch)
+        work_items = batches(todo, batch, sequential)
         with tqdm(total=total, desc=self.name, unit="config", file=self.log) as bar:
             if ray is not None:
                 from . import cluster
