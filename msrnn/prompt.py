@@ -19,7 +19,7 @@ from enum import Enum
 import torch
 
 from .backend import Backend
-from .policies import Policy, smallest
+from .policies import smallest
 from .positions import Scheme
 from .state import unique
 
@@ -97,12 +97,13 @@ def prefill_shared(model: Backend, token_ids, states: list, logits: bool = True)
     return model.logits(hidden) if logits else hidden
 
 
-def fill(model: Backend, rows: list, policy: Policy, mode, extra: int = 0,
+def fill(model: Backend, rows: list, policy, mode, extra: int = 0,
          positions="original", allow_past_range: bool = False):
     """A new multi-state with every prompt (1-D LongTensors) in its row: (state, logits [B, V]
-    after each prompt); `policy`: one for every row, or a list with one per row. Prompts of one length run as one batch; a ragged batch runs each prompt
-    alone, as batch-1 generation would, and copies it into its row (MultiState.set_rows), so
-    padding never enters a multi-state. `extra`: tokens to come, so that Full allocates once.
+    after each prompt); `policy`: one Policy for every row, or a list with one per row.
+    Prompts of one length run as one batch; a ragged batch runs each prompt alone, as batch-1
+    generation would, and copies it into its row (MultiState.set_rows), so padding never
+    enters a multi-state. `extra`: tokens to come, so that Full allocates once.
     `positions`, `allow_past_range`: the multi-state's position scheme (msrnn.positions)."""
     lengths = [len(r) for r in rows]
     scheme = dict(positions=positions, allow_past_range=allow_past_range)

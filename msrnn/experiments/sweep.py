@@ -170,12 +170,12 @@ class Sweep:
         yields (config, row, line) for each: the row's measured fields and a line for the log.
 
         The work items are `batches(todo, batch, sequential)`: up to `batch` configurations of
-        a cell (of one scheme) at a time. Where they run: here, one after another (the default); with
-        jobs > 1, each in one of `jobs` worker processes, each with its own model (`load` and
-        `work` must pickle); with `ray` (an address: local, auto or HOST:PORT), each on a worker
-        of that Ray cluster (msrnn.experiments.cluster: `jobs` workers, by default one per CPU of
-        the cluster, or per GPU with `gpu`; `load` and `work` go through cloudpickle, so
-        closures do too). Rows are saved in the order they finish; `rows` puts them in the
+        a cell (of one scheme) at a time. Where they run: here, one after another (the
+        default); with jobs > 1, each in one of `jobs` worker processes, each with its own
+        model (`load` and `work` must pickle); with `ray` (an address: local, auto or
+        HOST:PORT), each on a worker of that Ray cluster (msrnn.experiments.cluster: `jobs`
+        workers, by default one per CPU of the cluster, or per GPU with `gpu`; `load` and
+        `work` go through cloudpickle, so closures do too). Rows are saved in the order they finish; `rows` puts them in the
         grid's order. Raises cluster.Lost, after saving every row that came back, when Ray
         workers died for good."""
         if not todo:
