@@ -175,9 +175,9 @@ class Sweep:
         model (`load` and `work` must pickle); with `ray` (an address: local, auto or
         HOST:PORT), each on a worker of that Ray cluster (msrnn.experiments.cluster: `jobs`
         workers, by default one per CPU of the cluster, or per GPU with `gpu`; `load` and
-        `work` go through cloudpickle, so closures do too). Rows are saved in the order they finish; `rows` puts them in the
-        grid's order. Raises cluster.Lost, after saving every row that came back, when Ray
-        workers died for good."""
+        `work` go through cloudpickle, so closures do too). Rows are saved in the order they
+        finish; `rows` puts them in the grid's order. Raises cluster.Lost, after saving every
+        row that came back, when Ray workers died for good."""
         if not todo:
             return
         started = time.perf_counter()
