@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from msrnn.experiments.sweep import Config, batches, fit
+from msrnn.experiments.sweep import Config, batches, fit, spread
 from msrnn.policies import H2O, TOVA, Full, Window
 from test_hostile import refused, run
 from tiny import save, save_char_tokenizer, tiny_hf
@@ -132,6 +132,18 @@ def test_batches_group_by_scheme_keep_full_apart_and_keep_order():
         [("tova", "cache"), ("tova", "cache")], [("window", "original")]]
     items = batches([({}, cfg[1:2] + cfg[4:5] + cfg[3:4])], 4, sequential=True)
     assert [[c.name for c in group] for _, group in items] == [["tova", "h2o"], ["window"]]
+
+
+def test_spread_splits_the_largest_items_until_every_worker_has_one():
+    cfg = [Config("tova", k, TOVA(k)) for k in (8, 9, 10, 11, 12)]
+    one = [({"length": 1}, cfg), ({"length": 2}, cfg[:2])]
+    names = lambda items: [(cell["length"], [c.size for c in group]) for cell, group in items]
+    assert names(spread(one, 2)) == names(one)                     # enough items already
+    assert names(spread(one, 3)) == [(1, [8, 9, 10]), (1, [11, 12]), (2, [8, 9])]
+    assert names(spread(one, 5)) == [(1, [8]), (1, [9]), (1, [10]), (1, [11, 12]), (2, [8, 9])]
+    # Never below one configuration an item, whatever the workers.
+    assert names(spread(one, 100)) == [(1, [k]) for k in (8, 9, 10, 11, 12)] + [(2, [8]),
+                                                                                  (2, [9])]
 
 
 def test_the_default_fits_a_quarter_of_memory(tiny):

@@ -21,6 +21,8 @@ import socket
 import sys
 from collections import deque
 
+from .sweep import spread
+
 RESTARTS = 2          # a worker that dies is started again this often, its item retried
 PROBE_SECONDS = 5.0   # how long `reach` waits for a cluster to answer
 
@@ -136,11 +138,7 @@ def sizes(ray, jobs: int | None, items: int, gpu: bool) -> tuple[int, dict, int]
     total, not what is free now: Ray places a worker when its resources free up (those of the
     workers of a run just ended, or another user's), and `run` gives items only to workers
     that started."""
-    kind = "GPU" if gpu else "CPU"
-    have = int(ray.cluster_resources().get(kind, 0))
-    if have == 0:
-        raise ValueError(f"--ray: the cluster has no {kind}"
-                         + ("; use --device cpu, or add hosts with GPUs" if gpu else ""))
+    have = capacity(ray, gpu)
     n = max(1, min(items, jobs or have))
     share = have // n if n <= have else have / n
     if gpu:
@@ -148,9 +146,20 @@ def sizes(ray, jobs: int | None, items: int, gpu: bool) -> tuple[int, dict, int]
     return n, {"num_cpus": share}, max(1, int(share))
 
 
+def capacity(ray, gpu: bool) -> int:
+    """The cluster's CPUs (GPUs with `gpu`): how many workers it runs by default."""
+    kind = "GPU" if gpu else "CPU"
+    have = int(ray.cluster_resources().get(kind, 0))
+    if have == 0:
+        raise ValueError(f"--ray: the cluster has no {kind}"
+                         + ("; use --device cpu, or add hosts with GPUs" if gpu else ""))
+    return have
+
+
 def run(items: list, load, work, address: str, jobs: int | None = None, gpu: bool = False,
         say=None):
-    """Each item (cell, configurations) on one of the workers, a new item to a worker as soon
+    """Each item (cell, configurations) on one of the workers (items split by sweep.spread
+    until every worker can have one), a new item to a worker as soon
     as it returns one, each yielded as (cell, config, row, line) as it comes. A worker that dies
     is started again and its item retried (RESTARTS times); one that dies for good costs only
     its item: the others go on, and Lost names what was not computed at the end. A worker
@@ -158,6 +167,7 @@ def run(items: list, load, work, address: str, jobs: int | None = None, gpu: boo
     place (too few resources left) never takes an item."""
     say = say or (lambda line: print(f"[msrnn] {line}", file=sys.stderr))
     ray = connect(address)
+    items = spread(items, jobs or capacity(ray, gpu))
     n, resources, threads = sizes(ray, jobs, len(items), gpu)
     actor = ray.remote(max_restarts=RESTARTS, max_task_retries=RESTARTS)(Worker)
     workers = [actor.options(scheduling_strategy="SPREAD", **resources).remote(load, work,

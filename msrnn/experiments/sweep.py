@@ -108,6 +108,21 @@ def batches(todo: list, n: int, sequential: bool = False) -> list:
     return items
 
 
+def spread(items: list, workers: int) -> list:
+    """The work items, the largest split in halves until there are at least `workers` of them
+    (or each holds one configuration): a cell's configurations fit one batch by memory, and as
+    one item they would leave every worker but one idle. Splitting keeps the grid's order."""
+    items = list(items)
+    while len(items) < workers:
+        i = max(range(len(items)), key=lambda j: len(items[j][1]))
+        cell, configs = items[i]
+        if len(configs) == 1:
+            break
+        half = (len(configs) + 1) // 2
+        items[i:i + 1] = [(cell, configs[:half]), (cell, configs[half:])]
+    return items
+
+
 def masked(config: Config) -> bool:
     """Whether a configuration's sequential prompt is one masked parallel pass: a policy that
     decides by position alone (it reads nothing: Window, Sinks) at the original positions."""
@@ -170,12 +185,13 @@ class Sweep:
         yields (config, row, line) for each: the row's measured fields and a line for the log.
 
         The work items are `batches(todo, batch, sequential)`: up to `batch` configurations of
-        a cell (of one scheme) at a time. Where they run: here, one after another (the
-        default); with jobs > 1, each in one of `jobs` worker processes, each with its own
-        model (`load` and `work` must pickle); with `ray` (an address: local, auto or
-        HOST:PORT), each on a worker of that Ray cluster (msrnn.experiments.cluster: `jobs`
-        workers, by default one per CPU of the cluster, or per GPU with `gpu`; `load` and
-        `work` go through cloudpickle, so closures do too). Rows are saved in the order they
+        a cell (of one scheme) at a time, split by `spread` when they are fewer than the
+        workers. Where they run: here, one after another (the default); with jobs > 1, each in
+        one of `jobs` worker processes, each with its own model (`load` and `work` must
+        pickle); with `ray` (an address: local, auto or HOST:PORT), each on a worker of that
+        Ray cluster (msrnn.experiments.cluster: `jobs` workers, by default one per CPU of the
+        cluster, or per GPU with `gpu`; `load` and `work` go through cloudpickle, so closures
+        do too). Rows are saved in the order they
         finish; `rows` puts them in the grid's order. Raises cluster.Lost, after saving every
         row that came back, when Ray workers died for good."""
         if not todo:
@@ -213,6 +229,7 @@ class Sweep:
         multiply reads them barely faster with two threads than with one: two one-thread
         processes finish about 1.6x as many steps on two cores (docs/results.md)."""
         threads = max(1, torch.get_num_threads() // jobs)
+        items = spread(items, jobs)
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_worker_start, initargs=(load, threads)) as pool:
             futures = {pool.submit(_worker_run, work, cell, configs): cell
