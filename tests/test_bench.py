@@ -2,9 +2,12 @@
 benchmarks, not tested; the arithmetic around them is)."""
 
 import json
+import sys
+
+import pytest
 
 import msrnn
-from msrnn.experiments import bench
+from msrnn.experiments import bench, llamacpp
 from msrnn import cli
 from tiny import save, tiny_hf
 
@@ -83,3 +86,38 @@ def test_compiled_speed_leaves_out_compilation(tmp_path, monkeypatch):
     assert row["compile_s"] >= 8 and 10 / row["tok_s"] < 8
     assert bench.msrnn_speed(model, torch.tensor([[5, 6, 7, 8]]), TOVA(8), 10,
                              compiled=False)["compile_s"] == 0
+
+
+def test_llamacpp_part_needs_llama_cpp_python_and_says_how_to_install(tmp_path, capsys,
+                                                                     monkeypatch):
+    """CI never compiles llama-cpp-python: `--parts llamacpp` without it is one line naming the
+    extra, before any work; an unknown kind of weights is refused first."""
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)          # import llama_cpp fails
+    model = save(tiny_hf("llama"), tmp_path / "model")
+    for argv, words in ((["--weights", "int3"], "--weights: unknown int3; choose from float32, "
+                         "bfloat16, int8, int4"),
+                        ([], "needs llama-cpp-python: pip install 'msrnn[llamacpp]'")):
+        assert cli.main(["bench", model, "--parts", "llamacpp", *argv]) == 2
+        assert words in capsys.readouterr().err
+
+
+def test_llamacpp_table_ranges_and_ratios(capsys):
+    """The side-by-side table: each implementation's range over the rounds, msrnn Full over
+    llama.cpp and TOVA over Full as ratios of the means."""
+    from msrnn.cli.bench import print_report
+    rows = [{"weights": w, "impl": impl, "policy": policy, "size": 64 if policy == "tova" else
+             None, "round": r, "tok_s": rate}
+            for w, rates in (("int8", (66.0, 70.0, 60.0, 66.0, 63.0, 63.0)),
+                             ("float32", (34.0, 35.0, 36.0, 36.0, 36.0, 36.0)))
+            for r in (0, 1) for impl, policy, rate in (
+                ("llama.cpp", "full", rates[r]), ("msrnn compiled", "full", rates[2 + r]),
+                ("msrnn compiled", "tova", rates[4 + r]))]
+    table = llamacpp.table(rows)
+    assert [t["weights"] for t in table] == ["int8", "float32"]
+    assert table[0]["llama_cpp"] == [66.0, 70.0] and table[0]["msrnn_tova"] == [63.0, 63.0]
+    assert table[0]["full_vs_llama_cpp"] == pytest.approx(126 / 136)
+    assert table[0]["tova_vs_full"] == pytest.approx(1.0)
+    assert table[1]["full_vs_llama_cpp"] == pytest.approx(72 / 69)
+    print_report({"llamacpp": rows})
+    printed = capsys.readouterr().out
+    assert "| int8 | Q8_0 | 66.0-70.0 | 60.0-66.0 | 0.93x | 63.0-63.0 | 1.00x |" in printed

@@ -1,5 +1,6 @@
-"""`msrnn bench`: the command line of msrnn/experiments/bench.py. Every argument is checked before the first
-measurement; the report is printed as markdown tables, saved as bench.json and plotted."""
+"""`msrnn bench`: the command line of msrnn/experiments/bench.py (and llamacpp.py). Every
+argument is checked before the first measurement; the report is printed as markdown tables,
+saved as bench.json and plotted."""
 
 import json
 import os
@@ -8,15 +9,19 @@ import sys
 from .common import (DEFAULT_MODEL, DTYPES, QUANTIZE, UsageError, add_policy_module_arg,
                      check_device,
                      check_out_dir, check_positive, model_config, parse_list)
+from ..checkpoint.loading import home
 from ..experiments.output import figure, save_figure, write_atomic
 
 PARTS = ("speed", "prefill", "latency", "throughput", "ceiling")
+EXTRA_PARTS = ("llamacpp",)              # not by default: it needs llama-cpp-python
 
 
 def add_commands(commands):
     b = commands.add_parser("bench", help="decode speed and memory against transformers")
     b.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    b.add_argument("--parts", default=",".join(PARTS), help=f"from: {', '.join(PARTS)}")
+    b.add_argument("--parts", default=",".join(PARTS), help=f"from: {', '.join(PARTS)}; "
+                   "and llamacpp: llama.cpp beside msrnn's compiled step on the same weights "
+                   "(the extra msrnn[llamacpp]; docs/performance.md)")
     b.add_argument("--dtypes", default="float32,bfloat16")
     b.add_argument("--quantize", choices=QUANTIZE, help="also msrnn's rows with these weights "
                    "(float32 activations): speed, throughput and their ceiling")
@@ -34,6 +39,11 @@ def add_commands(commands):
     b.add_argument("--full-batch", type=int, default=8, help="throughput: full-cache batch")
     b.add_argument("--throughput-sizes", default="512,256")
     b.add_argument("--prefill-tokens", type=int, default=1024, help="prefill: prompt length")
+    b.add_argument("--weights", default="float32,bfloat16,int8,int4",
+                   help="llamacpp: the kinds of weights (llama.cpp's F32, BF16, Q8_0, Q4_1)")
+    b.add_argument("--rounds", type=int, default=2, help="llamacpp: rounds of interleaved rows")
+    b.add_argument("--threads", type=int, help="llamacpp: threads of both programs (default: "
+                   "torch's, one per core)")
     b.add_argument("--device", default="cpu")
     add_policy_module_arg(b)
     b.add_argument("--out", help="directory for bench.json and bench.png")
@@ -47,9 +57,10 @@ def run_bench(args):
     from .. import load
 
     parts = parse_list("--parts", args.parts)
-    unknown = [p for p in parts if p not in PARTS]
+    unknown = [p for p in parts if p not in PARTS + EXTRA_PARTS]
     if unknown:
-        raise UsageError(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+        raise UsageError(f"--parts: unknown {', '.join(unknown)}; choose from "
+                         f"{', '.join(PARTS + EXTRA_PARTS)}")
     dtypes = parse_list("--dtypes", args.dtypes)
     bad = [d for d in dtypes if d not in DTYPES]
     if bad:
@@ -57,8 +68,20 @@ def run_bench(args):
     lengths = parse_list("--lengths", args.lengths, int)
     sizes = parse_list("--throughput-sizes", args.throughput_sizes, int)
     for name in ("prompt_tokens", "new_tokens", "size", "latency_size", "length", "full_batch",
-                 "prefill_tokens"):
+                 "prefill_tokens", "rounds"):
         check_positive("--" + name.replace("_", "-"), getattr(args, name))
+    check_positive("--threads", args.threads, allow_none=True)
+    weights = parse_list("--weights", args.weights)
+    if "llamacpp" in parts:
+        from ..experiments import llamacpp
+        bad = [w for w in weights if w not in llamacpp.FILE_TYPES]
+        if bad:
+            raise UsageError(f"--weights: unknown {', '.join(bad)}; choose from "
+                             f"{', '.join(llamacpp.FILE_TYPES)}")
+        try:
+            llamacpp.need()
+        except ImportError as e:
+            raise UsageError(str(e)) from None
     if "latency" in parts and min(lengths) < bench.shortest_latency_length():
         raise UsageError(f"--lengths must be at least {bench.shortest_latency_length()}: each is "
                          f"reached by rounds of timed steps")
@@ -82,11 +105,20 @@ def run_bench(args):
                                       args.prompt_tokens, args.new_tokens,
                                       compiled=not args.no_compile, quantize=args.quantize,
                                       log=log)
+    if "llamacpp" in parts:
+        threads = args.threads or torch.get_num_threads()
+        print(f"[msrnn bench] llama.cpp beside msrnn compiled, batch 1, {threads} threads, "
+              f"{args.rounds} rounds (each row in a fresh process)", file=log)
+        report["llamacpp"] = llamacpp.side_by_side(
+            directory, weights, os.path.join(home(), "gguf"), args.rounds, args.prompt_tokens,
+            args.new_tokens, threads, args.size, log)
     if "prefill" in parts:
         print(f"[msrnn bench] prefill: a {args.prefill_tokens}-token prompt, float32, batch 1",
               file=log)
         report["prefill"] = bench.prefill_speed(directory, args.prefill_tokens, args.size,
                                                 device, log)
+    if not set(parts) & {"latency", "throughput", "ceiling"}:
+        return finish(report, args.out)
     model = load(directory, dtype=torch.float32, device=device)
     compiled = None if args.no_compile else load(directory, dtype=torch.float32,
                                                  device=device).compile_step()
@@ -116,11 +148,16 @@ def run_bench(args):
             row["of_ceiling"] = row["tok_s"] / report["ceiling"][row["weights"]]["max_tok_s"]
         print(f"[msrnn bench] ceiling: read bandwidth {report['ceiling']['read_gb_s']:.1f} GB/s",
               file=log)
+    return finish(report, args.out)
+
+
+def finish(report: dict, out: str | None) -> int:
+    """Print the report; with --out, save bench.json and plot."""
     print_report(report)
-    if args.out:
-        write_atomic(os.path.join(args.out, "bench.json"), json.dumps(report, indent=1))
+    if out:
+        write_atomic(os.path.join(out, "bench.json"), json.dumps(report, indent=1))
         if "latency" in report and "throughput" in report:
-            plot(report["latency"], report["throughput"], os.path.join(args.out, "bench.png"))
+            plot(report["latency"], report["throughput"], os.path.join(out, "bench.png"))
     return 0
 
 
@@ -167,11 +204,26 @@ def print_report(r):
             f"{v['tok_s']:.1f} tok/s "
             f"({'compiled' if v['compiled'] else 'eager'})"
             for v in fastest(r["throughput"]).values()))
+    if "llamacpp" in r:
+        from ..experiments.llamacpp import table
+        print("\n| weights | llama.cpp | llama.cpp tok/s | msrnn compiled tok/s (Full) | msrnn / "
+              "llama.cpp | msrnn TOVA tok/s | TOVA / Full |")
+        print("|---|---|---|---|---|---|---|")
+        for t in table(r["llamacpp"]):
+            print(f"| {t['weights']} | {t['file_type']} | {span(t['llama_cpp'])} | "
+                  f"{span(t['msrnn_full'])} | {t['full_vs_llama_cpp']:.2f}x | "
+                  f"{span(t['msrnn_tova'])} | {t['tova_vs_full']:.2f}x |")
     if "ceiling" in r:
         c = r["ceiling"]
         print(f"\nread bandwidth {c['read_gb_s']:.1f} GB/s; " + "; ".join(
             f"{d}: {v['weight_mb_per_token']:.0f} MB of weights per token -> at most "
             f"{v['max_tok_s']:.0f} tok/s" for d, v in c.items() if d != "read_gb_s"))
+
+
+def span(rates) -> str:
+    """Rates over rounds as the tables print them: 34.5-36.2, or 34.5 for one."""
+    low, high = min(rates), max(rates)
+    return f"{low:.1f}" if len(rates) == 1 else f"{low:.1f}-{high:.1f}"
 
 
 def fastest(rows) -> dict:
