@@ -36,12 +36,20 @@ INSTALL = ("pip install 'msrnn[llamacpp]' (llama-cpp-python: it compiles llama.c
            "source, about 15 minutes on 2 cores)")
 
 
+_silent = None          # llama.cpp's log callback that drops its lines (kept alive here)
+
+
 def need():
-    """llama_cpp, or an error that says how to install it."""
+    """llama_cpp, its log silenced (its loader and quantizer print a line per tensor), or an
+    error that says how to install it."""
+    global _silent
     try:
         import llama_cpp
     except ImportError:
         raise ImportError(f"--parts llamacpp needs llama-cpp-python: {INSTALL}") from None
+    if _silent is None:
+        _silent = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        llama_cpp.llama_log_set(_silent, ctypes.c_void_p())
     return llama_cpp
 
 
