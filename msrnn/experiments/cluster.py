@@ -21,8 +21,6 @@ import socket
 import sys
 from collections import deque
 
-from .sweep import spread
-
 RESTARTS = 2          # a worker that dies is started again this often, its item retried
 PROBE_SECONDS = 5.0   # how long `reach` waits for a cluster to answer
 
@@ -157,9 +155,9 @@ def capacity(ray, gpu: bool) -> int:
 
 
 def run(items: list, load, work, address: str, jobs: int | None = None, gpu: bool = False,
-        say=None):
-    """Each item (cell, configurations) on one of the workers (items split by sweep.spread
-    until every worker can have one), a new item to a worker as soon
+        say=None, split=None):
+    """Each item (cell, configurations) on one of the workers (`split(items, workers)`, if
+    given, first: sweep.spread, so that every worker can have one), a new item to a worker as soon
     as it returns one, each yielded as (cell, config, row, line) as it comes. A worker that dies
     is started again and its item retried (RESTARTS times); one that dies for good costs only
     its item: the others go on, and Lost names what was not computed at the end. A worker
@@ -167,7 +165,8 @@ def run(items: list, load, work, address: str, jobs: int | None = None, gpu: boo
     place (too few resources left) never takes an item."""
     say = say or (lambda line: print(f"[msrnn] {line}", file=sys.stderr))
     ray = connect(address)
-    items = spread(items, jobs or capacity(ray, gpu))
+    if split is not None:
+        items = split(items, jobs or capacity(ray, gpu))
     n, resources, threads = sizes(ray, jobs, len(items), gpu)
     actor = ray.remote(max_restarts=RESTARTS, max_task_retries=RESTARTS)(Worker)
     workers = [actor.options(scheduling_strategy="SPREAD", **resources).remote(load, work,

@@ -202,7 +202,7 @@ class Sweep:
         with tqdm(total=total, desc=self.name, unit="config", file=self.log) as bar:
             if ray is not None:
                 from . import cluster
-                done = cluster.run(work_items, load, work, ray, jobs, gpu, self.say)
+                done = cluster.run(work_items, load, work, ray, jobs, gpu, self.say, spread)
             elif (jobs or 1) > 1:
                 done = self._pool(work_items, load, work, jobs)
             else:
