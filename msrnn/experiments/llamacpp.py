@@ -139,11 +139,10 @@ def side_by_side(model: str, kinds, folder: str, rounds: int = 2, prompt_tokens:
     llama.cpp on its GGUF, then msrnn compiled Full and TOVA(size) on the same weights (float32
     activations for int8 and int4, as llama.cpp's), each in a fresh process with `threads`
     threads."""
-    from .. import load
     from .bench import prompt_ids
 
     paths = ggufs(kinds, folder, threads)
-    vocab = load(model).cfg.vocab_size
+    vocab = json.load(open(os.path.join(model, "config.json")))["vocab_size"]
     prompt = prompt_ids(prompt_tokens, vocab, "cpu")[0].tolist()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     rows = []
