@@ -106,17 +106,24 @@ def prompt(states: list, q, k, v, pos, start: int, scale: float, softcap=None, w
                              f"empty cache or state (a oneshot prompt); it has seen {start} "
                              f"tokens, so feed the next ones one at a time, or start a new one")
     q_pos, S = pos[:, None, None, :, None], keys.shape[2]                   # [B, 1, 1, T, 1]
-    # A pad query sees only itself (its output is never used; this keeps the kernel finite).
-    own = torch.arange(S, device=q.device) == S - T + torch.arange(T, device=q.device)[:, None]
-    mask = visible(q_pos, k_pos, window) | (own & (q_pos < 0))              # [B, 1, 1, T, S]
-    if restrict:
-        mask = mask & states[0].policy.visible(q_pos, k_pos)
+
+    def mask(i: int, j: int):
+        """Which keys queries i..j-1 may see, [B, 1, 1, j - i, S], made a block of queries at a
+        time: the [T, S] mask of a 32K-token prompt alone would take a gigabyte."""
+        i, j = max(i, 0), min(j, T)
+        at = q_pos[:, :, :, i:j]
+        # A pad query sees only itself (its output is never used; this keeps the kernel finite).
+        new = torch.arange(i, j, device=q.device)[:, None]                 # [j - i, 1]
+        own = torch.arange(S, device=q.device) == S - T + new
+        ok = visible(at, k_pos, window) | (own & (at < 0))
+        return ok & states[0].policy.visible(at, k_pos) if restrict else ok
+
     rows, sums = {}, None                     # the ranking rows, by observation window ω
     for state in (s for s in states if s.bounded):           # empty: the pass's keys are k
         for _, policy in state.runs:          # each row's policy (rows may differ)
             n = policy.observation
             if "row" in policy.reads and n not in rows:
-                rows[n] = last_rows(q, k, mask, q_pos >= 0, n, scale, softcap)
+                rows[n] = last_rows(q, k, mask(T - n, T), q_pos >= 0, n, scale, softcap)
             if "sums" in policy.reads and sums is None:
                 sums = column_sums(q, k, mask, q_pos >= 0, scale, softcap)
         kept = k if state.rotation is None else state.rotation.back(k, pos[:, None])
@@ -127,8 +134,9 @@ def prompt(states: list, q, k, v, pos, start: int, scale: float, softcap=None, w
 def last_rows(q, keys, mask, real, n: int, scale: float, softcap=None):
     """The attention row a oneshot prompt is ranked by, [B, Hkv, G, S]: the last query's (n = 1,
     the paper's rule), or the mean of the last n queries' rows over those that are real (not
-    padding; SnapKV's observation window, ω = n). Only those n rows are computed."""
-    a = probabilities(q[:, :, :, -n:], keys, mask[:, :, :, -n:], scale, softcap)  # [B,Hkv,G,n,S]
+    padding; SnapKV's observation window, ω = n). Only those n rows are computed (mask: the
+    last n queries' [B, 1, 1, n, S])."""
+    a = probabilities(q[:, :, :, -n:], keys, mask, scale, softcap)          # [B, Hkv, G, n, S]
     if n == 1:
         return a[:, :, :, 0]
     real = real[:, :, :, -n:].to(a.dtype)                                    # [B, 1, 1, n, 1]
@@ -137,21 +145,41 @@ def last_rows(q, keys, mask, real, n: int, scale: float, softcap=None):
 
 def column_sums(q, keys, mask, real, scale: float, softcap=None, block: int = 64):
     """sum_i a_i(j) over the real (not padding) queries i: [B, Hkv, G, S], a block of queries at
-    a time, so that at most [block, S] attention weights exist at once."""
+    a time, so that at most [block, S] attention weights exist at once (mask(i, j): queries
+    i..j-1's [B, 1, 1, j - i, S])."""
     total = 0
     for i in range(0, q.shape[3], block):
-        a = probabilities(q[:, :, :, i:i + block], keys, mask[:, :, :, i:i + block], scale, softcap)
+        a = probabilities(q[:, :, :, i:i + block], keys, mask(i, i + block), scale, softcap)
         total = total + (a * real[:, :, :, i:i + block]).sum(3)
     return total
+
+
+QUERY_BLOCK = 1024      # queries a prompt pass attends with at once (fused)
 
 
 def fused(q, keys, values, mask, scale: float, softcap=None):
     """What weighted(probabilities(q, keys, mask), values) computes, by PyTorch's fused attention
     kernel, which never holds the [T, S] attention matrix (a soft-capped model, which the kernel
-    cannot do, takes the plain route). mask [B, 1, 1, T, S]. Returns [B, Hkv, G, T, D]."""
+    cannot do, takes the plain route). mask(i, j): queries i..j-1's [B, 1, 1, j - i, S].
+    Returns [B, Hkv, G, T, D].
+
+    QUERY_BLOCK queries at a time, each against only the keys that some query of the block
+    may see: a key no query sees adds exp(-inf) = 0 to every sum, so leaving it out changes
+    nothing but the work. Causal attention then skips the future's keys, and a window's prompt
+    (Window, Sinks, Mistral) reads about QUERY_BLOCK + k keys a query, not T: O(T k), not O(T^2)."""
     B, Hkv, G, T, D = q.shape
-    if softcap is not None:
-        return weighted(probabilities(q, keys, mask, scale, softcap), values)
-    y = F.scaled_dot_product_attention(q.reshape(B, Hkv * G, T, D), keys, values,
-                                       attn_mask=mask[:, 0], scale=scale, enable_gqa=True)
-    return y.view(B, Hkv, G, T, D)
+    out = []
+    for i in range(0, T, QUERY_BLOCK):
+        j = min(T, i + QUERY_BLOCK)
+        m = mask(i, j)                                                      # [B, 1, 1, b, S]
+        k, v, seen = keys, values, m.flatten(0, 3).any(0)                  # seen [S]
+        if not seen.all():
+            seen = seen.nonzero()[:, 0]                                     # [S'] key slots
+            m, k, v = m[..., seen], keys[:, :, seen], values[:, :, seen]
+        if softcap is not None:
+            out.append(weighted(probabilities(q[:, :, :, i:j], k, m, scale, softcap), v))
+            continue
+        y = F.scaled_dot_product_attention(q[:, :, :, i:j].reshape(B, Hkv * G, j - i, D), k, v,
+                                           attn_mask=m[:, 0], scale=scale, enable_gqa=True)
+        out.append(y.view(B, Hkv, G, j - i, D))
+    return torch.cat(out, 3)

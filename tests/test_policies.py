@@ -180,6 +180,27 @@ def test_sequential_prefill_equals_stepping(llama, runs, name, prompt):
                     run.logits[prompt:prompt + 20], tol=EXACT, start=prompt)
 
 
+@pytest.mark.parametrize("name", ["full", *BOUNDED])
+def test_a_prompt_in_blocks_of_queries_is_the_same_pass(llama, runs, name, monkeypatch):
+    """attention.fused attends a prompt's queries QUERY_BLOCK at a time, each block to only the
+    keys it may see. In blocks of 7 (a 60-token prompt in 9 blocks, the window's keys a few
+    blocks back): a sequential prompt is still exactly stepping, and a oneshot prompt keeps the
+    same states with the same logits as in one block."""
+    from msrnn import attention
+    _, model, _ = llama
+    policy, _ = make(name)
+    ids = IDS[:, :60]
+    whole, state = prefill(model, ids, model.init_state(1, policy), mode="oneshot")
+    kept = positions(state)
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 7)
+    logits, state = prefill(model, ids, model.init_state(1, policy), mode="sequential")
+    assert positions(state) == runs(name).positions[59]
+    assert (logits[0] - torch.stack(runs(name).logits[:60])).abs().max().item() <= EXACT
+    logits, state = prefill(model, ids, model.init_state(1, policy), mode="oneshot")
+    assert positions(state) == kept
+    assert (logits - whole).abs().max().item() <= EXACT
+
+
 # ------------------------------------------------------------------------------------ oneshot
 
 PROMPT, MORE = tokens(1, 70, seed=7).split([40, 30], 1)
