@@ -155,6 +155,18 @@ def test_the_default_fits_a_quarter_of_memory(tiny):
     assert n == (1 << 30) // each and fit(cfg, 8, 257, 2048, budget=1)[0] == 1
 
 
+def test_ppl_fits_the_chunks_there_are_not_the_batch(tiny, capsys):
+    """One chunk under --batch 8 is one row per configuration: the default counts one."""
+    from msrnn.config import Config as ModelConfig
+    model, text = tiny
+    cfg = ModelConfig.from_hf(json.load(open(f"{model}/config.json")))
+    _, err = json_rows(capsys, "ppl", model, "--text", text, "--context", "1000", "--max-chunks",
+                       "1", "--batch", "8", "--policies", "tova", "--sizes", "8,16", "--json")
+    said = int(err.split(" MiB each")[0].rsplit("(", 1)[1])
+    one, eight = (round(fit(cfg, rows, 17, 1000)[1] / 2**20) for rows in (1, 8))
+    assert said == one != eight
+
+
 @pytest.mark.parametrize("command", ["ppl", "retention", "needle", "tasks", "drift"])
 def test_batch_configs_must_be_positive(tiny, capsys, command):
     model, text = tiny

@@ -90,7 +90,8 @@ def run_ppl(args):
     here = args.ray is None and (args.jobs or 1) == 1        # a bar per chunk: only here
     work = functools.partial(evaluate.sweep_work, chunks, args.batch, args.buckets,
                              args.past_range, here)
-    batch = batch_configs(args, cfg, args.batch, configs, args.context, sweep.say)
+    per_config = min(args.batch, len(chunks))     # a configuration's rows: its chunks at once
+    batch = batch_configs(args, cfg, per_config, configs, args.context, sweep.say)
     sweep.run(todo, loader(args, directory, args.compile), work, batch=batch, sequential=True,
               **workers(args))
     rows = sweep.rows([{}], configs)
@@ -299,7 +300,8 @@ def run_retention(args):
     def say(line):
         print(f"[msrnn retention] {line}", file=sys.stderr)
 
-    n = batch_configs(args, cfg, args.batch, [Config("tova", k, TOVA(k)) for k in sizes],
+    n = batch_configs(args, cfg, min(args.batch, len(chunks)),
+                      [Config("tova", k, TOVA(k)) for k in sizes],
                       args.context, say) if len(sizes) > 1 else 1
 
     def measure(model):                     # up to n sizes as the rows of one batch at a time
