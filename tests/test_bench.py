@@ -121,3 +121,17 @@ def test_llamacpp_table_ranges_and_ratios(capsys):
     print_report({"llamacpp": rows})
     printed = capsys.readouterr().out
     assert "| int8 | Q8_0 | 66.0-70.0 | 60.0-66.0 | 0.93x | 63.0-63.0 | 1.00x |" in printed
+
+
+def test_a_row_runs_in_a_fresh_process_and_a_failed_one_says_why(tmp_path):
+    """bench.in_fresh_process (every speed row, msrnn's and llama.cpp's): the row the child
+    prints last comes back; a child that fails raises with its own error."""
+    from msrnn.experiments import bench
+    model = save(tiny_hf("llama"), tmp_path / "model")
+    spec = {"impl": "msrnn eager", "policy": "tova", "size": 8, "dtype": "float32",
+            "weights": "float32", "model": model, "device": "cpu", "prompt_tokens": 4,
+            "new_tokens": 3, "quantize": None}
+    row = bench.in_fresh_process("msrnn.experiments.bench", spec)
+    assert row["impl"] == "msrnn eager" and row["tok_s"] > 0
+    with pytest.raises(RuntimeError, match="(?s)failed .*model directory not found"):
+        bench.in_fresh_process("msrnn.experiments.bench", {**spec, "model": str(tmp_path / "x")})

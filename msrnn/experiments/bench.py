@@ -125,6 +125,18 @@ def run_row(spec: dict) -> dict:
     return {**spec, **result, "peak_mb": peak_memory_mb(device)}
 
 
+def in_fresh_process(module: str, spec: dict, env: dict | None = None) -> dict:
+    """`python -m module JSON(spec)` in a fresh process (its own allocator, compiled graphs
+    and caches, so that no row inherits another's) -> the JSON row it prints last. A row that
+    fails raises, with the end of its stderr."""
+    out = subprocess.run([sys.executable, "-m", module, json.dumps(spec)],
+                         capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark row {spec.get('impl')} {spec.get('weights')} failed "
+                           f"({module}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def speed(model: str, dtypes, device: str, size: int, prompt_tokens: int, new_tokens: int,
           compiled: bool = True, quantize: str | None = None, log=sys.stderr):
     """Batch-1 decode speed rows: transformers, msrnn eager (and compiled), Full and TOVA(size),
@@ -143,12 +155,7 @@ def speed(model: str, dtypes, device: str, size: int, prompt_tokens: int, new_to
                         "device": device, "prompt_tokens": prompt_tokens,
                         "new_tokens": new_tokens,
                         "quantize": None if weights == dtype else weights}
-                out = subprocess.run([sys.executable, "-m", "msrnn.experiments.bench",
-                                      json.dumps(spec)],
-                                     capture_output=True, text=True)
-                if out.returncode != 0:
-                    raise RuntimeError(f"benchmark row {spec} failed:\n{out.stderr[-3000:]}")
-                row = json.loads(out.stdout.strip().splitlines()[-1])
+                row = in_fresh_process("msrnn.experiments.bench", spec)
                 rows.append(row)
                 print(f"  {impl:15s} {policy:5s} {weights:9s} {row['tok_s']:7.1f} tok/s  peak "
                       f"{row['peak_mb']:7.0f} MB"

@@ -25,7 +25,6 @@ was measured on, and a user on bare metal may turn them on for a faster llama.cp
 import ctypes
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -139,7 +138,7 @@ def side_by_side(model: str, kinds, folder: str, rounds: int = 2, prompt_tokens:
     llama.cpp on its GGUF, then msrnn compiled Full and TOVA(size) on the same weights (float32
     activations for int8 and int4, as llama.cpp's), each in a fresh process with `threads`
     threads."""
-    from .bench import prompt_ids
+    from .bench import in_fresh_process, prompt_ids
 
     paths = ggufs(kinds, folder, threads)
     vocab = json.load(open(os.path.join(model, "config.json")))["vocab_size"]
@@ -157,12 +156,8 @@ def side_by_side(model: str, kinds, folder: str, rounds: int = 2, prompt_tokens:
             specs += [{**common, "impl": "msrnn compiled", "policy": policy,
                        "size": size if policy == "tova" else None} for policy in ("full", "tova")]
             for spec in specs:
-                out = subprocess.run([sys.executable, "-m", "msrnn.experiments.llamacpp",
-                                      json.dumps(spec)], capture_output=True, text=True, env=env)
-                if out.returncode != 0:
-                    raise RuntimeError(f"row {spec['impl']} {kind} failed:\n{out.stderr[-3000:]}")
-                row = {k: v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()
-                       if k not in ("prompt", "model")}
+                row = in_fresh_process("msrnn.experiments.llamacpp", spec, env)
+                row = {k: v for k, v in row.items() if k not in ("prompt", "model")}
                 rows.append({**row, "round": r})
                 policy = "full" if row["size"] is None else f"tova({row['size']})"
                 print(f"  round {r}: {row['impl']:14s} {policy:9s} {kind:9s} "
