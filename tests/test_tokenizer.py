@@ -164,6 +164,23 @@ def test_sentencepiece_matches_transformers(sp_dir):
     assert tok.decode(ids) == "<s> a</s> b"
 
 
+def test_a_template_that_writes_bos_gets_one(sp_dir, tmp_path):
+    """A LLaMA-2-style template writes {{ bos_token }} and the tokenizer adds BOS to plain
+    text: the chat prompt has one BOS, as transformers' apply_chat_template(tokenize=True)."""
+    import shutil
+
+    directory = tmp_path / "chat"
+    shutil.copytree(sp_dir, directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ bos_token }}[INST] {{ messages[0]['content'] }} [/INST]"
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = msrnn.load_tokenizer(str(directory))
+    ids = tok.encode_chat([{"role": "user", "content": "Hi"}])
+    assert ids.count(tok.bos_id) == 1 and ids[0] == tok.bos_id
+    assert tok.decode(ids) == "<s>[INST] Hi [/INST]"
+    assert tok.encode("Hi")[0] == tok.bos_id                    # plain text still gets its BOS
+
+
 def test_no_chat_template(sp_dir):
     with pytest.raises(ValueError, match="no chat template"):
         msrnn.load_tokenizer(sp_dir).apply_chat_template([{"role": "user", "content": "Hi"}])

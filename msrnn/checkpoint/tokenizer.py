@@ -91,6 +91,11 @@ class Tokenizer:
             messages=messages, add_generation_prompt=add_generation_prompt,
             **{f"{k}_token": v for k, v in self.special.items()})
 
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of apply_chat_template's text, as transformers' apply_chat_template(...,
+        tokenize=True) gives them: nothing added, since the template writes its own BOS."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), special=False)
+
     def chat_template(self) -> str:
         """The checkpoint's chat template: chat_template.jinja, or tokenizer_config.json's
         `chat_template` (a string, or a list of named templates: the "default" one)."""

@@ -91,8 +91,8 @@ def run_generate(args):
                         f"the model's range of {cfg.max_positions} positions", name="--size",
                         layers=cfg.n_layers, kv_heads=cfg.n_kv_heads)
     tok = load_tokenizer(directory)
-    rows = [torch.tensor(tok.encode(tok.apply_chat_template([{"role": "user", "content": t}])
-                                    if args.chat else t)) for t in texts]
+    rows = [torch.tensor(tok.encode_chat([{"role": "user", "content": t}]) if args.chat else
+                         tok.encode(t)) for t in texts]
     for i, row in enumerate(rows):
         what = (f"a {len(row)}-token prompt" if len(rows) == 1 else
                 f"prompt {i} ({len(row)} tokens)") + f" and {args.max_new_tokens} new tokens"
