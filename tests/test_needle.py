@@ -112,6 +112,24 @@ def test_command_json_files_and_resume(tiny, capsys, tmp_path):
     assert code == 0 and json.loads(again) == rows and "0 cells to run" in err
 
 
+def test_a_budgeted_policy_runs_where_its_smallest_layer_evicts(tiny, capsys, tmp_path):
+    """PyramidKV(256) on two layers keeps 384 and 128 states: at 200 tokens its top layer
+    evicts, so the cell runs; TOVA(256) keeps all 200 and is
+    skipped."""
+    model, text = tiny
+    pyramid = os.path.join(os.path.dirname(__file__), "..", "examples", "policies",
+                           "pyramidkv.py")
+    code, out, err = run(capsys, "needle", model, "--haystack", text, "--lengths", "200,300",
+                         "--depths", "0.5", "--policies", "tova,pyramidkv", "--sizes", "256",
+                         "--policy-module", pyramid, "--samples", "1", "--max-new-tokens", "2",
+                         "--json")
+    assert code == 0, err
+    ran = sorted((r["policy"], r["length"]) for r in json.loads(out))
+    assert ran == [("pyramidkv", 200), ("pyramidkv", 300), ("tova", 300)]
+    assert "tova 256 at length 200: the multi-state holds the whole prompt, skipped" in err
+    assert "pyramidkv 256 at length 200" not in err
+
+
 def test_the_shipped_books_are_the_default_haystack(tiny, capsys, tmp_path, monkeypatch):
     """Without --haystack, the needle hides in the two books inside the package: from any
     directory."""

@@ -12,6 +12,7 @@ from .common import (UsageError, add_batch_args, add_device_args, add_output_arg
                      check_seed, check_workers, command, loader, model_config, options,
                      parse_list, read_texts, setup, workers)
 from ..experiments.output import figure, save_figure
+from ..policies import smallest
 
 FIELDS = ["policy", "size", "length", "depth", "accuracy", "samples", "correct", "seconds",
           "tokens_per_s"]
@@ -95,16 +96,19 @@ def parse_depths(text: str) -> list[float]:
     return depths
 
 
-def evicts(cell, config) -> bool:
-    """Whether a configuration belongs to a cell: a size not smaller than the prompt would never
-    evict (Full always runs)."""
-    return config.size is None or config.size < cell["length"]
+def evicts(layers: int):
+    """Whether a configuration belongs to a cell: one whose every layer and head keeps the whole
+    prompt would never evict (Full always runs). The fewest states a layer keeps decides, not
+    the nominal size: a budgeted policy (PyramidKV) evicts from its smaller layers first."""
+    def belongs(cell, config) -> bool:
+        return not config.policy.bounded or smallest(config.policy, layers) < cell["length"]
+    return belongs
 
 
-def skipped(sweep, configs, lengths):
+def skipped(sweep, configs, lengths, layers: int):
     for c in configs:
         for n in lengths:
-            if not evicts({"length": n}, c):
+            if not evicts(layers)({"length": n}, c):
                 sweep.say(f"{c.name} {c.size} at length {n}: the multi-state holds the whole "
                           f"prompt, skipped")
 
@@ -145,8 +149,8 @@ def run_needle(args):
         sweep.say(f"{os.path.basename(os.path.abspath(directory))} has no chat template"
                   f"{' (or --no-chat)' if args.no_chat else ''}: the raw prompt is used")
     cells = [{"length": n, "depth": d} for n in lengths for d in depths]
-    skipped(sweep, configs, lengths)
-    todo = sweep.pending(cells, configs, evicts)
+    skipped(sweep, configs, lengths, cfg.n_layers)
+    todo = sweep.pending(cells, configs, evicts(cfg.n_layers))
     sweep.say(f"{args.task}, {args.prompt_mode} prompts, {len(configs)} configurations x "
               f"{len(cells)} (length, depth) cells x {args.samples} samples; {len(todo)} cells "
               f"to run")
@@ -168,7 +172,7 @@ def run_needle(args):
                           max(lengths) + args.max_new_tokens, sweep.say)
     sweep.run(todo, loader(args, directory, warm=needle.warm_up), work, batch=batch,
               sequential=args.prompt_mode == "sequential", **workers(args))
-    rows = sweep.rows(cells, configs, evicts)
+    rows = sweep.rows(cells, configs, evicts(cfg.n_layers))
     if args.out:
         title = (f"{os.path.basename(os.path.abspath(directory))}, {args.task}, "
                  f"{args.prompt_mode} prompt, {args.samples} samples")

@@ -73,7 +73,7 @@ def run_tasks(args):
         seed=args.seed, prompt_mode=args.prompt_mode, observe=args.observe, chat=chat,
         max_new_tokens=args.max_new_tokens, positions=args.positions),
         key=("task", "policy", "size", "length", "depth"), fields=FIELDS)
-    todo = sweep.pending(cells, configs, evicts)
+    todo = sweep.pending(cells, configs, evicts(cfg.n_layers))
     sweep.say(f"{', '.join(names)}; {args.prompt_mode} prompts (observe {args.observe}), "
               f"{len(configs)} configurations x {len(cells)} cells x {args.samples} samples; "
               f"{len(todo)} cells to run")
@@ -98,7 +98,7 @@ def run_tasks(args):
                           sweep.say)
     sweep.run(todo, loader(args, directory, warm=needle.warm_up), work, batch=batch,
               sequential=args.prompt_mode == "sequential", **workers(args))
-    rows = sweep.rows(cells, configs, evicts)
+    rows = sweep.rows(cells, configs, evicts(cfg.n_layers))
     if args.out:
         title = (f"{os.path.basename(os.path.abspath(directory))}, {args.prompt_mode} prompt"
                  f"{'' if args.observe == 1 else f' (observe {args.observe})'}, "
