@@ -166,6 +166,41 @@ def test_interrupted_sweep_resumes_without_recomputing(tiny, capsys, tmp_path, m
     assert code == 2 and "another setup" in err
 
 
+def test_two_runs_sharing_a_directory_keep_each_others_rows(tmp_path):
+    """Two runs with one --out directory (say `--positions cache` and `compressed`, in two
+    terminals), both started before either saved a row: each save keeps the other's rows."""
+    a, b = (output.Results(str(tmp_path), {"s": 1}, ("i",), ["i", "who"]) for _ in range(2))
+    for i in range(3):
+        a.add({"i": f"a{i}", "who": "a"})
+        b.add({"i": f"b{i}", "who": "b"})
+    saved = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert sorted(r["i"] for r in saved) == ["a0", "a1", "a2", "b0", "b1", "b2"]
+    assert (tmp_path / "results.csv").read_text().count("\n") == 7
+    assert len(a.rows) == 5 and len(b.rows) == 6              # each knows what it has seen
+
+
+WRITER = """
+import sys
+from msrnn.experiments.output import Results
+results = Results(sys.argv[1], {"s": 1}, ("i",), ["i"])
+for i in range(200):
+    results.add({"i": sys.argv[2] + str(i)})
+"""
+
+
+def test_runs_saving_at_once_lose_no_row(tmp_path):
+    """Processes that save rows into one directory at the same time (a lock around each
+    read-merge-write): every row of every one is in the file."""
+    import subprocess
+    import sys
+
+    runs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), who])
+            for who in "abc"]
+    assert [r.wait(timeout=120) for r in runs] == [0, 0, 0]
+    saved = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert sorted(r["i"] for r in saved) == sorted(w + str(i) for w in "abc" for i in range(200))
+
+
 def test_atomic_write_leaves_the_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
     output.write_atomic(str(path), "old")

@@ -1,8 +1,10 @@
 """What the commands leave on disk: whole files or nothing, resumable result tables, plots."""
 
+import fcntl
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 
 WRITES = True        # False on the ranks of a tensor-parallel group other than 0 (cli.common.ranks)
 
@@ -61,19 +63,35 @@ def save_figure(fig, path: str):
         plt.close(fig)
 
 
+@contextmanager
+def locked(directory: str):
+    """Hold a directory's lock (flock on its descriptor): one process at a time inside."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)                                       # closing releases the lock
+
+
 class Results:
     """results.json (+ .csv) in an --out directory: the rows computed so far, so that a sweep
     that was interrupted resumes with what is missing. A directory made with another setup, or
-    whose results.json is damaged, is refused with a message that says what to do."""
+    whose results.json is damaged, is refused with a message that says what to do. Two runs
+    may share a directory (another scheme, in another terminal): each row is saved together
+    with the rows the other saved meanwhile, so neither overwrites the other."""
 
     def __init__(self, directory: str | None, setup: dict, key: tuple, fields: list):
         self.directory, self.setup, self.key, self.fields = directory, setup, key, fields
-        self.rows = []
-        if directory is None:
-            return
-        path = os.path.join(directory, "results.json")
+        self.rows = self.saved()
+
+    def saved(self) -> list:
+        """The rows results.json holds now ([] without one)."""
+        if self.directory is None:
+            return []
+        path = os.path.join(self.directory, "results.json")
         if not os.path.exists(path):
-            return
+            return []
         try:
             with open(path) as f:
                 saved = json.load(f)
@@ -81,10 +99,10 @@ class Results:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise ValueError(f"{path} is damaged (not a results file this command wrote); "
                              f"delete it or use another --out directory") from None
-        if saved_setup != setup:
+        if saved_setup != self.setup:
             raise ValueError(f"{path} holds results of another setup ({saved_setup}); use "
                              f"another --out directory")
-        self.rows = rows
+        return rows
 
     def get(self, row: dict):
         """The saved row whose key fields are those of `row`, or None."""
@@ -93,10 +111,12 @@ class Results:
 
     def add(self, row: dict):
         self.rows.append(row)
-        if self.directory is None:
+        if self.directory is None or not WRITES:
             return
-        write_atomic(os.path.join(self.directory, "results.json"),
-                     json.dumps({"setup": self.setup, "results": self.rows}, indent=1))
-        lines = [",".join(self.fields)] + [
-            ",".join("" if r[k] is None else str(r[k]) for k in self.fields) for r in self.rows]
-        write_atomic(os.path.join(self.directory, "results.csv"), "\n".join(lines) + "\n")
+        with locked(self.directory):
+            self.rows += [r for r in self.saved() if self.get(r) is None]   # another run's
+            write_atomic(os.path.join(self.directory, "results.json"),
+                         json.dumps({"setup": self.setup, "results": self.rows}, indent=1))
+            lines = [",".join(self.fields)] + [",".join("" if r[k] is None else str(r[k])
+                                                        for k in self.fields) for r in self.rows]
+            write_atomic(os.path.join(self.directory, "results.csv"), "\n".join(lines) + "\n")
