@@ -10,6 +10,9 @@ q/k/v, output, gate/up and down matrices, for M rows, four ways:
     compiled F.linear    torch.compile of the F.linear loop (inductor keeps the library call)
     compiled sum         torch.compile of (x[:, None, :] * W).sum(-1), which inductor turns
                          into its own vectorized loop: what msrnn compiles for one row
+    rows innermost       torch.compile of (W[:, None, :] * x).sum(-1).T: the same sum with the
+                         rows inside the loop over W's rows, so that a row of W, read once,
+                         serves every row of x: what msrnn compiles for 2..FEW_ROWS rows
 
 int8 (msrnn.quantize: int8 W, a float32 scale per row, float32 x): the library column widens W
 to float32 for F.linear (eager, a copy per call), "compiled F.linear" is the same compiled, and
@@ -53,8 +56,8 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per pass over "
           f"{LAYERS} layers (GB/s of weights read)")
     print("| dtype | rows | library [out, in] | library [in, out] | compiled F.linear | "
-          "compiled sum |")
-    print("|---|---|---|---|---|---|")
+          "compiled sum | rows innermost |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.dtypes.split(","):
         if name in ("int8", "int4", "int4pack"):
             {"int8": int8_rows, "int4": int4_rows, "int4pack": int4pack_rows}[name](
@@ -77,8 +80,12 @@ def main():
                 return [(xs[i][:, None, :].float() * w.float()).sum(-1).to(dtype)
                         for layer in out_in for (i, _), w in zip(SHAPES, layer)]
 
+            def inner():
+                return [(w.float()[:, None, :] * xs[i].float()).sum(-1).T.to(dtype)
+                        for layer in out_in for (i, _), w in zip(SHAPES, layer)]
+
             cells = [seconds(f) for f in (library, transposed, torch.compile(library),
-                                          torch.compile(summed))]
+                                          torch.compile(summed), torch.compile(inner))]
             print(f"| {name} | {rows} | " + " | ".join(
                 f"{s * 1e3:.1f} ({nbytes / s / 1e9:.0f})" for s in cells) + " |", flush=True)
 
@@ -101,7 +108,7 @@ def int8_rows(name, all_rows):
 
         cells = [seconds(f) for f in (library, torch.compile(library), torch.compile(summed))]
         a, b, c = (f"{t * 1e3:.1f} ({nbytes / t / 1e9:.0f})" for t in cells)
-        print(f"| {name} | {rows} | {a} | - | {b} | {c} |", flush=True)
+        print(f"| {name} | {rows} | {a} | - | {b} | {c} | - |", flush=True)
 
 
 def int4_rows(name, all_rows):
@@ -122,7 +129,7 @@ def int4_rows(name, all_rows):
 
         cells = [seconds(f) for f in (library, torch.compile(summed))]
         a, c = (f"{t * 1e3:.1f} ({nbytes / t / 1e9:.1f})" for t in cells)
-        print(f"| {name} | {rows} | {a} | - | - | {c} |", flush=True)
+        print(f"| {name} | {rows} | {a} | - | - | {c} | - |", flush=True)
 
 
 def int4pack_rows(name, all_rows):
@@ -145,7 +152,7 @@ def int4pack_rows(name, all_rows):
                     for (i, _), (w, sz) in zip(SHAPES, layer)]
 
         t = seconds(library)
-        print(f"| {name} | {rows} | {t * 1e3:.1f} ({nbytes / t / 1e9:.1f}) | - | - | - |",
+        print(f"| {name} | {rows} | {t * 1e3:.1f} ({nbytes / t / 1e9:.1f}) | - | - | - | - |",
               flush=True)
 
 
