@@ -74,6 +74,19 @@ def test_full_equals_transformers_forward(tiny, capsys):
                      "tokens": 5 * (CONTEXT - 1), "buckets": [[1, CONTEXT, ppl]]}]
 
 
+@pytest.mark.parametrize("cells", [1, 7, 300, 512])
+def test_loss_in_pieces_equals_the_whole(tiny, cells):
+    """token_nll computes the logits a few row-positions at a time (so that memory does not grow
+    with the context); any piece size must give the loss of the whole [B, n, V] logits."""
+    _, model, _ = tiny
+    m = msrnn.load(model, dtype=torch.float64)
+    hidden = torch.randn(3, 29, m.cfg.dim, dtype=torch.float64)
+    targets = torch.randint(0, 128, (3, 29))
+    whole = F.cross_entropy(m.logits(hidden).transpose(1, 2), targets, reduction="none")
+    got = evaluate.token_nll(m, hidden, targets, cells=cells)      # float32, as the sweeps sum it
+    torch.testing.assert_close(got.double(), whole, rtol=1e-6, atol=1e-6)
+
+
 def reference_ppl(hf, chunks, rule):
     """exp(mean NLL) of tokens 2..N of every chunk, each stepped by the plain reference from an
     empty multi-state."""
