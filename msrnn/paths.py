@@ -42,6 +42,8 @@ def writable_dir(path: str, what: str, make: bool = True) -> str:
                          f"a directory; choose another path")
     try:
         os.makedirs(path) if make else os.mkdir(missing)
+    except FileExistsError:         # another run made it since the check (two runs, one --out)
+        return writable_dir(path, what, make)
     except OSError as e:
         raise ValueError(f"{what} {path}: cannot create {whose} in {parent} ({why(e)}); choose "
                          f"another path") from None

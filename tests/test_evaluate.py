@@ -192,6 +192,28 @@ def test_two_runs_sharing_a_directory_keep_each_others_rows(tmp_path):
     assert len(a.rows) == 5 and len(b.rows) == 6              # each knows what it has seen
 
 
+@pytest.mark.parametrize("make", [True, False])
+def test_runs_making_one_directory_at_once(tmp_path, monkeypatch, make):
+    """Two runs started together with one new --out directory: the other run makes it between
+    this one's look and its own make (played here by a make that finds it made). Neither may
+    fail with "file exists" (both did, before)."""
+    from msrnn import paths
+
+    out = tmp_path / "grid" / "results"
+    name = "makedirs" if make else "mkdir"                      # what writable_dir calls
+    real, calls = getattr(os, name), []
+
+    def raced(path, *args, **kwargs):
+        if not calls:                                # the other run makes it, just now
+            calls.append(path)
+            out.mkdir(parents=True)
+        return real(path, *args, **kwargs)           # FileExistsError
+
+    monkeypatch.setattr(os, name, raced)
+    assert paths.writable_dir(str(out), "--out", make=make) == str(out)
+    assert out.is_dir()
+
+
 WRITER = """
 import sys
 from msrnn.experiments.output import Results
