@@ -143,21 +143,37 @@ class Compiled(Backend):
     positions grow. The prompt pass and the logits are the decoder's own. mode: default
     "reduce-overhead" (CUDA graphs) on CUDA, inductor's default on the CPU.
 
+    `wrapper`: what launches the step's kernels on the CPU. "python", inductor's default: a
+    generated Python function calls them one by one; "cpp", inductor's C++ wrapper (its
+    `cpp_wrapper` option): the same kernels, launched from compiled C++, with no interpreter
+    between them (docs/performance.md, section 10: a step about a fifth shorter, a first
+    compile about twice as long). On CUDA the step replays as a CUDA graph, which has no
+    wrapper to speed up.
+
     `compile_seconds`: the time of the steps that compiled a graph (torch.compile compiles on a
     step's first call with a new shape, and that call takes seconds, or minutes, where the
     others take milliseconds). A decode rate leaves it out and reports it on its own."""
 
-    def __init__(self, model: Backend, mode: str | None = None):
-        if mode is None and model.shape.device.type == "cuda":
+    def __init__(self, model: Backend, mode: str | None = None, wrapper: str = "python"):
+        cuda = model.shape.device.type == "cuda"
+        if wrapper not in WRAPPERS:
+            raise ValueError(f"wrapper={wrapper!r}: the compiled step's kernels are launched "
+                             f"by {' or '.join(map(repr, WRAPPERS))}")
+        if wrapper == "cpp" and (cuda or mode is not None):
+            raise ValueError("wrapper='cpp' is for the CPU step with inductor's default mode: "
+                             "on CUDA the step replays as a CUDA graph, with no Python between "
+                             "its kernels; drop wrapper='cpp' (--cpp-wrapper)")
+        if mode is None and cuda:
             mode = "reduce-overhead"
         # Every Compiled of one model shares one code object (compute_step), and each
         # (policy, batch size, position scheme) is one more graph of it: a sweep over a few
         # dozen configurations in one process must not hit dynamo's default limit of 8 and fall
         # back to the eager step.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.model, self.compile_seconds = model, 0.0
+        self.model, self.wrapper, self.compile_seconds = model, wrapper, 0.0
         self.compiled = torch.compile(model.compute_step, fullgraph=True, dynamic=False,
-                                      mode=mode)
+                                      mode=mode, options={"cpp_wrapper": True}
+                                      if wrapper == "cpp" else None)
         self.compute_parallel, self.logits = model.compute_parallel, model.logits
         self.rotary = model.rotary
 
@@ -199,18 +215,22 @@ class Compiled(Backend):
     def fingerprint(self) -> str:
         return self.model.fingerprint
 
-    def compile_step(self, mode: str | None = None) -> "Compiled":
-        return self
+    def compile_step(self, mode: str | None = None, wrapper: str = "python") -> "Compiled":
+        return self if wrapper == self.wrapper else compiled(self.model, mode, wrapper)
 
 
-_compiled = weakref.WeakKeyDictionary()      # model -> its Compiled: compile each model once
+WRAPPERS = ("python", "cpp")               # what launches a compiled step's kernels (Compiled)
+
+# model -> {wrapper: its Compiled}: compile each model once per wrapper
+_compiled = weakref.WeakKeyDictionary()
 
 
-def compiled(model: Backend, mode: str | None = None) -> Compiled:
-    """The one Compiled of `model` (made at the first call)."""
-    if model not in _compiled:
-        _compiled[model] = Compiled(model, mode)
-    return _compiled[model]
+def compiled(model: Backend, mode: str | None = None, wrapper: str = "python") -> Compiled:
+    """The one Compiled of `model` with this wrapper (made at the first call)."""
+    each = _compiled.setdefault(model, {})
+    if wrapper not in each:
+        each[wrapper] = Compiled(model, mode, wrapper)
+    return each[wrapper]
 
 
 def compile_seconds(model) -> float:

@@ -277,6 +277,7 @@ class Transformer(Backend, nn.Module):
         state = self.init_state(len(token_ids), Full(), capacity=token_ids.shape[-1])
         return self.logits(self.parallel(token_ids, [state]))
 
-    def compile_step(self, mode: str | None = None) -> Compiled:
-        """This model with its step compiled (backend.Compiled; made once per model)."""
-        return compiled(self, mode)
+    def compile_step(self, mode: str | None = None, wrapper: str = "python") -> Compiled:
+        """This model with its step compiled (backend.Compiled; made once per model and
+        wrapper: "python", or "cpp" for inductor's C++ wrapper on the CPU)."""
+        return compiled(self, mode, wrapper)

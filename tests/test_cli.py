@@ -204,6 +204,21 @@ def test_generate_rate_leaves_out_compilation(capsys, model, monkeypatch):
     assert 8 <= compiled and decoding < 8 and decoding + compiled <= wall, (line, wall)
 
 
+def test_generate_with_the_cpp_wrapper_gives_the_eager_text(capsys, model):
+    """--compile --cpp-wrapper: the step compiled, its kernels launched from C++; greedy text
+    equal to the eager step's. --cpp-wrapper alone is refused in one line."""
+    args = ["generate", model, "--prompt", "Once upon a time", "--policy", "tova", "--size",
+            "8", "--max-new-tokens", "16"]
+    code, eager, err = run(capsys, *args)
+    assert code == 0, err
+    code, out, err = run(capsys, *args, "--compile", "--cpp-wrapper")
+    assert code == 0 and out == eager and "compiled in " in report(err), err
+    code, out, err = run(capsys, *args, "--cpp-wrapper")
+    assert code == 2 and out == ""
+    assert report(err).endswith("--cpp-wrapper chooses what launches the compiled step's "
+                                "kernels; add --compile"), err
+
+
 def test_ppl_rate_leaves_out_compilation(capsys, model, monkeypatch, tmp_path):
     """The same for `msrnn ppl --compile`: 1 chunk of 12 tokens, 11 steps in its rate."""
     slow_compilation(monkeypatch, 8)

@@ -73,3 +73,37 @@ def test_compiled_bfloat16_step_is_close_to_eager(models, batch):
     assert got.dtype == torch.bfloat16
     err = (got.float() - expected.float()).abs().max()
     assert err <= 0.05 * expected.float().abs().max(), err
+
+
+def test_cpp_wrapper_step_equals_eager(models):
+    """wrapper="cpp": the same step, its kernels launched by inductor's C++ wrapper (the code it
+    runs is one C++ entry point, not a Python function calling each kernel): the eager step's
+    logits and evictions, in one graph."""
+    from torch._inductor.utils import run_and_get_code
+
+    eager, python, directory = models
+    cpp = msrnn.load(directory).compile_step(wrapper="cpp")
+    assert cpp.wrapper == "cpp" and cpp.compile_step(wrapper="cpp") is cpp
+    assert cpp.compile_step() is not cpp and cpp.compile_step().wrapper == "python"
+    ids = torch.randperm(128, generator=torch.Generator().manual_seed(3))[:24][None]
+    expected, state_e = run(eager, TOVA(8), ids)
+    torch._dynamo.reset()
+    counters.clear()
+    state = cpp.init_state(1, TOVA(8))
+    first, code = run_and_get_code(cpp.step, ids[:, 0], state)
+    assert "void inductor_entry_impl(" in "\n".join(code)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        rest = [cpp.step(ids[:, t], state)[0] for t in range(1, ids.shape[1])]
+    assert counters["stats"]["unique_graphs"] == 1
+    got = torch.stack([first[0]] + rest, 1)
+    assert (got - expected).abs().max() < 1e-5
+    for layer in range(len(state.layers)):
+        assert torch.equal(state.positions(layer), state_e.positions(layer))
+
+
+def test_compile_refuses_an_unknown_wrapper_and_cpp_beside_a_mode(models):
+    eager = models[0]
+    with pytest.raises(ValueError, match=r"wrapper='java'.*'python' or 'cpp'"):
+        eager.compile_step(wrapper="java")
+    with pytest.raises(ValueError, match=r"wrapper='cpp' is for the CPU step.*CUDA graph"):
+        msrnn.backend.Compiled(eager, mode="max-autotune", wrapper="cpp")

@@ -269,6 +269,8 @@ def test_the_library_says_why_too(tmp_path):
     (["--parts", "throughput", "--length", "9000"], "past the model's range of 512"),
     (["--parts", "ceiling", "--device", "bogus"], "unknown --device"),
     (["--parts", "latency", "--lengths", "64,x"], "--lengths must be comma-separated integers"),
+    (["--parts", "speed", "--no-compile", "--cpp-wrapper"], "--cpp-wrapper launches the "
+     "compiled CPU step's kernels from C++: drop it with --no-compile"),
 ])
 def test_bench_checks_arguments_first(capsys, model_dir, args, message):
     refused(capsys, message, "bench", model_dir, *args)

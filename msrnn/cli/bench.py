@@ -29,6 +29,8 @@ def add_commands(commands):
     b.add_argument("--new-tokens", type=int, default=128)
     b.add_argument("--size", type=int, default=64, help="TOVA size in the speed table")
     b.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
+    b.add_argument("--cpp-wrapper", action="store_true", help="the compiled rows' kernels "
+                   "launched by inductor's C++ wrapper (CPU)")
     b.add_argument("--lengths", default="512,1024,2048,4096,6144,8192",
                    help="latency: sequence lengths")
     b.add_argument("--latency-size", type=int, default=512)
@@ -86,6 +88,10 @@ def run_bench(args):
         raise UsageError(f"--lengths must be at least {bench.shortest_latency_length()}: each is "
                          f"reached by rounds of timed steps")
     device = check_device(args.device)
+    if args.cpp_wrapper and (args.no_compile or device.type == "cuda"):
+        raise UsageError("--cpp-wrapper launches the compiled CPU step's kernels from C++: drop "
+                         "it with --no-compile or on CUDA (a CUDA graph replays the step)")
+    wrapper = "cpp" if args.cpp_wrapper else "python"
     check_out_dir(args.out)
     directory, cfg = model_config(args.model)
     longest = max([args.prompt_tokens + args.new_tokens + 8] +
@@ -100,18 +106,20 @@ def run_bench(args):
     report = {"model": directory, "device": str(device), "torch": torch.__version__,
               "threads": torch.get_num_threads()}
     if "speed" in parts:
-        print("[msrnn bench] speed (each row in a fresh process)", file=log)
+        print("[msrnn bench] speed (each row in a fresh process"
+              f"{'; compiled: the C++ wrapper' if args.cpp_wrapper else ''})", file=log)
         report["speed"] = bench.speed(directory, dtypes, args.device, args.size,
                                       args.prompt_tokens, args.new_tokens,
                                       compiled=not args.no_compile, quantize=args.quantize,
-                                      log=log)
+                                      log=log, wrapper=wrapper)
     if "llamacpp" in parts:
         threads = args.threads or torch.get_num_threads()
         print(f"[msrnn bench] llama.cpp beside msrnn compiled, batch 1, {threads} threads, "
-              f"{args.rounds} rounds (each row in a fresh process)", file=log)
+              f"{args.rounds} rounds (each row in a fresh process"
+              f"{'; compiled: the C++ wrapper' if args.cpp_wrapper else ''})", file=log)
         report["llamacpp"] = llamacpp.side_by_side(
             directory, weights, os.path.join(home(), "gguf"), args.rounds, args.prompt_tokens,
-            args.new_tokens, threads, args.size, log)
+            args.new_tokens, threads, args.size, log, wrapper)
     if "prefill" in parts:
         print(f"[msrnn bench] prefill: a {args.prefill_tokens}-token prompt, float32, batch 1",
               file=log)
@@ -121,12 +129,13 @@ def run_bench(args):
         return finish(report, args.out)
     model = load(directory, dtype=torch.float32, device=device)
     compiled = None if args.no_compile else load(directory, dtype=torch.float32,
-                                                 device=device).compile_step()
+                                                 device=device).compile_step(wrapper=wrapper)
     weights = [("float32", model, compiled)]
     if args.quantize and "throughput" in parts:
         q = load(directory, dtype=torch.float32, device=device, quantize=args.quantize)
         weights.append((args.quantize, q, None if args.no_compile else load(
-            directory, dtype=torch.float32, device=device, quantize=args.quantize).compile_step()))
+            directory, dtype=torch.float32, device=device,
+            quantize=args.quantize).compile_step(wrapper=wrapper)))
     if "latency" in parts:
         print("[msrnn bench] latency against sequence length, float32, batch 1", file=log)
         report["latency"] = bench.latency(compiled if args.compile_latency else model, lengths,

@@ -388,6 +388,20 @@ def end_group(args, ok: bool):
                   f"({first})", file=sys.__stderr__)
 
 
+def compile_option(args):
+    """--compile and --cpp-wrapper as one value for load_model: False (eager), True (compiled)
+    or "cpp" (compiled, its kernels launched by inductor's C++ wrapper: backend.Compiled)."""
+    if not getattr(args, "cpp_wrapper", False):
+        return args.compile
+    if not args.compile:
+        raise UsageError("--cpp-wrapper chooses what launches the compiled step's kernels; add "
+                         "--compile")
+    if args.device.startswith("cuda"):
+        raise UsageError("--cpp-wrapper is for the CPU: on CUDA the compiled step replays as a "
+                         "CUDA graph, with no Python between its kernels; drop --cpp-wrapper")
+    return "cpp"
+
+
 def check_decoder_options(backend: str, compile: bool = False, quantize: str | None = None):
     """--compile and --quantize change msrnn's own decoder: refused with --backend transformers."""
     if backend != "transformers":
@@ -401,9 +415,10 @@ def check_decoder_options(backend: str, compile: bool = False, quantize: str | N
 
 
 def load_model(directory: str, dtype: str, device: str, backend: str = "msrnn", tp: int = 1,
-               compile: bool = False, quantize: str | None = None, warm=None):
+               compile: bool | str = False, quantize: str | None = None, warm=None):
     """The backend a command runs on (experiments.sweep.backend), its options checked first: tp
-    against the model's KV heads, --compile and --quantize with msrnn's own decoder; with tp > 1
+    against the model's KV heads, --compile (compile_option) and --quantize with msrnn's own
+    decoder; with tp > 1
     on CUDA, the GPU cuda:LOCAL_RANK. `warm(model)`: a first run, kept out of the timings."""
     import torch
 

@@ -10,8 +10,8 @@ from .common import (UsageError, add_batch_args, add_device_args, add_output_arg
                      add_policy_args, add_policy_module_arg, add_positions_args,
                      add_worker_args, batch_configs, check_decoder_options, check_device,
                      check_out_dir, check_policies, check_positive, check_reach, check_workers,
-                     command, loader, model_config, options, parse_list, read_texts, setup,
-                     workers)
+                     command, compile_option, loader, model_config, options, parse_list,
+                     read_texts, setup, workers)
 from ..experiments.output import figure, save_figure, write_atomic
 
 
@@ -29,6 +29,9 @@ def add_commands(commands):
                    help="also report the perplexity of each block of B positions")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (a "
                    "long context is decoded step by step)")
+    p.add_argument("--cpp-wrapper", action="store_true", help="with --compile, on the CPU: "
+                   "inductor's C++ wrapper launches the step's kernels (a faster step, a longer "
+                   "first compile)")
     p.add_argument("--max-chunks", type=int, help="at most this many chunks per text")
     p.add_argument("--batch", type=int, default=8, help="chunks per batch (of each "
                    "configuration)")
@@ -76,7 +79,8 @@ def run_ppl(args):
     for c in configs:
         check_reach(cfg, c.policy, c.positions, args.context, f"--context {args.context} "
                     f"({c.policy}, positions {c.positions})", past_range=args.past_range)
-    check_decoder_options(args.backend, args.compile, args.quantize)
+    compile = compile_option(args)
+    check_decoder_options(args.backend, compile, args.quantize)
     sweep = Sweep("ppl", args.out, setup(
         args, directory, {"texts": args.text}, context=args.context,
         max_chunks=args.max_chunks, buckets=args.buckets, past_range=args.past_range),
@@ -92,7 +96,7 @@ def run_ppl(args):
                              args.past_range, here)
     per_config = min(args.batch, len(chunks))     # a configuration's rows: its chunks at once
     batch = batch_configs(args, cfg, per_config, configs, args.context, sweep.say)
-    sweep.run(todo, loader(args, directory, args.compile), work, batch=batch, sequential=True,
+    sweep.run(todo, loader(args, directory, compile), work, batch=batch, sequential=True,
               **workers(args))
     rows = sweep.rows([{}], configs)
     if args.out:

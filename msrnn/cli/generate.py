@@ -9,7 +9,7 @@ from ..experiments import output
 from .common import (DEFAULT_MODEL, UsageError, add_decoding_args, add_device_args,
                      add_policy_args, add_positions_args, add_prompt_mode_arg,
                      check_decoder_options, check_device, check_out_dir, check_reach, check_seed,
-                     command, load_model, model_config, options)
+                     command, compile_option, load_model, model_config, options)
 
 
 def add_commands(commands):
@@ -24,6 +24,9 @@ def add_commands(commands):
     g.add_argument("--out", help="with --prompt-file: a directory; row i streams to row-i.txt")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    g.add_argument("--cpp-wrapper", action="store_true", help="with --compile, on the CPU: "
+                   "inductor's C++ wrapper launches the step's kernels (a faster step, a longer "
+                   "first compile)")
 
     d = commands.add_parser("download", help="download a checkpoint from the Hugging Face Hub")
     d.add_argument("repo_id")
@@ -85,7 +88,8 @@ def run_generate(args):
         raise UsageError("--out goes with --prompt-file (one file per row)")
     check_out_dir(args.out)
     policy = policies.from_name(args.policy, args.size, args.sinks)
-    check_decoder_options(args.backend, args.compile, args.quantize)
+    compile = compile_option(args)
+    check_decoder_options(args.backend, compile, args.quantize)
     directory, cfg = model_config(args.model)
     policies.check_fits(policy, cfg.max_positions,
                         f"the model's range of {cfg.max_positions} positions", name="--size",
@@ -99,7 +103,7 @@ def run_generate(args):
         check_reach(cfg, policy, args.positions, len(row) + max(args.max_new_tokens - 1, 0),
                     what, len(row) if args.prompt_mode == "oneshot" else 0, args.past_range)
     model = load_model(directory, args.dtype, args.device, args.backend, args.tp,
-                       compile=args.compile, quantize=args.quantize)
+                       compile=compile, quantize=args.quantize)
 
     writers = [Row(tok, None if args.prompt_file is None else i,
                    None if args.out is None else os.path.join(args.out, f"row-{i}.txt"),

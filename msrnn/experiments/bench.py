@@ -62,13 +62,15 @@ def prompt_ids(n: int, vocab: int, device, batch: int = 1):
 
 
 @torch.inference_mode()
-def msrnn_speed(model, prompt, policy, new_tokens: int, compiled: bool, warmup: int = 8):
+def msrnn_speed(model, prompt, policy, new_tokens: int, compiled: bool, warmup: int = 8,
+                wrapper: str = "python"):
     """Decode tokens/s after the prompt, steps timed one by one; the first `warmup` steps (and,
     compiled, the compilation) are run before timing on a copy of the same setup. compile_s:
-    the seconds the compilation took, reported on its own."""
+    the seconds the compilation took, reported on its own. wrapper: the compiled step's
+    (backend.Compiled)."""
     device = prompt.device
     if compiled:
-        model = model.compile_step()
+        model = model.compile_step(wrapper=wrapper)
     for timed in (False, True):
         capacity = prompt.shape[1] + new_tokens + warmup
         state = model.init_state(1, policy, capacity=capacity)
@@ -121,7 +123,8 @@ def run_row(spec: dict) -> dict:
         prompt = prompt_ids(spec["prompt_tokens"], model.cfg.vocab_size, device)
         policy = policies.from_name(spec["policy"], spec["size"])
         result = msrnn_speed(model, prompt, policy, spec["new_tokens"],
-                             spec["impl"] == "msrnn compiled")
+                             spec["impl"] == "msrnn compiled",
+                             wrapper=spec.get("wrapper", "python"))
     return {**spec, **result, "peak_mb": peak_memory_mb(device)}
 
 
@@ -138,10 +141,12 @@ def in_fresh_process(module: str, spec: dict, env: dict | None = None) -> dict:
 
 
 def speed(model: str, dtypes, device: str, size: int, prompt_tokens: int, new_tokens: int,
-          compiled: bool = True, quantize: str | None = None, log=sys.stderr):
+          compiled: bool = True, quantize: str | None = None, log=sys.stderr,
+          wrapper: str = "python"):
     """Batch-1 decode speed rows: transformers, msrnn eager (and compiled), Full and TOVA(size),
     for each dtype, each row in a fresh process; with `quantize`, msrnn's rows again with those
-    weights and float32 activations. A row's `weights` is its dtype or `quantize`."""
+    weights and float32 activations. A row's `weights` is its dtype or `quantize`; `wrapper`,
+    the compiled rows' (backend.Compiled)."""
     rows = []
     impls = ["transformers", "msrnn eager"] + (["msrnn compiled"] if compiled else [])
     kinds = [(dtype, dtype, impls) for dtype in dtypes]
@@ -154,7 +159,8 @@ def speed(model: str, dtypes, device: str, size: int, prompt_tokens: int, new_to
                         else None, "dtype": dtype, "weights": weights, "model": model,
                         "device": device, "prompt_tokens": prompt_tokens,
                         "new_tokens": new_tokens,
-                        "quantize": None if weights == dtype else weights}
+                        "quantize": None if weights == dtype else weights,
+                        **({"wrapper": wrapper} if impl == "msrnn compiled" else {})}
                 row = in_fresh_process("msrnn.experiments.bench", spec)
                 rows.append(row)
                 print(f"  {impl:15s} {policy:5s} {weights:9s} {row['tok_s']:7.1f} tok/s  peak "

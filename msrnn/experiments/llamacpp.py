@@ -133,11 +133,11 @@ def run_row(spec: dict) -> dict:
 
 def side_by_side(model: str, kinds, folder: str, rounds: int = 2, prompt_tokens: int = 128,
                  new_tokens: int = 128, threads: int = 2, size: int = 64,
-                 log=sys.stderr) -> list:
+                 log=sys.stderr, wrapper: str = "python") -> list:
     """Rows {impl, policy, size, weights, round, tok_s}: for each round and each kind of weights,
     llama.cpp on its GGUF, then msrnn compiled Full and TOVA(size) on the same weights (float32
     activations for int8 and int4, as llama.cpp's), each in a fresh process with `threads`
-    threads."""
+    threads; `wrapper`, msrnn's compiled step's (backend.Compiled)."""
     from .bench import in_fresh_process, prompt_ids
 
     paths = ggufs(kinds, folder, threads)
@@ -153,7 +153,7 @@ def side_by_side(model: str, kinds, folder: str, rounds: int = 2, prompt_tokens:
                       "dtype": "float32" if quantize else kind, "quantize": quantize}
             specs = [{**common, "impl": "llama.cpp", "policy": "full", "size": None,
                       "gguf": paths[kind], "prompt": prompt}]
-            specs += [{**common, "impl": "msrnn compiled", "policy": policy,
+            specs += [{**common, "impl": "msrnn compiled", "policy": policy, "wrapper": wrapper,
                        "size": size if policy == "tova" else None} for policy in ("full", "tova")]
             for spec in specs:
                 row = in_fresh_process("msrnn.experiments.llamacpp", spec, env)

@@ -75,16 +75,20 @@ def configurations(names, sizes, sinks=None, observe: int = 1, schemes=("origina
 
 
 def backend(directory: str, dtype: torch.dtype = torch.float32, device="cpu",
-            kind: str = "msrnn", tp: int = 1, compile: bool = False, quantize: str | None = None):
-    """The backend an experiment runs on: msrnn's decoder (compile: its step compiled; quantize:
-    its weights int8), or a transformers model (`kind` "transformers", msrnn.hf); with tp > 1,
-    this rank's part of it (on CUDA, the GPU cuda:LOCAL_RANK)."""
+            kind: str = "msrnn", tp: int = 1, compile: bool | str = False,
+            quantize: str | None = None):
+    """The backend an experiment runs on: msrnn's decoder (compile: its step compiled, "cpp":
+    launched by inductor's C++ wrapper; quantize: its weights int8 or int4), or a transformers
+    model (`kind` "transformers", msrnn.hf); with tp > 1, this rank's part of it (on CUDA, the
+    GPU cuda:LOCAL_RANK)."""
     if kind == "transformers":
         from .. import hf
         return hf.HFBackend(hf.load(directory, dtype=dtype, device=device, tp=tp))
     from .. import load
     model = load(directory, dtype=dtype, device=device, tp=tp, quantize=quantize)
-    return model.compile_step() if compile else model
+    if not compile:
+        return model
+    return model.compile_step(wrapper="cpp" if compile == "cpp" else "python")
 
 
 def batches(todo: list, n: int, sequential: bool = False) -> list:
