@@ -110,13 +110,20 @@ class Backend:
         rest one step each -> logits [B, T, V] (head=False: hidden states [B, T, E]). This is
         prompt.prefill's work, which checks the ids once and decides how many run in parallel
         (prompt.parallel_prefix)."""
-        T, out = token_ids.shape[1], []
+        # The outputs go into one tensor, made once: a long prompt's thousands of steps leave
+        # no list of small tensors behind them, and need no copy at the end.
+        T, out = token_ids.shape[1], None
         if parallel:
             hidden = self._parallel(token_ids[:, :parallel], [state], restrict)
-            out.append(self.logits(hidden) if head else hidden)
+            first = self.logits(hidden) if head else hidden              # [B, parallel, ...]
+            out = first.new_empty(first.shape[0], T, *first.shape[2:])
+            out[:, :parallel] = first
         for i in tqdm(range(parallel, T), "prompt steps", leave=False, disable=T - parallel < 512):
-            out.append(self._step(token_ids[:, i], state, head)[:, None])
-        return torch.cat(out, 1)
+            y = self._step(token_ids[:, i], state, head)                 # [B, ...]
+            if out is None:
+                out = y.new_empty(y.shape[0], T, *y.shape[1:])
+            out[:, i] = y
+        return out
 
     def _step(self, token_ids, state: MultiState, head: bool):
         enter(state, 1)
