@@ -185,6 +185,9 @@ class GroupLinear(nn.Module):
         xg = x.to(wide).view(*x.shape[:-1], 1, -1, GROUP)                # [..., 1, G, 32]
         c, half = self.codes, GROUP // 2
         if self.bits == 4:                              # low nibbles: weights 0..15, high: 16..31
+            # Widen each byte once, to int32, before taking its nibbles: AVX-512 has no shift on
+            # bytes, so on uint8 lanes `& 15` and `>> 4` become shuffle sequences (perf annotate).
+            c = c.to(torch.int32)                                        # [out, G, 16]
             dot = xg[..., :half] * (c & 15).to(wide) + xg[..., half:] * (c >> 4).to(wide)
         else:
             dot = xg * c.to(wide)                                        # [..., out, G, 32]

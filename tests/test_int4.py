@@ -283,6 +283,7 @@ def test_compiled_int4_step_streams_4_bit_codes_in_one_graph(tmp_path):
     assert (got - expected).abs().max() < 1e-5
     code = "\n".join(code)
     assert "Vectorized<uint8_t>::loadu" in code and "Vectorized<int8_t>::loadu" in code  # Q8_0 head
+    assert "convert<int32_t>" in code     # each code byte widened once, then its nibbles
     assert "extern_kernels.mm" not in code and "extern_kernels.addmm" not in code
     for layer in (m for m in compiled.model.modules() if isinstance(m, GroupLinear)):
         out, n_in = layer.shape                 # no buffer the size of a weight matrix
