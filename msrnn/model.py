@@ -76,36 +76,23 @@ class RoPE(nn.Module):
         return angles.cos(), angles.sin()
 
 
-# Up to this many rows, linear's compiled CPU loop beats the library's matrix multiply (measured:
-# docs/performance.md, section 1); more rows, and other dtypes past one row, take the library.
-FEW_ROWS = {torch.float32: 6, torch.bfloat16: 4}
-
-
 def linear(x, w, b=None):
     """y = x W^T + b for x [..., in], W [out, in] (Hugging Face's layout) and an optional b [out].
 
     Decoding one sequence multiplies one row by every matrix: a matrix-vector product, bound by
     how fast the weights stream from memory. Compiled on a CPU, we write it as a sum of
     products, which inductor turns into one vectorized loop that reads each weight once, about
-    twice as fast here as the library's matrix multiply (docs/performance.md). A few rows (the
-    configurations of a sweep, beams) take the same sum with the rows innermost; many rows (a
-    prompt, a large batch) reuse each weight enough for the library's multiply. W may be int8
-    (msrnn.quantize): the loop widens each weight in registers, so it still reads 1 byte."""
-    rows = x[..., 0].numel()
-    if torch.compiler.is_compiling() and x.device.type == "cpu" and \
-            rows <= FEW_ROWS.get(x.dtype, 1):
+    twice as fast here as the library's matrix multiply (docs/performance.md). Two rows or more
+    (a prompt, a batch, a sweep's configurations) take the library's multiply, which serves
+    every row from one read of a weight and, inside the compiled step, beat the same sum written
+    for several rows (section 1). W may be int8 (msrnn.quantize): the loop widens each weight in
+    registers, so it still reads 1 byte."""
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and x[..., 0].numel() == 1:
         # x is computed once, into memory, before the loop: left to itself, inductor inlines
         # x's producers (the norm, SiLU) into the loop and recomputes them for every output row
         x = torch.as_strided(x, x.shape, x.stride())
         wide = torch.promote_types(x.dtype, torch.float32)     # bfloat16 sums in float32
-        if rows == 1:
-            y = (x[..., None, :].to(wide) * w.to(wide)).sum(-1)
-        else:
-            # A few rows (configurations, beams): the rows innermost, [out, rows, in], so that
-            # each weight row, read once, serves every row from the cache
-            x2 = x.reshape(rows, x.shape[-1])
-            y = (w.to(wide)[:, None, :] * x2.to(wide)).sum(-1).T.reshape(*x.shape[:-1], -1)
-        y = y.to(x.dtype)
+        y = (x[..., None, :].to(wide) * w.to(wide)).sum(-1).to(x.dtype)
         return y if b is None else y + b
     return F.linear(x, w, b)
 
