@@ -12,7 +12,8 @@ q/k/v, output, gate/up and down matrices, for M rows, four ways:
                          into its own vectorized loop: what msrnn compiles for one row
     rows innermost       torch.compile of (W[:, None, :] * x).sum(-1).T: the same sum with the
                          rows inside the loop over W's rows, so that a row of W, read once,
-                         serves every row of x: what msrnn compiles for 2..FEW_ROWS rows
+                         serves every row of x (msrnn compiled it for 2-6 rows until the
+                         whole step measured it slower than the library, docs/performance.md)
 
 int8 (msrnn.quantize: int8 W, a float32 scale per row, float32 x): the library column widens W
 to float32 for F.linear (eager, a copy per call), "compiled F.linear" is the same compiled, and
