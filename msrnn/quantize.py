@@ -12,10 +12,10 @@ a row's input has its own scale d and minimum m, both float16, and 4-bit codes q
 
     m = min(w),   d = (max(w) - min(w)) / 15,   q = round((w - m) / d) in 0..15,   w ≈ d q + m
 
-5 bits a weight (16 bytes of codes, two a byte, and 4 of d and m per 32). The LM head takes
-llama.cpp's Q8_0 blocks (bits=8: d = max|w| / 127, q = round(w / d) in [-127, 127], m = 0), as
-llama.cpp's own Q4_1 files keep it: the head makes every logit, and in the default model's GGUF
-it is Q8_0.
+5 bits a weight in the file (16 bytes of codes, two a byte, and 4 of d and m per 32), 5.5 in
+memory, where d is held in float32 for the compiled loop. The LM head takes llama.cpp's Q8_0
+blocks (bits=8: d = max|w| / 127, q = round(w / d) in [-127, 127], m = 0), as llama.cpp's own
+Q4_1 files keep it: the head makes every logit, and in the default model's GGUF it is Q8_0.
 
 The grid is recovered, not approximated. The default model IS its GGUF's Q4_1 (and Q8_0) blocks,
 dequantized to float32 (checkpoint/convert.py): w = fl32(d q + m), with q = 0 and q = 15 (Q8_0:
@@ -126,7 +126,7 @@ def q8_0(w: torch.Tensor):
 
 class GroupLinear(nn.Module):
     """A projection stored in groups of 32 weights along the input, each with a float16 scale d
-    and offset m: w = d q + m. bits=4: Q4_1 (q in 0..15, two a byte); bits=8: Q8_0 (q int8, m=0).
+    (held widened to float32) and offset m: w = d q + m. bits=4: Q4_1 (q in 0..15, two a byte); bits=8: Q8_0 (q int8, m=0).
 
     y_o = sum_g [ d_og sum_j x_gj q_ogj ] + sum_g m_og (sum_j x_gj): the scale multiplies each
     group's dot product once, and the offset only needs the group's sum of x, the same for every
@@ -152,8 +152,11 @@ class GroupLinear(nn.Module):
                              f"{GROUP} along the input); use quantize='int8' for this model")
         codes, d, *m = q4_1(weight) if bits == 4 else q8_0(weight)
         self.register_buffer("codes", codes)        # [out, G, 16] uint8 or [out, G, 32] int8
-        self.register_buffer("d", d)                # [out, G] float16
-        self.register_buffer("m", m[0] if m else None)
+        # The block's float16 scale, widened once here (exactly): the compiled loop reads one d
+        # per group, and with d in float16 the whole int4 step took about a fifth longer
+        # (docs/performance.md, section 8) to save 2 bytes of every 22.
+        self.register_buffer("d", d.float())        # [out, G] float32, each a float16 value
+        self.register_buffer("m", m[0] if m else None)   # [out, G] float16
         self.bits, self.shape, self.bias, self.group = bits, (out, n_in), bias, group
         self.exact = torch.equal(self.dequantized(), weight.detach().float())
 
@@ -232,7 +235,7 @@ def quantize(model: Transformer, kind: str = "int8", dtype: torch.dtype | None =
 
 def cast(model: nn.Module, dtype: torch.dtype):
     """Every floating parameter and buffer of `model` in `dtype`, except the formats' own (a
-    GroupLinear's float16 d and m): what `model.to(dtype)` would do to a quantized model."""
+    GroupLinear's d and m): what `model.to(dtype)` would do to a quantized model."""
     for module in model.modules():
         keep = module.FORMAT if isinstance(module, GroupLinear) else ()
         for store in (module._parameters, module._buffers):

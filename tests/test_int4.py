@@ -160,7 +160,8 @@ def test_int4_of_a_q4_1_gguf_keeps_its_own_blocks(from_gguf, dtype):
             parts = [gguf_blocks(reader, f"blk.{i}.{key}.weight", heads) for key, heads in sources]
             assert layer.exact and layer.bits == 4
             assert torch.equal(layer.codes, torch.cat([p[0] for p in parts]))
-            assert torch.equal(layer.d.view(torch.int16), torch.cat([p[1] for p in parts])
+            assert layer.d.dtype == torch.float32                # widened, exactly
+            assert torch.equal(layer.d.half().view(torch.int16), torch.cat([p[1] for p in parts])
                                .view(torch.int16))
             assert torch.equal(layer.m.view(torch.int16), torch.cat([p[2] for p in parts])
                                .view(torch.int16))
@@ -169,10 +170,10 @@ def test_int4_of_a_q4_1_gguf_keeps_its_own_blocks(from_gguf, dtype):
     codes, d, _ = gguf_blocks(reader, "token_embd.weight")
     head = model.lm_head
     assert head.exact and head.bits == 8 and head.m is None
-    assert torch.equal(head.codes, codes) and torch.equal(head.d.view(torch.int16),
+    assert torch.equal(head.codes, codes) and torch.equal(head.d.half().view(torch.int16),
                                                           d.view(torch.int16))
     assert torch.equal(head.dequantized(), floats.embed.weight)
-    assert model.embed.weight.dtype == dtype and head.d.dtype == torch.float16
+    assert model.embed.weight.dtype == dtype and head.d.dtype == torch.float32
 
 
 def test_int4_of_a_q4_1_gguf_has_the_float_models_logits(from_gguf):
