@@ -26,26 +26,36 @@ def visible(q_pos, k_pos, window: int | None = None):
     return ok
 
 
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype attention computes in: at least float32. A bfloat16 model's scores and weighted
+    values are computed from its bfloat16 q, K and V widened to float32: more exact, and faster
+    too, since the library's bfloat16 products of these small shapes are slower on a CPU than
+    its float32 ones (the compiled bfloat16 step: docs/performance.md, section 7)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def probabilities(q, keys, mask, scale: float, softcap: float | None = None):
     """a = softmax(q · K * scale) over the visible keys (Eq. 4), [B, Hkv, G, T, S], in at least
     float32; Gemma2's soft-cap, cap * tanh(score / cap), where a model has one. q [B, Hkv, G, T,
     D], keys [B, Hkv, S, D], mask broadcastable to the result. A row that sees nothing (a pad's)
     is all zeros."""
     B, Hkv, G, T, D = q.shape
+    q, keys = q.to(wide(q.dtype)), keys.to(wide(keys.dtype))
     scores = (q.reshape(B, Hkv, G * T, D) @ keys.transpose(-1, -2)).view(B, Hkv, G, T, -1)
     scores = scores * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, -torch.inf)
-    return scores.softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32)).nan_to_num(0.0)
+    return scores.softmax(-1).nan_to_num(0.0)
 
 
 def weighted(probs, values):
     """o_h = sum_j a_h(j) V_j (Eq. 7 before W_o): probs [B, Hkv, G, T, S], values [B, Hkv, S, D] ->
-    [B, Hkv, G, T, D]."""
+    [B, Hkv, G, T, D] in the values' dtype, summed in at least float32."""
     B, Hkv, G, T, S = probs.shape
-    y = probs.to(values.dtype).view(B, Hkv, G * T, S) @ values
-    return y.view(B, Hkv, G, T, -1)
+    w = wide(values.dtype)
+    y = probs.to(w).view(B, Hkv, G * T, S) @ values.to(w)
+    return y.view(B, Hkv, G, T, -1).to(values.dtype)
 
 
 def step(state: LayerState, q, k, v, t, scale: float, softcap=None, window=None):

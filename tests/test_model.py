@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import msrnn
+from msrnn import attention
 from msrnn.policies import Full, Window
 from msrnn.prompt import Mode, parallel_prefix, prefill
 from tiny import save, tiny_hf
@@ -131,6 +132,22 @@ def test_bfloat16_load_is_close(tmp_path):
     ids = tokens()
     logits, _ = prefill(model, ids, model.init_state(2, Full()))
     assert (logits.float() - hf_logits(hf, ids)).abs().max() < 0.1
+
+
+def test_bfloat16_attention_is_computed_in_float32():
+    """A bfloat16 model's scores and weighted values come from its q, K and V widened to
+    float32 (attention.wide): equal to the float64 attention of the same bfloat16 numbers to
+    float32 precision, where scores rounded to bfloat16 would be off by about 1e-3."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 3, 1, 64, generator=g).bfloat16()                  # [B, Hkv, G, T, D]
+    keys, values = torch.randn(2, 1, 2, 40, 64, generator=g).bfloat16()      # [B, Hkv, S, D]
+    mask = torch.ones(1, 1, 1, 1, 40, dtype=torch.bool)
+    a = attention.probabilities(q, keys, mask, scale=0.125)
+    exact = attention.probabilities(q.double(), keys.double(), mask, scale=0.125)
+    assert a.dtype == torch.float32 and (a - exact).abs().max() < 1e-6
+    o = attention.weighted(a, values)
+    exact = attention.weighted(exact, values.double())                       # rounded once
+    assert o.dtype == torch.bfloat16 and ((o.double() - exact).abs() <= exact.abs() / 256).all()
 
 
 # ----------------------------------------------------------------------------- bad input
