@@ -157,6 +157,7 @@ def column_sums(q, keys, mask, real, scale: float, softcap=None, block: int = 64
     """sum_i a_i(j) over the real (not padding) queries i: [B, Hkv, G, S], a block of queries at
     a time, so that at most [block, S] attention weights exist at once (mask(i, j): queries
     i..j-1's [B, 1, 1, j - i, S])."""
+    keys = keys.to(wide(keys.dtype))          # once, not once a block (a long prompt's keys)
     total = 0
     for i in range(0, q.shape[3], block):
         a = probabilities(q[:, :, :, i:i + block], keys, mask(i, i + block), scale, softcap)

@@ -126,7 +126,8 @@ def q8_0(w: torch.Tensor):
 
 class GroupLinear(nn.Module):
     """A projection stored in groups of 32 weights along the input, each with a float16 scale d
-    (held widened to float32) and offset m: w = d q + m. bits=4: Q4_1 (q in 0..15, two a byte); bits=8: Q8_0 (q int8, m=0).
+    (held widened to float32) and offset m: w = d q + m. bits=4: Q4_1 (q in 0..15, two a byte);
+    bits=8: Q8_0 (q int8, m=0).
 
     y_o = sum_g [ d_og sum_j x_gj q_ogj ] + sum_g m_og (sum_j x_gj): the scale multiplies each
     group's dot product once, and the offset only needs the group's sum of x, the same for every
