@@ -154,7 +154,7 @@ class GroupLinear(nn.Module):
         codes, d, *m = q4_1(weight) if bits == 4 else q8_0(weight)
         self.register_buffer("codes", codes)        # [out, G, 16] uint8 or [out, G, 32] int8
         # The block's float16 scale, widened once here (exactly): the compiled loop reads one d
-        # per group, and with d in float16 the whole int4 step took about a fifth longer
+        # per group, and with d in float16 the whole int4 step took 10-25% longer
         # (docs/performance.md, section 8) to save 2 bytes of every 22.
         self.register_buffer("d", d.float())        # [out, G] float32, each a float16 value
         self.register_buffer("m", m[0] if m else None)   # [out, G] float16
